@@ -1,0 +1,10 @@
+"""Model loading and the per-family adapters; the only place that knows module paths."""
+
+from seglens.models.base import ModelFamily, Tap
+from seglens.models.loading import FAMILIES, TINY_MODELS, load_model, tiny_llava
+from seglens.models.vlm import DEFAULT_PROMPT, VLM, Batch
+
+__all__ = [
+    "DEFAULT_PROMPT", "FAMILIES", "TINY_MODELS", "VLM", "Batch", "ModelFamily", "Tap",
+    "load_model", "tiny_llava",
+]

@@ -1,0 +1,211 @@
+"""Turn a model name (tiny registry name, hub id or local path) into a ready ``VLM``.
+
+The family registry maps HF ``model_type`` to an adapter; anything else is refused with the list
+of what is supported. ``trust_remote_code`` stays off unless the caller asks, and is logged.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from seglens.data.geometry import Geometry
+from seglens.models.base import ModelFamily
+from seglens.models.llava import LlavaFamily
+from seglens.models.tiny import CLIP_MEAN, CLIP_STD, tiny_llava_hf
+from seglens.models.vlm import DEFAULT_PROMPT, VLM
+
+log = logging.getLogger(__name__)
+
+FAMILIES: dict[str, type[ModelFamily]] = {"llava": LlavaFamily}
+
+TINY_MODELS: dict[str, dict] = {
+    "tiny-clip": {"vision": "clip"},
+    "tiny-siglip": {"vision": "siglip"},
+    "tiny-dinov2": {"vision": "dinov2"},
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """``"bf16"``/``"float16"``/... -> torch dtype; ``"auto"``/None stays ``"auto"``."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return "auto" if dtype is None else dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def supported_families() -> str:
+    return "; ".join(f"{name}: {cls.description}" for name, cls in FAMILIES.items())
+
+
+def family_for(model: nn.Module, name: str) -> ModelFamily:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"{name}: model type {model_type!r} is not supported. Supported families: "
+            f"{supported_families()}. Tiny test models: {', '.join(TINY_MODELS)}."
+        )
+    return FAMILIES[model_type](model)
+
+
+def geometry_from_processor(config: dict, image_size: int, override: str | None) -> Geometry:
+    """The geometry the checkpoint's image processor applies, unless overridden.
+
+    ``do_pad`` (LLaVA's expand-to-square) -> ``pad``; ``do_center_crop`` -> ``crop``;
+    otherwise ``resize``. The side S is always the vision tower's ``image_size``.
+    """
+    mean = config.get("image_mean") or CLIP_MEAN
+    if override is not None:
+        mode = override
+    elif config.get("do_pad"):
+        mode = "pad"
+    elif config.get("do_center_crop"):
+        mode = "crop"
+    else:
+        mode = "resize"
+    fill = tuple(int(m * 255) for m in mean)
+    return Geometry(mode=mode, size=image_size, fill=fill)
+
+
+def _wrap(model, processor, name: str, geometry: str | None, prompt: str) -> VLM:
+    family = family_for(model, name)
+    image_cfg = processor.image_processor.to_dict()
+    vision_cfg = model.config.vision_config
+    tokenizer = processor.tokenizer
+    image_token = getattr(processor, "image_token", "<image>")
+    n_tokens = family.num_image_tokens
+
+    def encode_prompt(text: str) -> list[int]:
+        conversation = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+        ]
+        rendered = processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False
+        )
+        if rendered.count(image_token) != 1:
+            raise ValueError(f"{name}: the chat template must place exactly one {image_token!r}")
+        # Expand the placeholder to one token per image feature, as the HF processor does.
+        return tokenizer(rendered.replace(image_token, image_token * n_tokens))["input_ids"]
+
+    vlm = VLM(
+        model, family,
+        geometry=geometry_from_processor(image_cfg, vision_cfg.image_size, geometry),
+        mean=image_cfg.get("image_mean") or CLIP_MEAN,
+        std=image_cfg.get("image_std") or CLIP_STD,
+        encode_prompt=encode_prompt,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        prompt=prompt, name=name, patch_size=vision_cfg.patch_size,
+    )
+    vlm.processor = processor
+    return vlm
+
+
+def tiny_llava(
+    vision: str = "clip",
+    *,
+    image_size: int = 224,
+    patch_size: int = 14,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    geometry: str | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    **sizes,
+) -> VLM:
+    """A seeded random tiny LLaVA (CLIP, SigLIP or DINOv2 tower) built from configs.
+
+    Args:
+        vision: ``clip``, ``siglip`` or ``dinov2``.
+        image_size, patch_size: input side S and patch p; the grid is S / p per side.
+        seed: weight seed (the global RNG is left untouched).
+        attn_implementation: ``sdpa`` or ``eager``.
+        geometry: ``pad``/``crop``/``resize``; default: the processor's (crop; resize for SigLIP).
+        sizes: ``vision_width``, ``vision_layers``, ``text_width``, ``text_layers``, ``heads``.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    model, processor = tiny_llava_hf(
+        vision, image_size=image_size, patch_size=patch_size, seed=seed,
+        attn_implementation=attn_implementation,
+        dtype=torch.float32 if torch_dtype == "auto" else torch_dtype, **sizes,
+    )
+    if device is not None:
+        model = model.to(device)
+    return _wrap(model, processor, f"tiny-{vision}", geometry, prompt)
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    geometry: str | None = None,
+    prompt: str = DEFAULT_PROMPT,
+) -> VLM:
+    """Load a supported checkpoint (hub id or local folder) or a tiny model by registry name.
+
+    Args:
+        name_or_path: ``tiny-clip``/``tiny-siglip``/``tiny-dinov2``, a hub id such as
+            ``llava-hf/llava-1.5-7b-hf``, or a local folder saved with ``save_pretrained``.
+        dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
+        device: where to put the whole model (ignored with ``device_map``).
+        device_map: accelerate placement (e.g. ``"auto"``) to split a model over GPUs.
+        attn_implementation: ``sdpa`` (default) or ``eager``; both honour custom masks.
+        trust_remote_code: allow code from the checkpoint (off unless asked; logged).
+        geometry: override the processor's geometry (``pad``, ``crop``, ``resize``).
+        prompt: the text after the image.
+    """
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(
+            f"attn_implementation {attn_implementation!r}: seglens needs a backend that honours "
+            "custom 4D masks; use 'sdpa' (default) or 'eager'"
+        )
+    if name_or_path in TINY_MODELS:
+        return tiny_llava(
+            **TINY_MODELS[name_or_path], dtype=dtype, device=device, geometry=geometry,
+            attn_implementation=attn_implementation, prompt=prompt,
+        )
+    if name_or_path.startswith("tiny") and not Path(name_or_path).exists():
+        close = difflib.get_close_matches(name_or_path, list(TINY_MODELS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"unknown model {name_or_path!r}{hint}. Tiny models: {', '.join(TINY_MODELS)}; "
+            "or pass a hub id / local checkpoint folder."
+        )
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    if trust_remote_code:
+        log.warning("trust_remote_code=True: code shipped with %s will run", name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"cannot load model {name_or_path!r}: {e}. Pass a local checkpoint folder, or a hub "
+            "id that is cached (set HF_HUB_OFFLINE=0 to allow downloads). Tiny models: "
+            f"{', '.join(TINY_MODELS)}."
+        ) from e
+    if config.model_type not in FAMILIES:
+        raise ValueError(
+            f"{name_or_path}: model type {config.model_type!r} is not supported. Supported "
+            f"families: {supported_families()}."
+        )
+    model = AutoModelForImageTextToText.from_pretrained(
+        name_or_path, dtype=resolve_dtype(dtype), device_map=device_map,
+        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+    )
+    if device is not None and device_map is None:
+        model = model.to(device)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return _wrap(model, processor, name_or_path, geometry, prompt)

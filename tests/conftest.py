@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny seeded models, synthetic images, offline mode."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Cache of tiny models keyed by (vision, attn_implementation)."""
+    from seglens.models import tiny_llava
+
+    cache = {}
+
+    def get(vision: str = "clip", attn: str = "sdpa"):
+        if (vision, attn) not in cache:
+            cache[vision, attn] = tiny_llava(vision, attn_implementation=attn)
+        return cache[vision, attn]
+
+    return get
+
+
+@pytest.fixture
+def tiny_vlm(tiny_models):
+    return tiny_models("clip", "sdpa")
+
+
+@pytest.fixture
+def random_images():
+    rng = np.random.default_rng(0)
+
+    def make(n: int = 2, height: int = 180, width: int = 240):
+        return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(n)]
+
+    return make
+
+
+TWO_PROMPTS = ["Describe the image.", "What is in this picture? Answer in detail."]
