@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conftest import TWO_PROMPTS
 
 VISIONS = ["clip", "siglip", "dinov2"]
@@ -20,8 +21,10 @@ def hf_reference(vlm, batch):
     try:
         with torch.no_grad():
             out = model(
-                input_ids=batch.input_ids, pixel_values=batch.pixel_values,
-                attention_mask=batch.attention_mask, output_hidden_states=True,
+                input_ids=batch.input_ids,
+                pixel_values=batch.pixel_values,
+                attention_mask=batch.attention_mask,
+                output_hidden_states=True,
             )
             tower = inner.vision_tower(batch.pixel_values, output_hidden_states=True)
             feats = inner.get_image_features(
@@ -70,7 +73,9 @@ def test_capture_keeps_only_what_was_asked(tiny_vlm, random_images):
     batch = tiny_vlm.prepare(random_images(2))
     calls = []
     layers = tiny_vlm.family.decoder_layers()
-    handles = [m.register_forward_hook(lambda *_a, i=i: calls.append(i)) for i, m in enumerate(layers)]
+    handles = [
+        m.register_forward_hook(lambda *_a, i=i: calls.append(i)) for i, m in enumerate(layers)
+    ]
     try:
         out = tiny_vlm.capture(batch, ["adapter", "llm.2"])
     finally:
@@ -145,8 +150,15 @@ def test_model_errors(tmp_path):
         load_model(str(tmp_path / "nowhere"))
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, vocab_size=64)).save_pretrained(tmp_path)
+    LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=64,
+        )
+    ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"model type 'llama' is not supported.*llava"):
         load_model(str(tmp_path))
     with pytest.raises(ValueError, match="sdpa"):

@@ -14,7 +14,7 @@ G = S // P
 
 
 def layout(y: np.ndarray, x: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Planted classes: a thin band 4 at the far left, then three vertical bands, and a top strip."""
+    """Planted classes: a band 4 at the far left, three vertical bands, and a top strip."""
     label = np.where(x < width / 3, 0, np.where(x < 2 * width / 3, 1, 2))
     label = np.where(y < height / 4, 3, label)
     return np.where(x < 0.12 * width, 4, label)
@@ -101,8 +101,11 @@ def test_crop_matches_hf_clip_processor_geometry():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (200, 320, 3), dtype=np.uint8)
     proc = CLIPImageProcessorPil(
-        size={"shortest_edge": S}, crop_size={"height": S, "width": S},
-        do_normalize=False, do_rescale=False, do_convert_rgb=True,
+        size={"shortest_edge": S},
+        crop_size={"height": S, "width": S},
+        do_normalize=False,
+        do_rescale=False,
+        do_convert_rgb=True,
     )
     ref = np.asarray(proc(Image.fromarray(image), return_tensors="np")["pixel_values"][0])
     ours = Geometry("crop", S).warp_image(image).transpose(2, 0, 1).astype(np.float32)

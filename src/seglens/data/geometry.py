@@ -68,7 +68,9 @@ class Transform:
         ix = np.floor(src_x).astype(np.int64)
         ok_y = (iy >= 0) & (iy < self.height)
         ok_x = (ix >= 0) & (ix < self.width)
-        out = mask[np.clip(iy, 0, self.height - 1)[:, None], np.clip(ix, 0, self.width - 1)[None, :]]
+        out = mask[
+            np.clip(iy, 0, self.height - 1)[:, None], np.clip(ix, 0, self.width - 1)[None, :]
+        ]
         out = out.astype(np.int64, copy=True)
         out[~(ok_y[:, None] & ok_x[None, :])] = IGNORE_INDEX
         return out
@@ -86,7 +88,10 @@ class Transform:
         gx = torch.as_tensor(xs / self.size * 2 - 1, dtype=torch.float32, device=grid_logits.device)
         grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)  # (H, W, 2) as (x, y)
         out = F.grid_sample(
-            grid_logits[None].float(), grid[None], mode="bilinear", padding_mode="border",
+            grid_logits[None].float(),
+            grid[None],
+            mode="bilinear",
+            padding_mode="border",
             align_corners=False,
         )
         return out[0]
@@ -169,7 +174,9 @@ def patch_labels(
     """
     S = mask.shape[0]
     if mask.shape != (S, S) or S % grid:
-        raise ValueError(f"patch_labels: mask {mask.shape} is not square with a side divisible by {grid}")
+        raise ValueError(
+            f"patch_labels: mask {mask.shape} is not square with a side divisible by {grid}"
+        )
     p = S // grid
     token = (np.arange(S)[:, None] // p) * grid + (np.arange(S)[None, :] // p)  # (S, S)
     valid = mask != IGNORE_INDEX

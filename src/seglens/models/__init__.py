@@ -5,6 +5,13 @@ from seglens.models.loading import FAMILIES, TINY_MODELS, load_model, tiny_llava
 from seglens.models.vlm import DEFAULT_PROMPT, VLM, Batch
 
 __all__ = [
-    "DEFAULT_PROMPT", "FAMILIES", "TINY_MODELS", "VLM", "Batch", "ModelFamily", "Tap",
-    "load_model", "tiny_llava",
+    "DEFAULT_PROMPT",
+    "FAMILIES",
+    "TINY_MODELS",
+    "VLM",
+    "Batch",
+    "ModelFamily",
+    "Tap",
+    "load_model",
+    "tiny_llava",
 ]

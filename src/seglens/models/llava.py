@@ -58,7 +58,9 @@ class LlavaFamily(ModelFamily):
     def stage_taps(self) -> dict[str, Tap]:
         blocks = _block_list(self._inner.vision_tower, self.num_vision_layers)
         projector = self._inner.multi_modal_projector
-        taps = {f"vision.{i + 1}": Tap(block, "output", "patches") for i, block in enumerate(blocks)}
+        taps = {
+            f"vision.{i + 1}": Tap(block, "output", "patches") for i, block in enumerate(blocks)
+        }
         taps["encoder"] = Tap(projector, "input", "all")
         taps["adapter"] = Tap(projector, "output", "all")
         for i, layer in enumerate(self.decoder_layers()):
@@ -83,7 +85,8 @@ class LlavaFamily(ModelFamily):
         if (counts != self.num_image_tokens).any():
             raise ValueError(
                 f"every sequence needs exactly {self.num_image_tokens} image tokens "
-                f"(id {self.image_token_id}); found {counts.tolist()}. Build inputs with vlm.prepare()."
+                f"(id {self.image_token_id}); found {counts.tolist()}. "
+                "Build inputs with vlm.prepare()."
             )
         # Stable sort puts image positions first, in sequence (= raster) order.
         order = torch.sort((~is_image).to(torch.int8), dim=1, stable=True).indices
@@ -91,6 +94,9 @@ class LlavaFamily(ModelFamily):
 
     def forward(self, input_ids, pixel_values, attention_mask, **kwargs):
         return self._inner(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-            use_cache=False, **kwargs,
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            use_cache=False,
+            **kwargs,
         )

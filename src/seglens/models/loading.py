@@ -29,8 +29,14 @@ TINY_MODELS: dict[str, dict] = {
     "tiny-dinov2": {"vision": "dinov2"},
 }
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
@@ -96,13 +102,16 @@ def _wrap(model, processor, name: str, geometry: str | None, prompt: str) -> VLM
         return tokenizer(rendered.replace(image_token, image_token * n_tokens))["input_ids"]
 
     vlm = VLM(
-        model, family,
+        model,
+        family,
         geometry=geometry_from_processor(image_cfg, vision_cfg.image_size, geometry),
         mean=image_cfg.get("image_mean") or CLIP_MEAN,
         std=image_cfg.get("image_std") or CLIP_STD,
         encode_prompt=encode_prompt,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        prompt=prompt, name=name, patch_size=vision_cfg.patch_size,
+        prompt=prompt,
+        name=name,
+        patch_size=vision_cfg.patch_size,
     )
     vlm.processor = processor
     return vlm
@@ -133,9 +142,13 @@ def tiny_llava(
     """
     torch_dtype = resolve_dtype(dtype)
     model, processor = tiny_llava_hf(
-        vision, image_size=image_size, patch_size=patch_size, seed=seed,
+        vision,
+        image_size=image_size,
+        patch_size=patch_size,
+        seed=seed,
         attn_implementation=attn_implementation,
-        dtype=torch.float32 if torch_dtype == "auto" else torch_dtype, **sizes,
+        dtype=torch.float32 if torch_dtype == "auto" else torch_dtype,
+        **sizes,
     )
     if device is not None:
         model = model.to(device)
@@ -173,8 +186,12 @@ def load_model(
         )
     if name_or_path in TINY_MODELS:
         return tiny_llava(
-            **TINY_MODELS[name_or_path], dtype=dtype, device=device, geometry=geometry,
-            attn_implementation=attn_implementation, prompt=prompt,
+            **TINY_MODELS[name_or_path],
+            dtype=dtype,
+            device=device,
+            geometry=geometry,
+            attn_implementation=attn_implementation,
+            prompt=prompt,
         )
     if name_or_path.startswith("tiny") and not Path(name_or_path).exists():
         close = difflib.get_close_matches(name_or_path, list(TINY_MODELS), n=1)
@@ -201,8 +218,11 @@ def load_model(
             f"families: {supported_families()}."
         )
     model = AutoModelForImageTextToText.from_pretrained(
-        name_or_path, dtype=resolve_dtype(dtype), device_map=device_map,
-        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+        name_or_path,
+        dtype=resolve_dtype(dtype),
+        device_map=device_map,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
     )
     if device is not None and device_map is None:
         model = model.to(device)

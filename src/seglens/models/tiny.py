@@ -47,8 +47,12 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
     )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>", extra_special_tokens={"image_token": IMAGE_TOKEN},
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
     )
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     tok.chat_template = CHAT_TEMPLATE
@@ -84,9 +88,12 @@ def tiny_llava_hf(
     tokenizer = byte_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     common = dict(
-        hidden_size=vision_width, intermediate_size=2 * vision_width,
-        num_hidden_layers=vision_layers, num_attention_heads=heads,
-        image_size=image_size, patch_size=patch_size,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
     )
     if vision == "clip":
         vision_config, strategy, extra = CLIPVisionConfig(**common), "default", 1
@@ -96,15 +103,26 @@ def tiny_llava_hf(
         common.pop("intermediate_size")
         vision_config, strategy, extra = Dinov2Config(mlp_ratio=2, **common), "default", 1
     text_config = LlamaConfig(
-        vocab_size=len(tokenizer) + 8, hidden_size=text_width, intermediate_size=2 * text_width,
-        num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-        max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=len(tokenizer) + 8,
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     grid = image_size // patch_size
     config = LlavaConfig(
-        vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
-        image_seq_length=grid * grid, vision_feature_layer=-2,
-        vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_seq_length=grid * grid,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu",
     )
     config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
@@ -113,18 +131,25 @@ def tiny_llava_hf(
     model = model.to(dtype).eval()
     if vision == "siglip":
         image_processor = CLIPImageProcessorPil(
-            size={"height": image_size, "width": image_size}, do_center_crop=False,
-            image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+            size={"height": image_size, "width": image_size},
+            do_center_crop=False,
+            image_mean=(0.5, 0.5, 0.5),
+            image_std=(0.5, 0.5, 0.5),
         )
     else:
         image_processor = CLIPImageProcessorPil(
             size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size}, do_center_crop=True,
-            image_mean=CLIP_MEAN, image_std=CLIP_STD,
+            crop_size={"height": image_size, "width": image_size},
+            do_center_crop=True,
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
         )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=extra,
     )
     return model, processor

@@ -1,4 +1,4 @@
-"""The model wrapper every analysis uses: ``vlm.prepare`` builds inputs, ``vlm.capture`` reads stages.
+"""The model wrapper all analyses use: ``vlm.prepare`` builds inputs, ``vlm.capture`` reads stages.
 
 A ``VLM`` holds the HF model, its family adapter, its geometry and normalisation, and the prompt
 encoder. ``load_model`` and ``tiny_llava`` both return one.
@@ -166,8 +166,12 @@ class VLM:
     def preprocessor(self, num_classes: int = 0, min_valid: float = 0.5) -> Preprocessor:
         """The picklable per-sample transform (run it in loader workers)."""
         return Preprocessor(
-            geometry=self.geometry, mean=self.mean, std=self.std, grid=self.grid[0],
-            num_classes=num_classes, min_valid=min_valid,
+            geometry=self.geometry,
+            mean=self.mean,
+            std=self.std,
+            grid=self.grid[0],
+            num_classes=num_classes,
+            min_valid=min_valid,
         )
 
     def token_ids(self, prompt: str | None = None) -> list[int]:

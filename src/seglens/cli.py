@@ -1,0 +1,136 @@
+"""The ``seglens`` command: each subcommand is a thin shell over one public Python function.
+
+Options given on the command line override the YAML ``--config`` file, which overrides the
+defaults; an option left out on the command line never overrides anything (so an explicit
+``--no-...`` wins over the file, and the file wins over a default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger("seglens")
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
+
+
+def command(name: str, help_text: str):
+    """Register ``(add_arguments, run)`` for a subcommand; ``run(args) -> int``."""
+
+    def register(add_arguments):
+        def attach(run):
+            COMMANDS[name] = (add_arguments, run, help_text)
+            return run
+
+        return attach
+
+    return register
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by everything that runs a model on a dataset (default None = not given)."""
+    parser.add_argument("--config", help="YAML config file (CLI options override it)")
+    parser.add_argument(
+        "--model",
+        dest="model.name",
+        help="tiny-clip | tiny-siglip | tiny-dinov2 | hub id | local checkpoint folder",
+    )
+    parser.add_argument("--dtype", dest="model.dtype", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--device", dest="model.device", help="cuda, cuda:1, cpu")
+    parser.add_argument("--device-map", dest="model.device_map", help="e.g. auto")
+    parser.add_argument("--attn", dest="model.attn_implementation", choices=["sdpa", "eager"])
+    parser.add_argument("--geometry", dest="model.geometry", choices=["pad", "crop", "resize"])
+    parser.add_argument(
+        "--trust-remote-code",
+        dest="model.trust_remote_code",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+    )
+    parser.add_argument(
+        "--dataset",
+        dest="data.dataset",
+        help="ade20k, voc, cityscapes, coco-stuff, folder, synthetic",
+    )
+    parser.add_argument("--data-root", dest="data.root", help="dataset root folder")
+    parser.add_argument("--train-split", dest="data.train_split")
+    parser.add_argument("--eval-split", dest="data.eval_split")
+    parser.add_argument(
+        "--limit",
+        dest="data.limit_train",
+        type=int,
+        help="use only the first N images of each split",
+    )
+    parser.add_argument("--limit-eval", dest="data.limit_eval", type=int)
+    parser.add_argument("--batch-size", dest="data.batch_size", type=int)
+    parser.add_argument("--num-workers", dest="data.num_workers", type=int)
+    parser.add_argument("--on-bad-sample", dest="data.on_bad_sample", choices=["error", "skip"])
+    parser.add_argument("--seed", dest="seed", type=int)
+    parser.add_argument("--out", dest="out", help="run directory")
+    parser.add_argument(
+        "--overwrite",
+        dest="overwrite",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replace an existing run directory",
+    )
+
+
+def resolve_config(args: argparse.Namespace):
+    """Defaults < ``--config`` YAML < options given on the command line."""
+    from seglens.config import load_config
+
+    overrides = {
+        k: v for k, v in vars(args).items() if "." in k or k in ("seed", "out", "overwrite")
+    }
+    # --limit applies to both splits unless --limit-eval says otherwise.
+    if overrides.get("data.limit_train") is not None and overrides.get("data.limit_eval") is None:
+        overrides["data.limit_eval"] = overrides["data.limit_train"]
+    return load_config(getattr(args, "config", None), **overrides)
+
+
+# --- entry point ------------------------------------------------------------------------------
+def _load_commands() -> None:
+    """Import every module of ``seglens.commands``; each registers its subcommands."""
+    import importlib
+    import pkgutil
+
+    import seglens.commands
+
+    for info in pkgutil.iter_modules(seglens.commands.__path__):
+        importlib.import_module(f"seglens.commands.{info.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_commands()
+    parser = argparse.ArgumentParser(
+        prog="seglens",
+        description="Where in a multimodal LLM does per-pixel semantic information live?",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_arguments, run, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit status. Errors a user can fix print one line, not a trace."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        if args.verbose:
+            raise
+        print(f"seglens {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,277 @@
+"""Run configuration: frozen dataclasses nested by concern, each field documented.
+
+Precedence is CLI > YAML > defaults. ``from_dict`` refuses unknown keys (with a suggestion) and
+wrong types; ``__post_init__`` only validates. The resolved config is saved next to the results,
+so every default that shaped a run is on record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SOLVERS = ("sgd", "lda")
+BAD_SAMPLE_POLICIES = ("error", "skip")
+GEOMETRIES = ("pad", "crop", "resize")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _help("tiny registry name, hub id or local checkpoint folder", "tiny-clip")
+    dtype: str = _help("auto, float32, bfloat16 or float16 (probes always run in fp32)", "auto")
+    device: str | None = _help("cuda, cuda:1, cpu...; default: cuda when available", None)
+    device_map: str | None = _help("accelerate placement such as 'auto' for big models", None)
+    attn_implementation: str = _help("sdpa or eager (both honour custom masks)", "sdpa")
+    trust_remote_code: bool = _help("allow code shipped with the checkpoint", False)
+    geometry: str | None = _help("override the processor geometry: pad, crop, resize", None)
+    prompt: str = _help("text after the image in the chat template", "Describe the image.")
+
+    def __post_init__(self):
+        _check_choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        if self.geometry is not None:
+            _check_choice("model.geometry", self.geometry, GEOMETRIES)
+        _check_choice(
+            "model.dtype",
+            self.dtype,
+            ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _help("ade20k, voc, cityscapes, coco-stuff, folder or synthetic", "synthetic")
+    root: str | None = _help("dataset root folder (not needed for synthetic)", None)
+    train_split: str = _help("split the probes are trained on", "train")
+    eval_split: str = _help("split the metrics are computed on", "val")
+    limit_train: int | None = _help("use only the first N training images", None)
+    limit_eval: int | None = _help("use only the first N evaluation images", None)
+    batch_size: int = _help("images per forward pass", 8)
+    num_workers: int = _help("loader worker processes (decode + geometry)", 0)
+    on_bad_sample: str = _help("error: stop at a bad file; skip: skip and count it", "error")
+    min_valid: float = _help("labelled fraction below which a token is ignore", 0.5)
+    synthetic_images: int = _help("synthetic dataset: images per split", 96)
+    synthetic_classes: int = _help("synthetic dataset: number of classes", 6)
+
+    def __post_init__(self):
+        _check_choice("data.on_bad_sample", self.on_bad_sample, BAD_SAMPLE_POLICIES)
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size={self.batch_size} must be >= 1")
+        if not 0.0 < self.min_valid <= 1.0:
+            raise ValueError(f"data.min_valid={self.min_valid} must be in (0, 1]")
+        for name in ("limit_train", "limit_eval"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name}={value} must be >= 1 (or null for all)")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    stages: tuple[str, ...] | None = _help(
+        "stages to probe; default encoder, adapter and llm.1..L", None
+    )
+    vision_blocks: bool = _help("also probe every vision block (vision.1..Lv)", False)
+    final_norm: bool = _help("also probe llm.final_norm", False)
+    solver: str = _help("sgd (AdamW, cross-entropy) or lda (closed form)", "sgd")
+    lrs: tuple[float, ...] = _help("sgd learning rates trained side by side", (1e-3, 3e-3, 1e-2))
+    weight_decay: float = _help("sgd AdamW weight decay", 0.0)
+    epochs: int = _help("sgd passes over the training split", 1)
+    holdout_fraction: float = _help(
+        "share of training images held out to pick the learning rate", 0.1
+    )
+    warmup_batches: int = _help("batches used to estimate the frozen standardisation", 4)
+    soft_labels: bool = _help("train on per-token class histograms instead of majority", False)
+    shrinkage: float = _help("lda covariance shrinkage toward the scaled identity", 0.1)
+    pixel_level: bool = _help("also score at pixel level (upsampled to the original image)", True)
+    bootstrap: int = _help("bootstrap resamples over images for 95% intervals (0: off)", 1000)
+    qualitative: int = _help("evaluation images drawn as qualitative panels", 4)
+    qualitative_stages: tuple[str, ...] | None = _help(
+        "stages drawn in the panels; default encoder, adapter and 3 LLM layers", None
+    )
+
+    def __post_init__(self):
+        _check_choice("probe.solver", self.solver, SOLVERS)
+        if self.epochs < 1:
+            raise ValueError(f"probe.epochs={self.epochs} must be >= 1")
+        if not self.lrs or any(lr <= 0 for lr in self.lrs):
+            raise ValueError(f"probe.lrs={self.lrs} must be positive learning rates")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"probe.holdout_fraction={self.holdout_fraction} must be in [0, 1)")
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise ValueError(f"probe.shrinkage={self.shrinkage} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class KnockoutConfig:
+    enabled: bool = _help("run the attention-knockout experiment", True)
+    reference_stage: str = _help("stage whose clean probe defines correct tokens", "adapter")
+    top_k: int = _help("conflicting class pairs to test", 10)
+    min_support: int = _help("minimum tokens of a pair at the reference stage", 20)
+    layers: tuple[int, int] | None = _help(
+        "LLM layer window [first, last] (1-based, inclusive); default all layers", None
+    )
+    window_sweep: int | None = _help("also sweep windows of this many layers over depth", None)
+    random_controls: int = _help("random key sets of matched size per image", 1)
+    queries: str = _help(
+        "which queries lose the keys: 'after' (all tokens after) or 'all'", "after"
+    )
+    max_images: int | None = _help("cap on evaluation images per pair", None)
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"knockout.top_k={self.top_k} must be >= 1")
+        if self.layers is not None and (
+            len(self.layers) != 2 or self.layers[0] > self.layers[1] or self.layers[0] < 1
+        ):
+            raise ValueError(
+                f"knockout.layers={self.layers} must be [first, last], 1 <= first <= last"
+            )
+        _check_choice("knockout.queries", self.queries, ("after", "all"))
+
+
+@dataclass(frozen=True)
+class BidirConfig:
+    enabled: bool = _help("run the causal vs bidirectional image attention experiment", True)
+    layer: int | None = _help("LLM layer for per-position accuracy; default the middle one", None)
+
+
+@dataclass(frozen=True)
+class UmapConfig:
+    enabled: bool = _help("compute UMAP projections and cluster scores", True)
+    stages: tuple[str, ...] | None = _help(
+        "stages to project; default encoder, adapter and 4 LLM layers over depth", None
+    )
+    tokens: int = _help("tokens sampled from the evaluation split per stage", 2000)
+    classes: int = _help("most frequent classes shown (others grey)", 10)
+    neighbors: int = _help("UMAP n_neighbors and k of the k-NN score", 15)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = _help("run directory", "runs/run")
+    seed: int = _help("seed for data order, holdout split, sgd init and controls", 0)
+    overwrite: bool = _help("replace an existing run directory", False)
+    model: ModelConfig = _help("the model", factory=ModelConfig)
+    data: DataConfig = _help("the dataset", factory=DataConfig)
+    probe: ProbeConfig = _help("layerwise linear probes", factory=ProbeConfig)
+    knockout: KnockoutConfig = _help("attention knockout", factory=KnockoutConfig)
+    bidir: BidirConfig = _help("bidirectional image attention", factory=BidirConfig)
+    umap: UmapConfig = _help("UMAP projections", factory=UmapConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> RunConfig:
+        """Apply dotted overrides (``{"probe.solver": "lda"}``); ``None`` values are skipped."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return from_dict(RunConfig, data)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {where!r} must be a mapping, got {value!r}")
+        return from_dict(annotation, value, prefix=f"{where}.")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"config key {where!r} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, where) for v in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {where!r} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config key {where!r} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"config key {where!r} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config key {where!r} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build a (nested) config dataclass from plain data, refusing unknown keys and bad types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ValueError(
+                f"unknown config key '{prefix}{key}'{hint}; known keys: {', '.join(sorted(known))}"
+            )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """Defaults < YAML file < dotted overrides (CLI). YAML is read with the safe loader."""
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        try:
+            config = from_dict(RunConfig, data)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from e
+    return config.replace(**overrides)
+
+
+def config_help(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, help, default) for every option, for docs and ``--help``."""
+    rows = []
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(
+            f.default_factory
+        ):
+            rows += config_help(f.default_factory, f"{key}.")
+        else:
+            rows.append((key, f.metadata.get("help", ""), f.default))
+    return rows
