@@ -64,6 +64,13 @@ class SegDataset:
     def _load(self, key) -> Sample:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def name_of(self, index: int) -> str:
+        """The name of item ``index`` without loading it (for reports on samples that fail)."""
+        return self._name(self._keys[index])
+
+    def _name(self, key) -> str:
+        return str(key)
+
     def _view(self, keys: Sequence) -> SegDataset:
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
@@ -73,7 +80,9 @@ class SegDataset:
     def shard(self, rank: int, world: int) -> SegDataset:
         """The items of process ``rank`` out of ``world`` (strided, so shards differ by <= 1)."""
         if world < 1 or not 0 <= rank < world:
-            raise ValueError(f"shard(rank={rank}, world={world}): need world >= 1 and 0 <= rank < world")
+            raise ValueError(
+                f"shard(rank={rank}, world={world}): need world >= 1 and 0 <= rank < world"
+            )
         return self._view(self._keys[rank::world])
 
     def limit(self, n: int | None) -> SegDataset:
