@@ -71,3 +71,14 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 def test_defaults_are_valid():
     assert from_dict(RunConfig, {}) == RunConfig()
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted(folder.glob("*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
+        config = load_config(path)
+        assert config.out.startswith("runs/"), path
