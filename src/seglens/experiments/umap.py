@@ -1,0 +1,357 @@
+"""UMAP projections of patch tokens per stage, with cluster-quality scores in the original space.
+
+One pass over the evaluation split draws a seeded sample of labelled tokens, the same tokens for
+every stage, so stages are comparable point for point. Each stage gets a silhouette score and a
+k-NN accuracy computed on its standardised features (not on the 2D map, which distorts distances),
+and a 2D UMAP embedding saved for the figures.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from seglens.config import RunConfig, load_config
+from seglens.data import IGNORE_INDEX, SegDataset, iterate_samples
+from seglens.models import VLM
+from seglens.results import CONFIG, RESULTS, read_json, save_arrays, write_json
+
+log = logging.getLogger(__name__)
+
+UMAP_FILE = "arrays/umap.npz"
+SILHOUETTE_POINTS = 2000  # silhouette is O(M^2); a seeded subsample of this size is plenty
+KNN_FOLDS = 5
+
+
+def umap_stages(num_llm_layers: int) -> list[str]:
+    """Default stages: ``encoder``, ``adapter`` and 4 LLM layers spread over depth.
+
+    Args:
+        num_llm_layers: L, decoder blocks of the LLM.
+
+    Returns:
+        ``["encoder", "adapter", "llm.{round(L/4)}", ..., "llm.{L}"]``, deduplicated (a shallow
+        LLM gives fewer than 4 layers).
+    """
+    layers = [max(1, round(num_llm_layers * q)) for q in (0.25, 0.5, 0.75, 1.0)]
+    return ["encoder", "adapter"] + [f"llm.{layer}" for layer in dict.fromkeys(layers)]
+
+
+# --- sampling ---------------------------------------------------------------------------------
+def sample_tokens(
+    vlm: VLM,
+    dataset: SegDataset,
+    stages: Sequence[str],
+    *,
+    tokens: int,
+    seed: int,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    per_image: int = 16,
+    min_valid: float = 0.5,
+    on_bad_sample: str = "error",
+    progress: bool = True,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Draw one seeded sample of labelled image tokens and their features at every stage.
+
+    Bottom-k sampling: every labelled token seen gets a seeded uniform key and the ``tokens``
+    smallest keys are kept, so the sample is uniform over the labelled tokens of the images
+    visited, and only the kept tokens' features are held (memory ``tokens x D`` per stage). The
+    pass stops once at least ``ceil(tokens / per_image)`` images and ``tokens`` labelled tokens
+    have been seen (or the split ends), which spreads the sample over many images (tokens of
+    one image are correlated) without running the model over a whole large split.
+
+    Args:
+        vlm: the model.
+        dataset: the evaluation split.
+        stages: stage names; all come from one ``vlm.capture`` per batch.
+        tokens: M, tokens to draw (fewer when the images visited hold fewer labelled tokens).
+        seed: seeds the keys; same seed and data give the same tokens.
+        batch_size: images per forward pass.
+        num_workers: loader worker processes.
+        per_image: tokens drawn per image on average at most; sets how many images are visited.
+        min_valid: labelled pixel fraction below which a token is ignore.
+        on_bad_sample: ``"error"`` or ``"skip"`` (see ``iterate_samples``).
+        progress: show a progress bar.
+
+    Returns:
+        ``({stage: (M, D) float32}, (M,) int64 labels)``; row i is the same token at every
+        stage, rows in data order (image, then raster position). No label is ignore.
+    """
+    stages = list(stages)
+    if tokens < 1:
+        raise ValueError(f"tokens={tokens} must be >= 1")
+    if per_image < 1:
+        raise ValueError(f"per_image={per_image} must be >= 1")
+    if not stages:
+        raise ValueError("sample_tokens() got no stages; name at least one (e.g. 'adapter')")
+    min_images = math.ceil(tokens / per_image)
+    rng = np.random.default_rng(seed)
+    N = vlm.num_image_tokens
+    keys = np.empty(0, dtype=np.float64)  # (K,) kept keys, K <= tokens
+    where = np.empty(0, dtype=np.int64)  # (K,) global token index: image * N + position
+    labels = np.empty(0, dtype=np.int64)  # (K,)
+    feats: dict[str, np.ndarray] = {}  # stage -> (K, D) float32
+    images = labelled = 0
+    stream = iterate_samples(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        transform=vlm.preprocessor(dataset.num_classes, min_valid),
+        on_bad_sample=on_bad_sample,
+        progress=progress,
+        desc="umap tokens",
+    )
+    for prepared in stream:
+        batch = vlm.collate(prepared)
+        if batch.labels is None:
+            raise ValueError(f"dataset {dataset!r} gives no label maps; UMAP colours need labels")
+        b_idx, n_idx = np.nonzero(batch.labels.numpy() != IGNORE_INDEX)
+        new_keys = rng.random(len(b_idx))
+        labelled += len(b_idx)
+        if len(keys) == tokens:  # full: only keys below the current k-th smallest can enter
+            enter = new_keys < keys.max()
+            b_idx, n_idx, new_keys = b_idx[enter], n_idx[enter], new_keys[enter]
+        if len(b_idx):
+            states = vlm.capture(batch, stages)  # {stage: (B, N, D)}, one forward pass
+            b_t, n_t = torch.from_numpy(b_idx), torch.from_numpy(n_idx)
+            keys = np.concatenate([keys, new_keys])
+            where = np.concatenate([where, (images + b_idx) * N + n_idx])
+            labels = np.concatenate([labels, batch.labels[b_t, n_t].numpy()])
+            for stage in stages:
+                x = states[stage][b_t.to(states[stage].device), n_t.to(states[stage].device)]
+                x = x.to("cpu", torch.float32).numpy()
+                feats[stage] = np.concatenate([feats[stage], x]) if stage in feats else x
+            if len(keys) > tokens:
+                keep = np.sort(np.argpartition(keys, tokens - 1)[:tokens])
+                keys, where, labels = keys[keep], where[keep], labels[keep]
+                feats = {stage: x[keep] for stage, x in feats.items()}
+        images += len(prepared)
+        if images >= min_images and labelled >= tokens:
+            break
+    if len(labels) == 0:
+        raise ValueError(
+            f"no labelled tokens in {images} images of {dataset!r}; check the dataset's masks "
+            "or lower data.min_valid"
+        )
+    if len(labels) < tokens:
+        log.warning(
+            "only %d labelled tokens in %d images (asked for %d); using all of them",
+            len(labels),
+            images,
+            tokens,
+        )
+    order = np.argsort(where, kind="stable")
+    log.info("sampled %d tokens from %d images", len(labels), images)
+    return {stage: np.ascontiguousarray(x[order]) for stage, x in feats.items()}, labels[order]
+
+
+# --- scores and embedding ---------------------------------------------------------------------
+def _standardise(features: np.ndarray) -> np.ndarray:
+    """(M, D) -> (M, D) float32 with zero mean and unit variance per feature (constant ones 0).
+
+    LLM hidden states have a few massive dimensions that would otherwise dominate distances.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"features must be (M, D), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(
+            "features hold NaN or inf (an fp16 overflow?); rerun with model.dtype=float32"
+        )
+    std = x.std(axis=0)
+    return ((x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)).astype(np.float32)
+
+
+def cluster_scores(
+    features: np.ndarray, labels: np.ndarray, *, neighbors: int = 15, seed: int = 0
+) -> dict[str, float]:
+    """How well the classes separate in the original (standardised) feature space.
+
+    Classes with a single token are dropped first. With fewer than 2 classes left both scores
+    are NaN (written as null).
+
+    Args:
+        features: (M, D) token features of one stage.
+        labels: (M,) class ids.
+        neighbors: k of the k-NN classifier.
+        seed: seeds the silhouette subsample and the cross-validation folds.
+
+    Returns:
+        ``{"silhouette": float, "knn_accuracy": float}``: the euclidean silhouette on at most
+        2000 seeded points, in [-1, 1]; and the accuracy of a k-NN classifier under 5-fold
+        stratified cross-validation (fewer folds when a class has fewer than 5 tokens), whose
+        chance level is the majority-class share.
+    """
+    from sklearn.metrics import silhouette_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    labels = np.asarray(labels)
+    if len(labels) != len(features):
+        raise ValueError(f"{len(features)} feature rows for {len(labels)} labels")
+    classes, counts = np.unique(labels, return_counts=True)
+    keep = np.isin(labels, classes[counts >= 2])
+    x, y = _standardise(features)[keep], labels[keep]
+    counts = counts[counts >= 2]
+    if len(counts) < 2:
+        log.warning("fewer than 2 classes with 2+ tokens; cluster scores are undefined")
+        return {"silhouette": float("nan"), "knn_accuracy": float("nan")}
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(y), size=min(len(y), SILHOUETTE_POINTS), replace=False))
+    n_labels = len(np.unique(y[pick]))
+    silhouette = (
+        float(silhouette_score(x[pick], y[pick], metric="euclidean"))
+        if 2 <= n_labels < len(pick)
+        else float("nan")
+    )
+    folds = int(min(KNN_FOLDS, counts.min()))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    # The smallest training fold bounds k (sklearn refuses k > training points).
+    k = max(1, min(neighbors, len(y) - math.ceil(len(y) / folds)))
+    predicted = cross_val_predict(KNeighborsClassifier(n_neighbors=k), x, y, cv=cv)
+    return {"silhouette": silhouette, "knn_accuracy": float(np.mean(predicted == y))}
+
+
+def embed(features: np.ndarray, *, neighbors: int = 15, seed: int = 0) -> np.ndarray:
+    """2D UMAP of standardised features; the same seed gives the same embedding.
+
+    Args:
+        features: (M, D) token features, M >= 4.
+        neighbors: UMAP ``n_neighbors`` (capped at M - 1).
+        seed: UMAP ``random_state`` (makes UMAP single-threaded and deterministic).
+
+    Returns:
+        (M, 2) float32 embedding.
+    """
+    import umap  # slow to import (numba); only when needed
+
+    x = _standardise(features)
+    if len(x) < 4:
+        raise ValueError(f"UMAP needs at least 4 tokens, got {len(x)}; sample more tokens")
+    reducer = umap.UMAP(
+        n_neighbors=min(neighbors, len(x) - 1),
+        min_dist=0.1,
+        n_components=2,
+        random_state=seed,
+        n_jobs=1,  # implied by random_state; saying so silences umap's warning
+    )
+    return np.asarray(reducer.fit_transform(x), dtype=np.float32)
+
+
+def shown_classes(labels: np.ndarray, count: int) -> list[int]:
+    """The ``count`` most frequent class ids in ``labels`` (ties: smaller id first)."""
+    classes, counts = np.unique(np.asarray(labels), return_counts=True)
+    order = np.lexsort((classes, -counts))
+    return [int(c) for c in classes[order][:count]]
+
+
+# --- the run ----------------------------------------------------------------------------------
+def run_umap(
+    run_dir: str | Path,
+    *,
+    vlm: VLM | None = None,
+    config: RunConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Project the tokens of a run's evaluation split per stage and score their clustering.
+
+    The public API behind ``seglens umap --run RUN``. Writes ``RUN/arrays/umap.npz``
+    (``embedding__<stage>`` (M, 2) float32, ``labels__<stage>`` (M,) int64) and adds a ``umap``
+    section to ``RUN/results.json``; then draws the run's figures when ``seglens.report.figures``
+    is installed. ``config.umap.enabled`` is for pipelines that chain analyses; calling this
+    function always runs it.
+
+    Args:
+        run_dir: a run directory holding ``config.yaml`` and ``results.json``.
+        vlm: the model to use instead of building the one the config names (must match it).
+        config: the config to use instead of ``RUN/config.yaml`` (e.g. with CLI overrides).
+        progress: show a progress bar.
+
+    Returns:
+        The ``umap`` section written: ``{"stages", "file", "tokens", "scores": {stage:
+        {"silhouette", "knn_accuracy"}}, "classes", "neighbors", "seed"}``.
+    """
+    from seglens.experiments.common import build_dataset, build_model
+
+    run_dir = Path(run_dir)
+    read_json(run_dir / RESULTS)  # fail before any model work when this is not a run directory
+    if config is None:
+        config = load_config(run_dir / CONFIG)
+    if vlm is None:
+        vlm = build_model(config.model)
+    settings = config.umap
+    stages = list(settings.stages) if settings.stages else umap_stages(vlm.num_llm_layers)
+    unknown = [s for s in stages if s not in vlm.stages]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown} for {vlm.name}; available: {vlm.stages}")
+    dataset = build_dataset(
+        config.data, config.data.eval_split, config.data.limit_eval, config.seed
+    )
+    features, labels = sample_tokens(
+        vlm,
+        dataset,
+        stages,
+        tokens=settings.tokens,
+        seed=config.seed,
+        batch_size=config.data.batch_size,
+        num_workers=config.data.num_workers,
+        min_valid=config.data.min_valid,
+        on_bad_sample=config.data.on_bad_sample,
+        progress=progress,
+    )
+    scores, arrays = {}, {}
+    for stage in stages:
+        scores[stage] = cluster_scores(
+            features[stage], labels, neighbors=settings.neighbors, seed=config.seed
+        )
+        arrays[f"embedding__{stage}"] = embed(
+            features[stage], neighbors=settings.neighbors, seed=config.seed
+        )
+        arrays[f"labels__{stage}"] = labels.astype(np.int64)
+        log.info(
+            "%s: silhouette %.3f, %d-NN accuracy %.3f",
+            stage,
+            scores[stage]["silhouette"],
+            settings.neighbors,
+            scores[stage]["knn_accuracy"],
+        )
+    save_arrays(run_dir / UMAP_FILE, **arrays)
+    section = {
+        "stages": stages,
+        "file": UMAP_FILE,
+        "tokens": len(labels),
+        "scores": scores,
+        "classes": shown_classes(labels, settings.classes),
+        "neighbors": settings.neighbors,
+        "seed": config.seed,
+    }
+    # Read again right before writing: other analyses may have added sections meanwhile.
+    results = read_json(run_dir / RESULTS)
+    results["umap"] = section
+    write_json(run_dir / RESULTS, results)
+    _draw_figures(run_dir)
+    return section
+
+
+def _draw_figures(run_dir: Path) -> None:
+    """Redraw the run's figures when the report package is there (it is optional here)."""
+    try:
+        figures = importlib.import_module("seglens.report.figures")
+    except ModuleNotFoundError as e:
+        if e.name not in ("seglens.report", "seglens.report.figures"):
+            raise  # a dependency of the figures module is missing: say so, do not hide it
+        log.info("seglens.report.figures is not available; figures not drawn")
+        return
+    draw_all = getattr(figures, "draw_all", None)
+    if draw_all is None:
+        log.info("seglens.report.figures has no draw_all(); figures not drawn")
+        return
+    draw_all(run_dir)
