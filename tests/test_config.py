@@ -43,6 +43,7 @@ def test_round_trip(tmp_path):
         ({"knockout": {"layers": [3, 1]}}, r"knockout\.layers=\(3, 1\) must be \[first, last\]"),
         ({"model": {"geometry": "squash"}}, r"model\.geometry='squash' is not one of"),
         ({"probe": {"pixel_level": "yes"}}, r"'probe\.pixel_level' must be true or false"),
+        ({"umap": {"neighbors": 1}}, r"umap\.neighbors=1 must be >= 2"),
     ],
 )
 def test_bad_config(tmp_path, data, message):

@@ -162,6 +162,14 @@ class UmapConfig:
     classes: int = _help("most frequent classes shown (others grey)", 10)
     neighbors: int = _help("UMAP n_neighbors and k of the k-NN score", 15)
 
+    def __post_init__(self):
+        if self.tokens < 10:
+            raise ValueError(f"umap.tokens={self.tokens} must be >= 10")
+        if self.classes < 1:
+            raise ValueError(f"umap.classes={self.classes} must be >= 1")
+        if self.neighbors < 2:
+            raise ValueError(f"umap.neighbors={self.neighbors} must be >= 2")
+
 
 @dataclass(frozen=True)
 class RunConfig:
