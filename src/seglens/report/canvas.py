@@ -1,0 +1,169 @@
+"""Drawing primitives shared by the figure modules: figures, saving, stage order and colours.
+
+Figures are ``matplotlib.figure.Figure`` objects on an Agg canvas (no pyplot, no global state),
+saved through ``atomic_write``. Stage order and class colours are defined once here so every
+figure and the HTML report agree on them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seglens.results import atomic_write, load_arrays
+
+IGNORE = 255
+GREY = (0.72, 0.72, 0.72)
+DPI = 110
+
+_STAGE = re.compile(r"^(vision|llm)\.(\d+)$")
+
+
+def new_figure(width: float, height: float) -> Any:
+    """A constrained-layout ``Figure`` with its own Agg canvas (never registered with pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = DPI) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically and return the path."""
+    path = Path(path)
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
+    return path
+
+
+def run_arrays(run_dir: str | Path, relative: str) -> dict[str, np.ndarray]:
+    """Load ``RUN/<relative>`` (an ``.npz`` named in results.json), naming it when missing."""
+    path = Path(run_dir) / relative
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is named in results.json but does not exist; rerun the experiment that "
+            "writes it or remove its section from results.json"
+        )
+    return load_arrays(path)
+
+
+# --- stages -----------------------------------------------------------------------------------
+def stage_key(stage: str) -> tuple[int, int]:
+    """Sort key giving the pipeline order: vision.i, encoder, adapter, llm.1..L, llm.final_norm."""
+    match = _STAGE.match(stage)
+    if match:
+        group = 0 if match.group(1) == "vision" else 3
+        return group, int(match.group(2))
+    return {"encoder": (1, 0), "adapter": (2, 0), "llm.final_norm": (4, 0)}.get(stage, (5, 0))
+
+
+def order_stages(stages: Iterable[str]) -> list[str]:
+    """The distinct stages of ``stages`` in pipeline order (stable for unknown names)."""
+    unique = list(dict.fromkeys(stages))
+    return sorted(unique, key=stage_key)
+
+
+def llm_layer(stage: str) -> int | None:
+    """``llm.7`` -> 7; any other stage -> None."""
+    match = _STAGE.match(stage)
+    return int(match.group(2)) if match and match.group(1) == "llm" else None
+
+
+def relative_depth(stage: str, num_llm_layers: int, num_vision_layers: int = 1) -> float:
+    """x position on a depth axis shared by runs of different depth.
+
+    LLM block ``l`` of ``L`` sits at ``l / L`` (so the last block is at 1 for every model), the
+    adapter at 0, the encoder just before it, vision blocks before that and the final norm just
+    after 1.
+    """
+    match = _STAGE.match(stage)
+    if match and match.group(1) == "llm":
+        return int(match.group(2)) / max(num_llm_layers, 1)
+    if match:
+        return -0.45 + 0.2 * int(match.group(2)) / max(num_vision_layers, 1)
+    return {"encoder": -0.15, "adapter": 0.0, "llm.final_norm": 1.06}.get(stage, 1.12)
+
+
+def label_stage_axis(ax: Any, stages: Sequence[str], fontsize: float = 7.0) -> None:
+    """Categorical x ticks at 0..len-1 named by stage, rotated when there are many."""
+    ax.set_xticks(range(len(stages)))
+    rotation = 90 if len(stages) > 8 else 0
+    ax.set_xticklabels(stages, rotation=rotation, fontsize=fontsize)
+    ax.set_xlim(-0.5, len(stages) - 0.5)
+
+
+# --- colours ----------------------------------------------------------------------------------
+def palette_array(dataset: dict[str, Any], num_classes: int | None = None) -> np.ndarray:
+    """(C, 3) float RGB in [0, 1] from the dataset palette; a fixed colour cycle if absent."""
+    count = num_classes or dataset.get("num_classes") or len(dataset.get("class_names") or [])
+    palette = dataset.get("palette")
+    if palette:
+        colours = np.asarray(palette, dtype=np.float64).reshape(-1, 3) / 255.0
+        if len(colours) >= count:
+            return colours
+    from matplotlib import colormaps
+
+    cycle = colormaps["tab20"](np.arange(max(count, 1)) % 20)[:, :3]
+    if palette:  # a short palette keeps its colours and is padded with the cycle
+        cycle[: len(colours)] = colours
+    return cycle
+
+
+def colourise(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(H, W) class map -> (H, W, 3) float image; ignore (255) and unknown ids are black."""
+    labels = np.asarray(labels)
+    image = np.zeros((*labels.shape, 3), dtype=np.float64)
+    valid = (labels >= 0) & (labels < len(palette))
+    image[valid] = palette[labels[valid]]
+    return image
+
+
+def class_name(dataset: dict[str, Any], class_id: int) -> str:
+    """The dataset's name for ``class_id`` ("class 7" when the names are not recorded)."""
+    names = dataset.get("class_names") or []
+    return str(names[class_id]) if 0 <= class_id < len(names) else f"class {class_id}"
+
+
+def class_legend(
+    fig: Any, dataset: dict[str, Any], palette: np.ndarray, ids: Iterable[int]
+) -> None:
+    """A figure-level legend with one coloured patch per class id."""
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(facecolor=palette[i], edgecolor="0.3", label=class_name(dataset, i))
+        for i in ids
+        if 0 <= i < len(palette)
+    ]
+    if handles:
+        fig.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncol=min(len(handles), 6),
+            fontsize=7,
+            frameon=False,
+        )
+
+
+def series_colour(index: int) -> tuple[float, float, float]:
+    """Colour of the ``index``-th condition or run in line plots."""
+    from matplotlib import colormaps
+
+    return tuple(colormaps["tab10"](index % 10)[:3])
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average of a 1D series, ignoring NaNs; same length as ``values``."""
+    values = np.asarray(values, dtype=np.float64)
+    window = max(1, min(int(window), len(values)))
+    finite = np.isfinite(values)
+    kernel = np.ones(window)
+    sums = np.convolve(np.where(finite, values, 0.0), kernel, mode="same")
+    counts = np.convolve(finite.astype(np.float64), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)

@@ -1,0 +1,226 @@
+"""Figures, the HTML report and the report CLI, on synthetic run directories (no model)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fixtures_results import make_run
+from seglens.report import compare_runs, draw_all, write_report
+from seglens.report.canvas import moving_average, order_stages, relative_depth
+from seglens.report.figures import FIGURES, probing_summary
+from seglens.report.html import SECTIONS
+from seglens.results import read_json, write_json
+
+PROBING_ONLY = {"layerwise_miou", "per_class_iou", "qualitative"}
+
+
+def _assert_png(path) -> None:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size[0] > 0 and image.size[1] > 0
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One complete run (two probing conditions) with figures and report drawn once."""
+    run = make_run(tmp_path_factory.mktemp("full"), conditions=("causal", "bidirectional_image"))
+    figures = draw_all(run)
+    report = write_report(run)
+    return run, figures, report
+
+
+# --- figures ----------------------------------------------------------------------------------
+def test_draw_all_writes_every_figure(full_run):
+    run, figures, _ = full_run
+    assert set(figures) == set(FIGURES)
+    assert read_json(run / "results.json")["figures"] == figures
+    for relative in figures.values():
+        assert relative.startswith("figures/") and relative.endswith(".png")
+        _assert_png(run / relative)
+    assert not list((run / "figures").glob(".*.tmp")), "atomic_write left a temporary file"
+
+
+def test_probing_only_run_skips_missing_sections(tmp_path):
+    run = make_run(tmp_path, knockout=False, bidirectional=False, umap=False)
+    figures = draw_all(run)
+    assert set(figures) == PROBING_ONLY
+    for relative in figures.values():
+        _assert_png(run / relative)
+
+
+def test_run_without_qualitative_or_pixel_level(tmp_path):
+    run = make_run(tmp_path, knockout=False, bidirectional=False, umap=False, qualitative=False)
+    results = read_json(run / "results.json")
+    for metrics in results["probing"]["causal"]["metrics"].values():
+        metrics["pixel"] = None
+    write_json(run / "results.json", results)
+    assert set(draw_all(run)) == {"layerwise_miou", "per_class_iou"}
+
+
+def test_draw_all_keeps_the_rest_of_results(tmp_path):
+    run = make_run(tmp_path, knockout=False, umap=False)
+    before = read_json(run / "results.json")
+    draw_all(run)
+    after = read_json(run / "results.json")
+    assert {k: v for k, v in after.items() if k != "figures"} == before
+
+
+def test_missing_array_file_is_named(tmp_path):
+    run = make_run(tmp_path, knockout=False, bidirectional=False)
+    (run / "arrays/umap.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"umap\.npz is named in results\.json"):
+        draw_all(run)
+
+
+def test_compare_runs_with_different_depths(tmp_path):
+    runs = [
+        make_run(tmp_path, name=f"run{layers}", layers=layers, knockout=False, umap=False)
+        for layers in (2, 4, 8)
+    ]
+    out = compare_runs(runs, tmp_path / "out" / "compare.png", labels=["clip", "dino", "siglip"])
+    _assert_png(out)
+    same = compare_runs(runs[1:2] * 2, tmp_path / "same.png")  # same depth: stage-name axis
+    _assert_png(same)
+
+
+def test_compare_runs_rejects_wrong_labels(tmp_path):
+    run = make_run(tmp_path, knockout=False, bidirectional=False, umap=False)
+    with pytest.raises(ValueError, match="got 1 labels for 2 runs"):
+        compare_runs([run, run], tmp_path / "c.png", labels=["one"])
+
+
+def test_stage_order_and_relative_depth():
+    stages = ["llm.10", "adapter", "llm.2", "vision.1", "encoder", "llm.final_norm", "llm.1"]
+    assert order_stages(stages) == [
+        "vision.1",
+        "encoder",
+        "adapter",
+        "llm.1",
+        "llm.2",
+        "llm.10",
+        "llm.final_norm",
+    ]
+    assert relative_depth("llm.16", 32) == relative_depth("llm.20", 40) == 0.5
+    assert (
+        relative_depth("encoder", 32) < relative_depth("adapter", 32) < relative_depth("llm.1", 32)
+    )
+
+
+def test_moving_average_ignores_nan():
+    values = np.array([1.0, np.nan, 3.0, 3.0])
+    smooth = moving_average(values, 3)
+    assert smooth.shape == values.shape
+    np.testing.assert_allclose(smooth, [1.0, 2.0, 3.0, 3.0])
+
+
+def test_probing_summary_landmarks(tmp_path):
+    run = make_run(tmp_path, knockout=False, bidirectional=False, umap=False)
+    block = read_json(run / "results.json")["probing"]["causal"]
+    summary = probing_summary(block, "patch")
+    values = {s: m["patch"]["miou"] for s, m in block["metrics"].items()}
+    assert summary["change"] == pytest.approx(values["adapter"] - values["encoder"])
+    assert summary["best_stage"] == block["summary"]["best_stage"]
+    assert summary["llm_gain"] == pytest.approx(block["summary"]["llm_gain"])
+
+
+# --- HTML -------------------------------------------------------------------------------------
+def _page(report) -> str:
+    return report.read_text(encoding="utf-8")
+
+
+def test_report_has_every_section_and_figure(full_run):
+    _, figures, report = full_run
+    page = _page(report)
+    for heading in SECTIONS.values():
+        assert f"<h2>{html.escape(heading)}</h2>" in page
+    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(uris) == len(figures)
+    for data in uris:
+        _assert_png(io.BytesIO(base64.b64decode(data)))
+    assert "<details>" in page and "<script" not in page
+    assert not re.search(r'(src|href)="(https?:)?//', page), "the page must not load anything"
+
+
+def test_report_stage_table_has_one_row_per_stage_with_intervals(full_run):
+    run, _, report = full_run
+    page = _page(report)
+    results = read_json(run / "results.json")
+    for condition, block in results["probing"].items():
+        start = page.index(f"Per-stage scores: {condition}")
+        table = page[start : page.index("</table>", start)]
+        rows = re.findall(r"<tr(?: class=\"best\")?><td>([^<]+)</td>", table)
+        assert rows == block["stages"]
+        for stage in block["stages"]:
+            metric = block["metrics"][stage]["patch"]
+            lo, hi = metric["ci"]["miou"]
+            assert f"{metric['miou']:.3f} [{lo:.3f}, {hi:.3f}]" in table
+        assert table.count('class="best"') == 1
+
+
+def test_report_knockout_pairs_and_skipped(full_run):
+    run, _, report = full_run
+    page = _page(report)
+    results = read_json(run / "results.json")
+    for pair in results["knockout"]["pairs"]:
+        assert " / ".join(pair["names"]) in page
+    assert "2 samples skipped" in page
+    for name in results["dataset"]["skipped"]["samples"]:
+        assert f"<code>{name}</code>" in page
+
+
+def test_report_readings_come_from_the_numbers(full_run):
+    run, _, report = full_run
+    page = html.unescape(_page(report))
+    results = read_json(run / "results.json")
+    block = results["probing"]["causal"]
+    summary = probing_summary(block, "patch")
+    assert f"falls by {-summary['change']:.2f} from the encoder" in page
+    assert f"peaking at {summary['llm_peak_stage']}" in page
+    assert "x as much as a random control of the same size" in page
+    assert "bidirectional image attention changes the mean accuracy" in page
+
+
+def test_report_escapes_text_from_results(tmp_path):
+    run = make_run(tmp_path, bidirectional=False)
+    results = read_json(run / "results.json")
+    evil = "<script>alert(1)</script>"
+    results["dataset"]["class_names"][0] = evil
+    results["knockout"]["pairs"][0]["names"][0] = evil
+    results["dataset"]["skipped"]["samples"].append(f"{evil}.png")
+    results["model"]["name"] = f"tiny {evil}"
+    write_json(run / "results.json", results)
+    page = _page(write_report(run))
+    assert "<script" not in page
+    assert html.escape(evil) in page
+
+
+def test_report_draws_missing_figures_and_says_not_run(tmp_path):
+    run = make_run(tmp_path, knockout=False, bidirectional=False, umap=False)
+    page = _page(write_report(run))  # no figures drawn yet
+    assert set(read_json(run / "results.json")["figures"]) == PROBING_ONLY
+    assert page.count("data:image/png;base64,") == len(PROBING_ONLY)
+    for section in ("knockout", "bidirectional", "umap"):
+        assert f"no <code>{section}</code> section" in page
+
+
+# --- CLI --------------------------------------------------------------------------------------
+def test_cli_report_and_compare(tmp_path, capsys):
+    from seglens.cli import main
+
+    run = make_run(tmp_path, knockout=False, umap=False)
+    other = make_run(tmp_path, name="other", layers=6, knockout=False, umap=False)
+    assert main(["report", "--run", str(run)]) == 0
+    assert str(run / "report.html") in capsys.readouterr().out
+    assert (run / "report.html").is_file()
+    out = tmp_path / "compare.png"
+    assert main(["compare", str(run), str(other), "--out", str(out), "--labels", "a", "b"]) == 0
+    _assert_png(out)
+    assert main(["report", "--run", str(tmp_path / "nowhere")]) == 2
+    assert "is this a seglens run directory" in capsys.readouterr().err
