@@ -62,6 +62,8 @@ def _selector(tap: Tap, num_tokens: int, positions: torch.Tensor) -> Callable:
             return h.gather(1, index)
 
         return gather
+    if tap.select == "fn":
+        return tap.fn
     raise ValueError(f"unknown tap selection {tap.select!r}")
 
 

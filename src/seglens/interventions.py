@@ -410,6 +410,9 @@ def intervene(
         raise RuntimeError(
             "intervene() is already active on this model; pass all specs to one intervene() call"
         )
+    if getattr(vlm.family, "native_image_attention", "causal") == "bidirectional":
+        # Start from the model's own mask: restrictions (Knockout, CausalImage) still win.
+        specs = (BidirectionalImage(), *specs)
     window = sorted({layer for s in specs if s.layers is not None for layer in s.layers})
     hooked = sorted({1, *window})
     # Masks of the forward in flight: set by the override, read once per layer by the hooks.

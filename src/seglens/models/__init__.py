@@ -1,7 +1,7 @@
 """Model loading and the per-family adapters; the only place that knows module paths."""
 
 from seglens.models.base import ModelFamily, Tap
-from seglens.models.loading import FAMILIES, TINY_MODELS, load_model, tiny_llava
+from seglens.models.loading import FAMILIES, TINY_MODELS, load_model, tiny_llava, tiny_model
 from seglens.models.vlm import DEFAULT_PROMPT, VLM, Batch
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "Tap",
     "load_model",
     "tiny_llava",
+    "tiny_model",
 ]

@@ -8,6 +8,7 @@ to this interface, so LLaVA-NeXT or Qwen2-VL style families slot in without touc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,13 +24,17 @@ class Tap:
         module: the module to hook.
         read: ``"input"`` (first positional argument, forward pre-hook) or ``"output"``.
         select: how (B, T_module, D) becomes (B, N, D): ``"all"`` (already the N patch tokens),
-            ``"patches"`` (drop the leading non-patch tokens of the vision sequence, e.g. CLS) or
-            ``"image_positions"`` (gather the batch's image-token positions in the LLM sequence).
+            ``"patches"`` (drop the leading non-patch tokens of the vision sequence, e.g. CLS),
+            ``"image_positions"`` (gather the batch's image-token positions in the LLM sequence)
+            or ``"fn"`` (``fn`` maps the module's tensor to (B, N, D) in raster order: token
+            layouts that are not raster, e.g. 2x2-merged or tiled patches).
+        fn: the reduction for ``select="fn"``; None otherwise.
     """
 
     module: nn.Module
     read: str
     select: str
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class ModelFamily:
@@ -64,6 +69,44 @@ class ModelFamily:
     @property
     def image_token_id(self) -> int:
         raise NotImplementedError
+
+    @property
+    def num_placeholder_tokens(self) -> int:
+        """Image placeholder tokens per sequence (more than N when some are never probed)."""
+        return self.num_image_tokens
+
+    @property
+    def native_image_attention(self) -> str:
+        """How image tokens attend to each other in the unmodified model.
+
+        ``"causal"`` (LLaVA, Qwen2-VL: image slot i reads slots <= i) or ``"bidirectional"``
+        (Gemma3: the image block is fully connected). For a bidirectional family the
+        bidirectional experiment's ``causal`` condition is the intervention (``CausalImage``) and
+        ``bidirectional_image`` is the plain model.
+        """
+        return "causal"
+
+    @property
+    def image_size(self) -> int:
+        """S, the side of the square model input the geometry produces."""
+        return int(self.model.config.vision_config.image_size)
+
+    @property
+    def patch_size(self) -> int:
+        """Side in pixels of one vision-encoder patch."""
+        return int(self.model.config.vision_config.patch_size)
+
+    def image_placeholder(self, processor) -> str:
+        """The string the chat template renders where the image goes."""
+        return getattr(processor, "image_token", "<image>")
+
+    def expand_image_placeholder(self, text: str, processor) -> str:
+        """Rendered chat text -> the same text with the placeholder expanded as the processor does.
+
+        Default: one image token per placeholder token (LLaVA-1.5, Qwen2-VL, LLaVA-NeXT).
+        """
+        token = self.image_placeholder(processor)
+        return text.replace(token, token * self.num_placeholder_tokens)
 
     def decoder_layers(self) -> nn.ModuleList:
         raise NotImplementedError

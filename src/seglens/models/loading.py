@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,18 +16,22 @@ from torch import nn
 
 from seglens.data.geometry import Geometry
 from seglens.models.base import ModelFamily
+from seglens.models.gemma3 import Gemma3Family
 from seglens.models.llava import LlavaFamily
 from seglens.models.tiny import CLIP_MEAN, CLIP_STD, tiny_llava_hf
+from seglens.models.tiny_families import TINY_BUILDERS
 from seglens.models.vlm import DEFAULT_PROMPT, VLM
 
 log = logging.getLogger(__name__)
 
-FAMILIES: dict[str, type[ModelFamily]] = {"llava": LlavaFamily}
+FAMILIES: dict[str, type[ModelFamily]] = {"llava": LlavaFamily, "gemma3": Gemma3Family}
 
+# name -> builder arguments; "family" picks the builder (default: LLaVA-1.5 via tiny_llava).
 TINY_MODELS: dict[str, dict] = {
     "tiny-clip": {"vision": "clip"},
     "tiny-siglip": {"vision": "siglip"},
     "tiny-dinov2": {"vision": "dinov2"},
+    "tiny-gemma3": {"family": "gemma3"},
 }
 
 DTYPES = {
@@ -84,10 +89,8 @@ def geometry_from_processor(config: dict, image_size: int, override: str | None)
 def _wrap(model, processor, name: str, geometry: str | None, prompt: str) -> VLM:
     family = family_for(model, name)
     image_cfg = processor.image_processor.to_dict()
-    vision_cfg = model.config.vision_config
     tokenizer = processor.tokenizer
-    image_token = getattr(processor, "image_token", "<image>")
-    n_tokens = family.num_image_tokens
+    image_token = family.image_placeholder(processor)
 
     def encode_prompt(text: str) -> list[int]:
         conversation = [
@@ -98,20 +101,24 @@ def _wrap(model, processor, name: str, geometry: str | None, prompt: str) -> VLM
         )
         if rendered.count(image_token) != 1:
             raise ValueError(f"{name}: the chat template must place exactly one {image_token!r}")
-        # Expand the placeholder to one token per image feature, as the HF processor does.
-        return tokenizer(rendered.replace(image_token, image_token * n_tokens))["input_ids"]
+        # Expand the placeholder to the image token layout, as the HF processor does; a template
+        # that renders BOS itself must not get a second one from the tokenizer.
+        bos = tokenizer.bos_token
+        add_special = not (bos and rendered.startswith(bos))
+        text = family.expand_image_placeholder(rendered, processor)
+        return tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
     vlm = VLM(
         model,
         family,
-        geometry=geometry_from_processor(image_cfg, vision_cfg.image_size, geometry),
+        geometry=geometry_from_processor(image_cfg, family.image_size, geometry),
         mean=image_cfg.get("image_mean") or CLIP_MEAN,
         std=image_cfg.get("image_std") or CLIP_STD,
         encode_prompt=encode_prompt,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         prompt=prompt,
         name=name,
-        patch_size=vision_cfg.patch_size,
+        patch_size=family.patch_size,
     )
     vlm.processor = processor
     return vlm
@@ -155,6 +162,40 @@ def tiny_llava(
     return _wrap(model, processor, f"tiny-{vision}", geometry, prompt)
 
 
+def tiny_model(
+    family: str,
+    *,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    geometry: str | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    **sizes,
+) -> VLM:
+    """A seeded random tiny model of another family (``gemma3``, ...) built from configs.
+
+    Args:
+        family: a key of ``tiny_families.TINY_BUILDERS``.
+        seed: weight seed (the global RNG is left untouched).
+        attn_implementation: ``sdpa`` or ``eager``.
+        geometry: override the processor's geometry.
+        sizes: builder-specific sizes (see the ``tiny_<family>_hf`` builders).
+    """
+    if family not in TINY_BUILDERS:
+        raise ValueError(f"no tiny builder for family {family!r}; known: {sorted(TINY_BUILDERS)}")
+    torch_dtype = resolve_dtype(dtype)
+    model, processor = TINY_BUILDERS[family](
+        seed=seed,
+        attn_implementation=attn_implementation,
+        dtype=torch.float32 if torch_dtype == "auto" else torch_dtype,
+        **sizes,
+    )
+    if device is not None:
+        model = model.to(device)
+    return _wrap(model, processor, f"tiny-{family}", geometry, prompt)
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -169,7 +210,7 @@ def load_model(
     """Load a supported checkpoint (hub id or local folder) or a tiny model by registry name.
 
     Args:
-        name_or_path: ``tiny-clip``/``tiny-siglip``/``tiny-dinov2``, a hub id such as
+        name_or_path: a ``TINY_MODELS`` name (``tiny-clip``, ``tiny-gemma3``, ...), a hub id such as
             ``llava-hf/llava-1.5-7b-hf``, or a local folder saved with ``save_pretrained``.
         dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
         device: where to put the whole model (ignored with ``device_map``).
@@ -185,8 +226,10 @@ def load_model(
             "custom 4D masks; use 'sdpa' (default) or 'eager'"
         )
     if name_or_path in TINY_MODELS:
-        return tiny_llava(
-            **TINY_MODELS[name_or_path],
+        spec = dict(TINY_MODELS[name_or_path])
+        build = partial(tiny_model, spec.pop("family")) if "family" in spec else tiny_llava
+        return build(
+            **spec,
             dtype=dtype,
             device=device,
             geometry=geometry,

@@ -180,9 +180,10 @@ class VLM:
         if prompt not in self._prompt_cache:
             ids = list(self._encode_prompt(prompt))
             n = sum(i == self.image_token_id for i in ids)
-            if n != self.num_image_tokens:
+            if n != self.family.num_placeholder_tokens:
                 raise ValueError(
-                    f"the prompt encodes {n} image tokens, the model needs {self.num_image_tokens}"
+                    f"the prompt encodes {n} image tokens, the model needs "
+                    f"{self.family.num_placeholder_tokens}"
                 )
             self._prompt_cache[prompt] = ids
         return self._prompt_cache[prompt]

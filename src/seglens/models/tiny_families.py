@@ -1,0 +1,179 @@
+"""Seeded tiny models of more families (Gemma3) built from configs, with real HF processors.
+
+Like ``tiny.py`` for LLaVA-1.5: random weights, no download, a byte-level fast tokenizer that
+carries each family's special tokens and a chat template in the family's format, and the family's
+own (PIL) image processor, so ``save_pretrained`` + ``load_model`` exercise the real code paths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GEMMA3_TEMPLATE = (
+    "{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<start_of_image>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+GEMMA3_TOKENS = {
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+}
+
+
+def special_byte_tokenizer(
+    named: dict[str, str],
+    chat_template: str,
+    *,
+    others: tuple[str, ...] = (),
+    add_bos: bool = True,
+):
+    """A byte-level tokenizer (no merges): <pad>=0, <s>=1, </s>=2, <unk>=3, bytes, then specials.
+
+    Args:
+        named: attribute -> token (e.g. ``{"image_token": "<image>"}``); each becomes an atomic
+            special token and a tokenizer attribute (``tok.image_token``, ``tok.image_token_id``).
+        chat_template: the Jinja chat template.
+        others: more atomic special tokens without an attribute (turn markers).
+        add_bos: prepend <s> when encoding.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    if add_bos:
+        core.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+        )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens=dict(named),
+    )
+    tok.add_special_tokens({"additional_special_tokens": [*named.values(), *others]})
+    tok.chat_template = chat_template
+    return tok
+
+
+def _seeded(model_cls, config, seed: int, dtype: torch.dtype, init=None):
+    """Build ``model_cls(config)`` under a private RNG; ``init(model)`` runs under it too."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+        if init is not None:
+            with torch.no_grad():
+                init(model)
+    return model.to(dtype).eval()
+
+
+def _init_gemma3_projector(model) -> None:
+    # HF initialises the projection to zeros (checkpoints overwrite it): images would vanish.
+    weight = model.model.multi_modal_projector.mm_input_projection_weight
+    weight.normal_(0.0, weight.shape[0] ** -0.5)
+
+
+def tiny_gemma3_hf(
+    *,
+    image_size: int = 224,
+    patch_size: int = 14,
+    tokens_per_side: int = 8,
+    vision_width: int = 48,
+    vision_layers: int = 4,
+    text_width: int = 64,
+    text_layers: int = 4,
+    heads: int = 4,
+    sliding_window: int = 512,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """Build a random ``Gemma3ForConditionalGeneration`` and its ``Gemma3Processor``.
+
+    The SigLIP tower sees (S/p)^2 patches; the projector average-pools them to
+    ``tokens_per_side``^2 image tokens, as Gemma3 pools 64x64 patches to 16x16 tokens. Layers
+    alternate sliding-window and full attention (the window exceeds any tiny sequence).
+
+    Returns:
+        (model, processor): the HF model in eval mode and its processor.
+    """
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    patches = image_size // patch_size
+    if image_size % patch_size or patches % tokens_per_side:
+        raise ValueError(
+            f"image_size {image_size} must be a multiple of patch_size {patch_size}, and the "
+            f"{patches} patches per side a multiple of tokens_per_side {tokens_per_side}"
+        )
+    tokenizer = special_byte_tokenizer(
+        GEMMA3_TOKENS, GEMMA3_TEMPLATE, others=("<start_of_turn>", "<end_of_turn>")
+    )
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in GEMMA3_TOKENS.items()}
+    head_dim = text_width // heads
+    text_config = Gemma3TextConfig(
+        vocab_size=len(tokenizer) + 8,
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=sliding_window,
+        sliding_window_pattern=2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision_config = SiglipVisionConfig(
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    config = Gemma3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        mm_tokens_per_image=tokens_per_side**2,
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+    )
+    config._attn_implementation = attn_implementation
+    model = _seeded(
+        Gemma3ForConditionalGeneration, config, seed, dtype, init=_init_gemma3_projector
+    )
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_TEMPLATE,
+        image_seq_length=tokens_per_side**2,
+    )
+    return model, processor
+
+
+TINY_BUILDERS = {"gemma3": tiny_gemma3_hf}
