@@ -10,10 +10,12 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 import torch
 
-from seglens.models.base import ModelFamily, Tap
+if TYPE_CHECKING:  # models import capture; keep the import one-way at run time
+    from seglens.models.base import ModelFamily, Tap
 
 
 class _StopForward(Exception):

@@ -90,7 +90,7 @@ class ProbeConfig:
     vision_blocks: bool = _help("also probe every vision block (vision.1..Lv)", False)
     final_norm: bool = _help("also probe llm.final_norm", False)
     solver: str = _help("sgd (AdamW, cross-entropy) or lda (closed form)", "sgd")
-    lrs: tuple[float, ...] = _help("sgd learning rates trained side by side", (1e-3, 3e-3, 1e-2))
+    lrs: tuple[float, ...] = _help("sgd learning rates trained side by side", (1e-3, 1e-2, 1e-1))
     weight_decay: float = _help("sgd AdamW weight decay", 0.0)
     epochs: int = _help("sgd passes over the training split", 1)
     holdout_fraction: float = _help(

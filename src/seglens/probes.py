@@ -467,7 +467,7 @@ class LinearProbe(_Probe):
         self,
         n_classes: int,
         *,
-        lrs: Sequence[float] = (1e-3, 3e-3, 1e-2),
+        lrs: Sequence[float] = (1e-3, 1e-2, 1e-1),
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,

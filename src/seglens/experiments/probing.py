@@ -19,9 +19,14 @@ import numpy as np
 import torch
 import yaml
 
+from seglens.capture import check_stages
 from seglens.config import DataConfig, ProbeConfig, RunConfig
 from seglens.data import SegDataset, iterate_samples
 from seglens.data.base import IGNORE_INDEX
+from seglens.distributed import gather_object as _gather
+from seglens.distributed import interleave
+from seglens.distributed import rank_world as _rank_world
+from seglens.distributed import sum_over_ranks as _sum_over_ranks
 from seglens.metrics import (
     ConfusionMatrix,
     PerImageCounts,
@@ -53,8 +58,6 @@ _NEG = -1e30  # stands in for -inf logits (classes LDA never saw): bilinear weig
 def resolve_stages(vlm: VLM, config: ProbeConfig) -> list[str]:
     """The stages to probe, in forward order: ``config.stages`` (default encoder, adapter,
     llm.1..L), plus vision.1..Lv with ``vision_blocks`` and llm.final_norm with ``final_norm``."""
-    from seglens.capture import check_stages  # here: capture <-> models import each other
-
     stages = list(config.stages) if config.stages else list(vlm.default_stages)
     if config.vision_blocks:
         stages += [s for s in vlm.stages if s.startswith("vision.")]
@@ -104,16 +107,11 @@ def split_holdout(
 
 
 # --- distributed -----------------------------------------------------------------------------
-def _rank_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _shard(dataset: SegDataset, equal: bool) -> SegDataset:
-    """This rank's part of ``dataset``; ``equal`` drops the < world leftover images so that every
-    rank runs the same number of batches (sgd all-reduces gradients once per batch)."""
+    """This rank's part of ``dataset`` (strided: rank r takes items r, r + W, ...); ``equal``
+    first drops the < W leftover images so that every rank runs the same number of batches (sgd
+    all-reduces gradients once per batch). Sharding an epoch's global order makes W ranks with
+    batch B see, step by step, exactly the images one process sees with batch W x B."""
     rank, world = _rank_world()
     if world == 1:
         return dataset
@@ -123,29 +121,6 @@ def _shard(dataset: SegDataset, equal: bool) -> SegDataset:
             raise ValueError(f"{len(dataset)} images cannot be split over {world} processes")
         dataset = dataset.limit(per_rank * world)
     return dataset.shard(rank, world)
-
-
-def _gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without torch.distributed."""
-    _, world = _rank_world()
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _sum_over_ranks(tensor: torch.Tensor) -> None:
-    """In-place sum over ranks; a CPU tensor travels through the GPU under nccl."""
-    if _rank_world()[1] == 1:
-        return
-    dist = torch.distributed
-    device = tensor.device
-    if dist.get_backend() == "nccl" and device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    buffer = tensor.to(device)
-    dist.all_reduce(buffer)
-    tensor.copy_(buffer)
 
 
 # --- streaming -------------------------------------------------------------------------------

@@ -158,6 +158,7 @@ class VLM:
             "num_llm_layers": self.num_llm_layers,
             "num_vision_layers": self.family.num_vision_layers,
             "attn_implementation": self.attn_implementation,
+            "native_image_attention": getattr(self.family, "native_image_attention", "causal"),
             "dtype": str(self.dtype).removeprefix("torch."),
             "stages": {s: widths[s] for s in self.stages},
         }

@@ -1,0 +1,42 @@
+"""``seglens run`` (every analysis from one config, then the report) and ``seglens demo``."""
+
+from __future__ import annotations
+
+import argparse
+
+from seglens.cli import add_run_options, command, resolve_config
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    add_run_options(p)
+    p.add_argument("--solver", dest="probe.solver", choices=["sgd", "lda"])
+    for name in ("knockout", "bidir", "umap"):
+        p.add_argument(
+            f"--{name}",
+            dest=f"{name}.enabled",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=f"run the {name} analysis (default: config)",
+        )
+
+
+@command("run", "run probing, knockout, bidirectional and UMAP, then write the report")(_run_args)
+def _run(args: argparse.Namespace) -> int:
+    from seglens.experiments.pipeline import run
+
+    report = run(resolve_config(args))
+    print(f"report: {report}")
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="run directory (default runs/demo)")
+
+
+@command("demo", "the whole analysis on the embedded tiny model and synthetic data")(_demo_args)
+def _demo(args: argparse.Namespace) -> int:
+    from seglens.experiments.pipeline import demo
+
+    report = demo(args.out)
+    print(f"report: {report.resolve()}")
+    return 0

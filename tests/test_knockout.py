@@ -1,0 +1,280 @@
+"""Attention knockout on a tiny probing run: the CLI writes the results schema the report reads;
+the clean condition equals an independent recomputation; a layer window cannot act before its
+first layer; an empty key set changes nothing; pair selection and random controls are exact."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from seglens.cli import main
+from seglens.config import load_config
+from seglens.experiments.common import build_dataset
+from seglens.experiments.knockout import (
+    CONDITIONS,
+    COUNT_FIELDS,
+    key_sets,
+    layer_windows,
+    pair_counts,
+    pair_scores,
+    predict_stages,
+    random_control,
+    run_knockout,
+    select_pairs,
+)
+from seglens.experiments.probing import run_probing
+from seglens.probes import ProbeBank, load_probe
+
+LLM = [f"llm.{i}" for i in range(1, 5)]
+SMALL = {"top_k": 2, "max_images": 2, "min_support": 5}
+
+
+def results_of(run) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory, tiny_models):
+    run = tmp_path_factory.mktemp("knockout") / "probe"
+    config = load_config(
+        **{
+            "model.name": "tiny-clip",
+            "data.dataset": "synthetic",
+            "data.limit_train": 16,
+            "data.limit_eval": 8,
+            "probe.solver": "lda",
+            "probe.bootstrap": 0,
+            "probe.pixel_level": False,
+            "probe.qualitative": 1,
+            "out": str(run),
+        }
+    )
+    run_probing(config, vlm=tiny_models("clip"), progress=False)
+    return run
+
+
+def copy_run(probe_run, name: str):
+    target = probe_run.parent / name
+    shutil.copytree(probe_run, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def cli_run(probe_run):
+    run = copy_run(probe_run, "cli")
+    argv = ["knockout", "--run", str(run), "--top-k", "2", "--max-images", "2"]
+    assert main([*argv, "--min-support", "5", "--random-controls", "2"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def window_run(probe_run, tiny_models):
+    run = copy_run(probe_run, "window")
+    vlm = tiny_models("clip")
+    section = run_knockout(run, vlm=vlm, progress=False, layers=(3, 4), window_sweep=2, **SMALL)
+    return run, section
+
+
+# --- end to end ---------------------------------------------------------------------------------
+def test_cli_writes_the_schema_the_report_reads(cli_run):
+    res = results_of(cli_run)
+    ko = res["knockout"]
+    assert ko["reference_stage"] == "adapter" and ko["layers"] is None
+    assert ko["conditions"] == list(CONDITIONS) and ko["summary_layer"] == "llm.4"
+    assert ko["window_sweep"] is None and ko["settings"]["random_controls"] == 2
+    assert 1 <= len(ko["pairs"]) <= 2 and len(ko["per_pair"]) == len(ko["pairs"])
+    names = res["dataset"]["class_names"]
+    for pair, scores in zip(ko["pairs"], ko["per_pair"], strict=True):
+        a, b = pair["classes"]
+        assert a < b and pair["names"] == [names[a], names[b]]
+        assert 1 <= pair["images"] <= 2 and pair["support"] == pair["correct"] + pair["incorrect"]
+        assert isinstance(pair["support"], int) and pair["support"] > 0
+        assert scores["classes"] == pair["classes"]
+        assert all(set(scores[c]) == set(LLM) for c in CONDITIONS)
+    for cond in CONDITIONS:
+        assert set(ko["curves"][cond]) == set(LLM)
+        for stage in LLM:
+            cell = ko["curves"][cond][stage]
+            assert set(cell) == {"accuracy", "iou", "recovery"}
+            assert all(v is None or 0.0 <= v <= 1.0 for v in cell.values())
+            assert cell["accuracy"] is not None and cell["iou"] is not None
+    for name in ("knockout_curves", "knockout_summary"):
+        assert (cli_run / res["figures"][name]).stat().st_size > 0
+    assert "knockout_window_sweep" not in res["figures"]
+    assert "probing" in res and "causal" in res["probing"]  # other sections are kept
+
+
+def test_curves_average_pairs_with_equal_weight(cli_run):
+    ko = results_of(cli_run)["knockout"]
+    for cond, stage in itertools.product(CONDITIONS, LLM):
+        values = [p[cond][stage]["accuracy"] for p in ko["per_pair"]]
+        assert ko["curves"][cond][stage]["accuracy"] == pytest.approx(np.mean(values))
+
+
+def test_none_equals_an_independent_recomputation(window_run, tiny_models):
+    run, section = window_run
+    vlm = tiny_models("clip")
+    config = load_config(run / "config.yaml")
+    dataset = build_dataset(config.data, "val", config.data.limit_eval, config.seed)
+    prepare = vlm.preprocessor(dataset.num_classes)
+    samples = [prepare(dataset[i]) for i in range(len(dataset))]
+    bank = ProbeBank.load(run / "probes/causal")
+    for pair, scores in zip(section["pairs"], section["per_pair"], strict=True):
+        a, b = pair["classes"]
+        chosen = [s for s in samples if (s.labels == a).any() and (s.labels == b).any()][:2]
+        assert pair["images"] == len(chosen)
+        batch = vlm.collate(chosen)
+        pred = {s: p.numpy() for s, p in bank.predict(vlm.capture(batch, bank.probes)).items()}
+        labels = batch.labels.numpy()
+        tokens = (labels == a) | (labels == b)
+        assert pair["support"] == tokens.sum()
+        wrong_at_ref = tokens & (pred["adapter"] != labels)
+        assert pair["incorrect"] == wrong_at_ref.sum()
+        for stage in LLM:
+            hit = (pred[stage] == labels) & tokens
+            ious = [
+                (((pred[stage] == c) & (labels == c)) & tokens).sum()
+                / (((pred[stage] == c) | (labels == c)) & tokens).sum()
+                for c in (a, b)
+            ]
+            got = scores["none"][stage]
+            assert got["accuracy"] == pytest.approx(hit.sum() / tokens.sum(), abs=1e-12)
+            assert got["iou"] == pytest.approx(np.mean(ious), abs=1e-12)
+            if wrong_at_ref.any():
+                recovered = (hit & wrong_at_ref).sum() / wrong_at_ref.sum()
+                assert got["recovery"] == pytest.approx(recovered, abs=1e-12)
+            else:
+                assert got["recovery"] is None
+
+
+def test_a_layer_window_cannot_act_before_its_first_layer(window_run):
+    run, section = window_run
+    assert section["layers"] == [3, 4] and results_of(run)["knockout"]["layers"] == [3, 4]
+    moved = False
+    for scores in section["per_pair"]:
+        for cond in CONDITIONS:
+            for stage in ("llm.1", "llm.2"):
+                assert scores[cond][stage] == scores["none"][stage], (cond, stage)
+            moved |= any(scores[cond][s] != scores["none"][s] for s in ("llm.3", "llm.4"))
+    assert moved  # the knockout did act inside its window
+
+
+def test_window_sweep_rows(window_run):
+    run, section = window_run
+    sweep = section["window_sweep"]
+    assert [row["layers"] for row in sweep] == [[1, 2], [3, 4]]
+    for row in sweep:
+        assert set(row) == {"layers", *CONDITIONS}
+        assert row["none"]["accuracy"] == pytest.approx(
+            section["curves"]["none"]["llm.4"]["accuracy"]
+        )
+    # The [3, 4] window is the run's own window, scored at the summary layer.
+    for cond in CONDITIONS:
+        assert sweep[1][cond]["iou"] == pytest.approx(section["curves"][cond]["llm.4"]["iou"])
+    assert "knockout_window_sweep" in results_of(run)["figures"]
+    assert layer_windows(5, 2) == [(1, 2), (3, 4), (5, 5)]
+
+
+# --- invariants of the pieces -------------------------------------------------------------------
+def test_an_empty_key_set_changes_nothing(probe_run, tiny_models, random_images):
+    vlm = tiny_models("clip")
+    probes = {s: load_probe(probe_run / f"probes/causal/{s}") for s in LLM}
+    batch = vlm.prepare(random_images(2))
+    clean = predict_stages(vlm, batch, probes)
+    empty = np.zeros((2, vlm.num_image_tokens), dtype=bool)
+    np.testing.assert_array_equal(predict_stages(vlm, batch, probes, empty), clean)
+    mixed = empty.copy()
+    mixed[1, :128] = True  # image 0 keeps an empty set in the same batch
+    got = predict_stages(vlm, batch, probes, mixed)
+    np.testing.assert_array_equal(got[:, 0], clean[:, 0])
+    labels = np.where(np.arange(256) % 2, 1, 3)[None].repeat(2, 0)
+    ref = np.ones_like(labels, dtype=bool)
+    counts = pair_counts(clean[:, :1], labels[:1], ref[:1], (1, 3))
+    assert pair_counts(got[:, :1], labels[:1], ref[:1], (1, 3)).tolist() == counts.tolist()
+
+
+def test_select_pairs_is_the_top_k_of_symmetric_confusion():
+    rng = np.random.default_rng(0)
+    cm = rng.integers(0, 5, (7, 7)) + np.diag([100] * 5 + [0, 0])
+    cm[2, 4], cm[4, 2] = 400, 100  # the most confused pair
+    cm[0, 3], cm[3, 0], cm[1, 3], cm[3, 1] = 60, 30, 45, 45  # a tie: (0, 3) before (1, 3)
+    cm[5:] = 0
+    cm[5, 6], cm[6, 5] = 60, 50  # rare classes: a big conflict, too little support
+    sym = cm + cm.T
+    rows = cm.sum(1)
+    i, j = np.triu_indices(7, k=1)
+    keep = (sym[i, j] > 0) & (rows[i] + rows[j] >= 150)
+    order = np.lexsort((j[keep], i[keep], -sym[i, j][keep]))[:5]
+    expected = [[int(a), int(b)] for a, b in zip(i[keep][order], j[keep][order], strict=True)]
+    got = select_pairs(cm, top_k=5, min_support=150)
+    assert [p["classes"] for p in got] == expected
+    assert [p["classes"] for p in got[:3]] == [[2, 4], [0, 3], [1, 3]]
+    assert got[0]["confusion"] == 500 and got[0]["selection_support"] == rows[2] + rows[4]
+    assert len(select_pairs(cm, top_k=5, min_support=100)) == 5
+    assert [5, 6] in [p["classes"] for p in select_pairs(cm, top_k=2, min_support=100)]
+    assert select_pairs(np.eye(3, dtype=int) * 50, top_k=3, min_support=0) == []
+
+
+def test_random_controls_match_their_set_in_size():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, (6, 64))
+    labels[4] = np.where(np.arange(64) < 62, 0, 3)  # the pair covers almost every token
+    labels[5] = 2  # the pair is absent: empty sets
+    ref_correct = rng.random((6, 64)) < 0.7
+    sets = key_sets(labels, ref_correct, (0, 1))
+    pair_tokens = np.isin(labels, (0, 1))
+    for name, matched in sets.items():
+        rngs = [np.random.default_rng([7, i]) for i in range(6)]
+        control = random_control(matched, pair_tokens, rngs)
+        np.testing.assert_array_equal(control.sum(1), matched.sum(1), err_msg=name)
+        for i in range(6):  # outside the pair whenever the image has room
+            if matched[i].sum() <= (~pair_tokens[i]).sum():
+                assert not (control[i] & pair_tokens[i]).any()
+        again = random_control(
+            matched, pair_tokens, [np.random.default_rng([7, i]) for i in range(6)]
+        )
+        np.testing.assert_array_equal(again, control)
+    assert sets["block_correct"][4].sum() > 2  # the fallback row did need the pair's tokens
+    assert not sets["block_correct"][5].any() and not sets["block_incorrect"][5].any()
+    np.testing.assert_array_equal(sets["block_correct"] | sets["block_incorrect"], pair_tokens)
+
+
+def test_pair_scores_by_hand():
+    # tokens: labels a a a b b; predictions a b x b b (x: a third class)
+    labels = np.array([[5, 5, 5, 9, 9, 0]])
+    pred = np.array([[[5, 9, 2, 9, 9, 0]]])
+    ref = np.array([[True, False, False, True, True, True]])
+    counts = pair_counts(pred, labels, ref, (5, 9))[0]
+    n = dict(zip(COUNT_FIELDS, counts.tolist(), strict=True))
+    assert n["tokens"] == 5 and n["correct"] == 3 and n["recovered"] == 0
+    scores = pair_scores(counts)
+    assert scores["accuracy"] == pytest.approx(3 / 5)
+    assert scores["iou"] == pytest.approx((1 / 3 + 2 / 3) / 2)  # a: 1/(3+1-1), b: 2/(2+3-2)
+    assert scores["recovery"] == 0.0
+    assert pair_scores(np.zeros(10, dtype=int)) == {"accuracy": None, "iou": None, "recovery": None}
+
+
+# --- errors -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"reference_stage": "vision.1"}, "has no clean probe in this run"),
+        ({"layers": (3, 9)}, "goes past the last LLM layer"),
+        ({"random_controls": -1}, "knockout.random_controls=-1 must be >= 0"),
+        ({"top_kk": 3}, "did you mean 'knockout.top_k'"),
+        ({"min_support": 10**9}, "lower knockout.min_support"),
+    ],
+)
+def test_bad_settings_are_refused(probe_run, tiny_models, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        run_knockout(probe_run, vlm=tiny_models("clip"), progress=False, **overrides)
+
+
+def test_a_directory_without_probing_is_refused(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="run `seglens probe` first"):
+        run_knockout(tmp_path)
