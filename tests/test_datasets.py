@@ -307,7 +307,7 @@ def test_registry_names():
 
 
 def test_unknown_dataset_suggests_a_name():
-    with pytest.raises(ValueError, match=r"unknown dataset 'ade20'\. Did you mean 'ade20k'\?"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'ade20' \(did you mean 'ade20k'\?\)"):
         load_dataset("ade20")
     with pytest.raises(ValueError, match=r"Known datasets: ade20k, voc, cityscapes"):
         load_dataset("imagenet")

@@ -444,8 +444,8 @@ def load_dataset(
     key = name.strip().lower().replace("_", "-")
     if key not in DATASETS:
         close = difflib.get_close_matches(key, list(DATASETS), n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(DATASETS)}.")
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown dataset {name!r}{hint}. Known datasets: {', '.join(DATASETS)}.")
     cls = DATASETS[key]
     if cls is SyntheticDataset:
         if root is not None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from seglens.capture import check_stages
 from seglens.data import SegDataset, iterate_samples
 from seglens.models import VLM
 
@@ -61,7 +62,7 @@ def capture_stats(
         ``{stage: {"shape": [images, N, D], "mean", "std", "token_norm", "abs_max",
         "massive_dims": [[dim, |max|], ...]}}``.
     """
-    stages = vlm.stages if stages is None else list(stages)
+    stages = vlm.stages if stages is None else check_stages(stages, vlm.stages)
     running: dict[str, _Running] = {}
     images = 0
     stream = iterate_samples(
