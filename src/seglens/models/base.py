@@ -43,6 +43,9 @@ class ModelFamily:
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     description: ClassVar[str]
+    # False where the HF processor cannot be built here (Qwen2-VL's needs torchvision):
+    # load_model then uses tokenizer + image-processor config (models/processing.py).
+    hf_processor: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -107,6 +110,11 @@ class ModelFamily:
         """
         token = self.image_placeholder(processor)
         return text.replace(token, token * self.num_placeholder_tokens)
+
+    def geometry_mode(self, image_config: dict) -> str | None:
+        """The geometry (``pad``/``crop``/``resize``) the processor applies; None: infer it from
+        ``do_pad``/``do_center_crop`` in ``image_config`` (``loading.geometry_from_processor``)."""
+        return None
 
     def decoder_layers(self) -> nn.ModuleList:
         raise NotImplementedError

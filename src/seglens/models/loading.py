@@ -18,13 +18,22 @@ from seglens.data.geometry import Geometry
 from seglens.models.base import ModelFamily
 from seglens.models.gemma3 import Gemma3Family
 from seglens.models.llava import LlavaFamily
+from seglens.models.llava_next import LlavaNextFamily
+from seglens.models.processing import load_text_image_processor
+from seglens.models.qwen2_vl import Qwen2VLFamily, Qwen25VLFamily
 from seglens.models.tiny import CLIP_MEAN, CLIP_STD, tiny_llava_hf
 from seglens.models.tiny_families import TINY_BUILDERS
 from seglens.models.vlm import DEFAULT_PROMPT, VLM
 
 log = logging.getLogger(__name__)
 
-FAMILIES: dict[str, type[ModelFamily]] = {"llava": LlavaFamily, "gemma3": Gemma3Family}
+FAMILIES: dict[str, type[ModelFamily]] = {
+    "llava": LlavaFamily,
+    "gemma3": Gemma3Family,
+    "llava_next": LlavaNextFamily,
+    "qwen2_vl": Qwen2VLFamily,
+    "qwen2_5_vl": Qwen25VLFamily,
+}
 
 # name -> builder arguments; "family" picks the builder (default: LLaVA-1.5 via tiny_llava).
 TINY_MODELS: dict[str, dict] = {
@@ -32,6 +41,9 @@ TINY_MODELS: dict[str, dict] = {
     "tiny-siglip": {"vision": "siglip"},
     "tiny-dinov2": {"vision": "dinov2"},
     "tiny-gemma3": {"family": "gemma3"},
+    "tiny-llava-next": {"family": "llava_next"},
+    "tiny-qwen2-vl": {"family": "qwen2_vl"},
+    "tiny-qwen2.5-vl": {"family": "qwen2_5_vl"},
 }
 
 DTYPES = {
@@ -111,7 +123,9 @@ def _wrap(model, processor, name: str, geometry: str | None, prompt: str) -> VLM
     vlm = VLM(
         model,
         family,
-        geometry=geometry_from_processor(image_cfg, family.image_size, geometry),
+        geometry=geometry_from_processor(
+            image_cfg, family.image_size, geometry or family.geometry_mode(image_cfg)
+        ),
         mean=image_cfg.get("image_mean") or CLIP_MEAN,
         std=image_cfg.get("image_std") or CLIP_STD,
         encode_prompt=encode_prompt,
@@ -270,5 +284,13 @@ def load_model(
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
-    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    family_cls = FAMILIES[config.model_type]
+    if family_cls.hf_processor:
+        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    else:
+        processor = load_text_image_processor(
+            name_or_path,
+            family_cls(model).image_placeholder(None),
+            trust_remote_code=trust_remote_code,
+        )
     return _wrap(model, processor, name_or_path, geometry, prompt)

@@ -176,4 +176,109 @@ def tiny_gemma3_hf(
     return model, processor
 
 
-TINY_BUILDERS = {"gemma3": tiny_gemma3_hf}
+def tiny_llava_next_hf(
+    *,
+    image_size: int = 112,
+    patch_size: int = 14,
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None,
+    vision_width: int = 48,
+    vision_layers: int = 4,
+    text_width: int = 64,
+    text_layers: int = 4,
+    heads: int = 4,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """Build a random ``LlavaNextForConditionalGeneration`` (CLIP tower) and its processor.
+
+    ``grid_pinpoints`` defaults to the one resolution (S, S): an S x S input then has one tile, so
+    the sequence is the base g x g tokens, then g rows of g tile tokens each closed by a newline.
+
+    Returns:
+        (model, processor): the HF model in eval mode and a ``LlavaNextProcessor``.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
+
+    from seglens.models.tiny import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, byte_tokenizer
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+    pinpoints = [list(p) for p in (grid_pinpoints or ((image_size, image_size),))]
+    tokenizer = byte_tokenizer()
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer) + 8,
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    config._attn_implementation = attn_implementation
+    model = _seeded(LlavaNextForConditionalGeneration, config, seed, dtype)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def tiny_qwen2_vl(**kwargs):
+    """``tiny_qwen.tiny_qwen2_vl_hf`` (imported on use: that module imports this one)."""
+    from seglens.models.tiny_qwen import tiny_qwen2_vl_hf
+
+    return tiny_qwen2_vl_hf(**kwargs)
+
+
+def tiny_qwen2_5_vl(**kwargs):
+    """``tiny_qwen.tiny_qwen2_vl_hf`` with ``version="2.5"``."""
+    return tiny_qwen2_vl(version="2.5", **kwargs)
+
+
+TINY_BUILDERS = {
+    "gemma3": tiny_gemma3_hf,
+    "llava_next": tiny_llava_next_hf,
+    "qwen2_vl": tiny_qwen2_vl,
+    "qwen2_5_vl": tiny_qwen2_5_vl,
+}
