@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from seglens.cli import main
-from seglens.config import DataConfig, ProbeConfig, load_config
+from seglens.config import DataConfig, ProbeConfig, RunConfig, load_config
 from seglens.data import SyntheticDataset, iterate_samples
 from seglens.experiments.probing import (
     evaluate_probes,
@@ -72,7 +72,7 @@ def test_results_schema(sgd_run, tiny_models):
     for stage in causal["stages"]:
         m = causal["metrics"][stage]
         assert m["probe"]["file"] == f"probes/causal/{stage}"
-        assert m["probe"]["lr"] in (1e-3, 3e-3, 1e-2)
+        assert m["probe"]["lr"] in RunConfig().probe.lrs
         assert (sgd_run / f"probes/causal/{stage}.safetensors").is_file()
         for level, unit in (("patch", "tokens"), ("pixel", "pixels")):
             M = m[level]

@@ -8,7 +8,10 @@ defaults; an option left out on the command line never overrides anything (so an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -76,6 +79,19 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="replace an existing run directory",
     )
+    parser.add_argument(
+        "--resume",
+        dest="resume",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="continue a killed run from RUN/checkpoint (ends with the same results)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        dest="checkpoint_every",
+        type=int,
+        help="checkpoint every N batches (default 50; 0: at the end of each phase only)",
+    )
 
 
 def resolve_config(args: argparse.Namespace):
@@ -83,7 +99,9 @@ def resolve_config(args: argparse.Namespace):
     from seglens.config import load_config
 
     overrides = {
-        k: v for k, v in vars(args).items() if "." in k or k in ("seed", "out", "overwrite")
+        k: v
+        for k, v in vars(args).items()
+        if "." in k or k in ("seed", "out", "overwrite", "resume", "checkpoint_every")
     }
     # --limit applies to both splits unless --limit-eval says otherwise.
     if overrides.get("data.limit_train") is not None and overrides.get("data.limit_eval") is None:
@@ -127,10 +145,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from seglens import distributed
+
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 speaks for all
+        logging.getLogger().setLevel(logging.WARNING)
+    where = ""
     try:
-        return int(args._run(args) or 0)
+        with distributed.process_group():
+            rank, world = distributed.rank_world()
+            where = f" (rank {rank} of {world})" if world > 1 else ""
+            quiet = contextlib.redirect_stdout(io.StringIO()) if rank else contextlib.nullcontext()
+            with quiet:
+                return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         if args.verbose:
             raise
-        print(f"seglens {args.command}: error: {e}", file=sys.stderr)
+        print(f"seglens {args.command}: error{where}: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not where or args.verbose:
+            raise
+        # Usually a collective broken by a peer that failed first and printed its own error.
+        print(f"seglens {args.command}: stopped{where}: {e}", file=sys.stderr)
+        return 1

@@ -105,9 +105,23 @@ class ProbeConfig:
     qualitative_stages: tuple[str, ...] | None = _help(
         "stages drawn in the panels; default encoder, adapter and 3 LLM layers", None
     )
+    cache_dir: str | None = _help(
+        "train from an fp16 feature cache here (written on first use; null: stream)", None
+    )
+    cache_stages: tuple[str, ...] | None = _help(
+        "stages stored in the feature cache; default the probed stages", None
+    )
+    cache_tokens_per_image: int | None = _help(
+        "cache a seeded random subset of this many tokens per image; null: all", None
+    )
 
     def __post_init__(self):
         _check_choice("probe.solver", self.solver, SOLVERS)
+        if self.cache_tokens_per_image is not None and self.cache_tokens_per_image < 1:
+            raise ValueError(
+                f"probe.cache_tokens_per_image={self.cache_tokens_per_image} must be >= 1 "
+                "(or null for all tokens)"
+            )
         if self.epochs < 1:
             raise ValueError(f"probe.epochs={self.epochs} must be >= 1")
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
@@ -176,12 +190,22 @@ class RunConfig:
     out: str = _help("run directory", "runs/run")
     seed: int = _help("seed for data order, holdout split, sgd init and controls", 0)
     overwrite: bool = _help("replace an existing run directory", False)
+    resume: bool = _help("continue a killed run from its checkpoint (same results)", False)
+    checkpoint_every: int = _help("checkpoint every N batches (0: at phase ends only)", 50)
     model: ModelConfig = _help("the model", factory=ModelConfig)
     data: DataConfig = _help("the dataset", factory=DataConfig)
     probe: ProbeConfig = _help("layerwise linear probes", factory=ProbeConfig)
     knockout: KnockoutConfig = _help("attention knockout", factory=KnockoutConfig)
     bidir: BidirConfig = _help("bidirectional image attention", factory=BidirConfig)
     umap: UmapConfig = _help("UMAP projections", factory=UmapConfig)
+
+    def __post_init__(self):
+        if self.resume and self.overwrite:
+            raise ValueError("resume=True and overwrite=True contradict each other; choose one")
+        if self.checkpoint_every < 0:
+            raise ValueError(
+                f"checkpoint_every={self.checkpoint_every} must be >= 0 (0: at phase ends only)"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

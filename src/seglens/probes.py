@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from safetensors.torch import save as st_save
 
 from seglens import __version__
 from seglens.data.base import IGNORE_INDEX
+from seglens.results import atomic_write
 
 __all__ = ["SOLVERS", "LDAProbe", "LinearProbe", "ProbeBank", "Standardizer", "load_probe"]
 
@@ -49,17 +49,9 @@ def _all_reduce_sum(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write a temp file in the same directory, then ``os.replace``: readers never see half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write through ``seglens.results.atomic_write``: readers never see half a file."""
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
 
 
 def _check_batch(
@@ -433,6 +425,9 @@ class _Probe:
         pre = "standardizer."
         self.standardizer.load_state_dict({k[13:]: v for k, v in sd.items() if k.startswith(pre)})
         self._conf, self._fitted = sd.get("val_conf"), None
+        moments = self.standardizer._sum if self.standardizer._sum is not None else self.mean_
+        if moments is not None:  # so that a probe saved right after a resume records D
+            self.n_features_in_ = moments.shape[-1]
 
 
 class LinearProbe(_Probe):
@@ -447,7 +442,9 @@ class LinearProbe(_Probe):
     Weight decay applies to the weights, not the bias; weights start at zero. The first
     ``warmup_batches`` batches only estimate the standardiser and are not trained on (``fit``
     estimates it on all of X instead). Under torch.distributed, gradients are averaged over
-    ranks before each step (``sync_gradients``) and the standardiser sums are all-reduced.
+    ranks before each step (``sync_gradients``: summed per-token gradients over the summed
+    valid-token count, so a step equals one process's on the union of the ranks' batches) and
+    the standardiser sums are all-reduced.
 
     Args:
         n_classes: C.
@@ -528,15 +525,22 @@ class LinearProbe(_Probe):
         D, K, C = p["W"].shape
         logits = torch.addmm(p["b"].view(-1), z, p["W"].view(D, K * C)).view(-1, K, C)
         n_valid = valid.sum()
-        w = valid.float() / n_valid.clamp_min(1)  # mean over valid tokens, as ignore_index does
-        G = (logits.softmax(-1) - T[:, None, :]).mul_(w[:, None, None])  # dLoss/dlogits (M, K, C)
-        grads = {"W": (z.T @ G.view(-1, K * C)).view(D, K, C), "b": G.sum(0)}
+        # Sum of per-token gradients (M, K, C), divided by the valid-token count below. The sums
+        # are float64: a class absent from a batch gets a gradient that cancels to rounding noise
+        # (~1e-8), which AdamW would blow up to +-lr; in float64 the noise stays ~1e-16, so the
+        # result does not depend on how tokens are split into batches or over ranks.
+        G = (logits.softmax(-1) - T[:, None, :]).mul_(valid.float()[:, None, None]).double()
+        grads = {"W": (z.double().T @ G.view(-1, K * C)).view(D, K, C), "b": G.sum(0)}
+        n = n_valid
         if self.sync_gradients and _world_size() > 1:
-            for g in grads.values():
-                torch.distributed.all_reduce(g)
-                g /= _world_size()
-        self._adamw(grads)
-        p["n_tokens"] += n_valid
+            # Sum gradients and counts separately: the mean over ALL ranks' valid tokens, i.e.
+            # exactly one process's step on the union of the ranks' batches (not a mean of means).
+            grads["W"], grads["b"], n = _all_reduce_sum([grads["W"], grads["b"], n])
+            if not n > 0:  # no rank had a valid token: one process would skip this batch
+                return
+        # Mean over valid tokens, as ignore_index does.
+        self._adamw({k: (g / n.clamp_min(1)).float() for k, g in grads.items()})
+        p["n_tokens"] += n  # over all ranks
 
     def _adamw(self, grads: Mapping[str, Tensor]) -> None:
         """torch.optim.AdamW's update, with the (K,) lrs broadcast over the candidate axis."""

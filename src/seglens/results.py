@@ -22,6 +22,7 @@ import numpy as np
 SCHEMA_VERSION = 1
 RESULTS = "results.json"
 CONFIG = "config.yaml"
+CHECKPOINT = "checkpoint"  # folder of a run's resumable state (seglens.checkpoint)
 
 
 @contextlib.contextmanager
@@ -82,6 +83,26 @@ def save_arrays(path: str | Path, **arrays: np.ndarray) -> None:
         np.savez_compressed(handle, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
+def save_tensors(path: str | Path, tensors: dict[str, Any]) -> None:
+    """Atomically write torch tensors as safetensors (``safetensors.torch.save_file`` streams
+    them to a temporary sibling, which is synced and renamed over ``path``)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
@@ -132,13 +153,28 @@ def provenance(seed: int) -> dict[str, Any]:
     }
 
 
+def clean_condition(results: dict[str, Any]) -> str:
+    """The probing condition of the unmodified model: named after its native image attention.
+
+    ``"causal"`` for LLaVA-style models, ``"bidirectional_image"`` for models whose image tokens
+    already attend to each other (Gemma3); the other condition is the intervention.
+    """
+    native = (results.get("model") or {}).get("native_image_attention", "causal")
+    return "causal" if native == "causal" else "bidirectional_image"
+
+
 def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create the run directory; refuse one that already holds a run unless told otherwise."""
+    """Create the run directory; refuse one that already holds a run (``results.json`` or a
+    ``checkpoint/`` of an interrupted one) unless ``overwrite`` or ``resume`` is given."""
     path = Path(path)
-    if (path / RESULTS).exists() and not (overwrite or resume):
+    held = [name for name in (RESULTS, CHECKPOINT) if (path / name).exists()]
+    if held and not (overwrite or resume):
         raise FileExistsError(
-            f"{path} already holds a run ({RESULTS} exists); pass --overwrite to replace it "
-            "or choose another --out"
+            f"{path} already holds a run ({held[0]} exists); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
         )
     path.mkdir(parents=True, exist_ok=True)
+    # A killed write leaves its hidden temporary file (the target itself is intact): sweep them.
+    for stale in path.rglob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     return path

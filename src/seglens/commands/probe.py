@@ -23,6 +23,14 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pixel-level", dest="probe.pixel_level", **flag)
     p.add_argument("--bootstrap", dest="probe.bootstrap", type=int, help="resamples (0: off)")
     p.add_argument("--qualitative", dest="probe.qualitative", type=int, help="images drawn")
+    p.add_argument("--cache-dir", dest="probe.cache_dir", help="train from a feature cache here")
+    p.add_argument("--cache-stages", dest="probe.cache_stages", nargs="+", help="cached stages")
+    p.add_argument(
+        "--cache-tokens-per-image",
+        dest="probe.cache_tokens_per_image",
+        type=int,
+        help="cache a seeded subset of tokens per image",
+    )
 
 
 @command("probe", "train a linear probe per stage and score segmentation (mIoU) per stage")(
@@ -30,10 +38,11 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
 )
 def _probe(args: argparse.Namespace) -> int:
     from seglens.experiments.probing import run_probing
+    from seglens.results import clean_condition
 
     config = resolve_config(args)
     results = run_probing(config)
-    section = results["probing"]["causal"]
+    section = results["probing"][clean_condition(results)]
     print(f"{'stage':<16} {'patch mIoU':>10} {'pixel mIoU':>10}")
     for stage in section["stages"]:
         m = section["metrics"][stage]

@@ -217,6 +217,22 @@ def _pair(
     return pairs
 
 
+def _warn_unpaired_masks(pairs: Sequence[tuple[Path, Path]], mask_dir: Path, what: str) -> None:
+    """Log masks in ``mask_dir`` that no image uses: counts that differ hint at a broken copy."""
+    used = {mask.name for _, mask in pairs}
+    extra = sorted(p.name for p in mask_dir.glob("*.png") if p.name not in used)
+    if extra:
+        logger.warning(
+            "%s: %d masks in %s have no image and are ignored (first: %s); %d images are used. "
+            "Restore the missing images if they belong to the split.",
+            what,
+            len(extra),
+            mask_dir,
+            extra[0],
+            len(pairs),
+        )
+
+
 class _PairedDataset(SegDataset):
     """Image + label-map files on disk, with the dataset's raw-label encoding as a lookup table."""
 
@@ -268,6 +284,7 @@ class ADE20K(_PairedDataset):
         mask_dir = _require_dir(base / "annotations" / folder, self.name, self.layout)
         images = _list_images(image_dir, "*.jpg", self.name, self.layout)
         pairs = _pair(images, lambda p: mask_dir / f"{p.stem}.png", self.name)
+        _warn_unpaired_masks(pairs, mask_dir, self.name)
         super().__init__(pairs, ADE20K_CLASSES, voc_palette(150, start=1), base, folder)
 
 
@@ -370,6 +387,7 @@ class COCOStuff(_PairedDataset):
         mask_dir = _require_dir(root / "annotations" / folder, self.name, self.layout)
         images = _list_images(image_dir, "*.jpg", self.name, self.layout)
         pairs = _pair(images, lambda p: mask_dir / f"{p.stem}.png", self.name)
+        _warn_unpaired_masks(pairs, mask_dir, self.name)
         palette = voc_palette(len(COCO_STUFF_CLASSES), start=1)
         super().__init__(pairs, COCO_STUFF_CLASSES, palette, root, folder)
 
@@ -410,6 +428,7 @@ class FolderDataset(_PairedDataset):
             )
         images = _list_images(image_dir, "*", self.name, self.layout)
         pairs = _pair(images, lambda p: mask_dir / f"{p.stem}.png", self.name)
+        _warn_unpaired_masks(pairs, mask_dir, self.name)
         super().__init__(pairs, names, voc_palette(len(names), start=1), base, split)
 
 

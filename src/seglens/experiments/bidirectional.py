@@ -20,7 +20,15 @@ from seglens.config import load_config
 from seglens.experiments.probing import evaluate_probes, train_probes, write_condition
 from seglens.interventions import BidirectionalImage, CausalImage, intervene
 from seglens.models import VLM
-from seglens.results import CONFIG, RESULTS, load_arrays, read_json, save_arrays, write_json
+from seglens.results import (
+    CONFIG,
+    RESULTS,
+    clean_condition,
+    load_arrays,
+    read_json,
+    save_arrays,
+    write_json,
+)
 
 __all__ = ["CONDITIONS", "POSITIONS_FILE", "default_layer", "run_bidirectional"]
 
@@ -77,9 +85,10 @@ def run_bidirectional(
 
     run_dir = Path(run_dir)
     results = read_json(run_dir / RESULTS)
-    causal = (results.get("probing") or {}).get("causal")
+    clean = clean_condition(results)  # the unmodified model's run: causal, or native bidirectional
+    causal = (results.get("probing") or {}).get(clean)
     if not causal:
-        raise ValueError(f"{run_dir} has no causal probing results; run `seglens probe` first")
+        raise ValueError(f"{run_dir} has no probing results; run `seglens probe` first")
     config = load_config(run_dir / CONFIG, **{"bidir.layer": layer})
     vlm = build_model(config.model) if vlm is None else vlm
     L = vlm.num_llm_layers
@@ -93,14 +102,13 @@ def run_bidirectional(
     train = build_dataset(data, data.train_split, data.limit_train, config.seed)
     evaluation = build_dataset(data, data.eval_split, data.limit_eval, config.seed)
     log.info("bidirectional image attention: %d stages of %s", len(stages), vlm.name)
-    # The clean run is the model's native attention; the other condition is the intervention.
+    # The clean run holds the model's native attention; the other condition is the intervention.
     native = getattr(vlm.family, "native_image_attention", "causal")
     trained, spec = (
         ("bidirectional_image", BidirectionalImage())
-        if native == "causal"
+        if clean == "causal"
         else ("causal", CausalImage())
     )
-    clean = "causal" if native == "causal" else "bidirectional_image"
     torch.manual_seed(config.seed)  # as run_probing does before training: same sgd init
     with intervene(vlm, [spec]):
         bank = train_probes(
@@ -117,9 +125,7 @@ def run_bidirectional(
             qualitative=[],
             progress=progress,
         )
-    # Probing sections are named by what was run: "causal" is always the clean model's run.
-    section_name = "bidirectional_image" if trained == "bidirectional_image" else "causal_image"
-    other = write_condition(run_dir, section_name, scored, bank)  # rank 0 writes
+    other = write_condition(run_dir, trained, scored, bank)  # rank 0 writes
     positions = {
         clean: load_arrays(run_dir / causal["arrays"])[f"position_accuracy__{stage}"],
         trained: scored.positions[stage].accuracy(),

@@ -31,7 +31,7 @@ from seglens.data import SegDataset, iterate_samples
 from seglens.interventions import Knockout, TokenSet, intervene
 from seglens.models import VLM, Batch
 from seglens.probes import load_probe
-from seglens.results import CONFIG, RESULTS, load_arrays, read_json, write_json
+from seglens.results import CONFIG, RESULTS, clean_condition, load_arrays, read_json, write_json
 
 __all__ = ["CONDITIONS", "COUNT_FIELDS", "key_sets", "layer_windows", "pair_counts", "pair_images"]
 __all__ += ["pair_scores", "predict_stages", "random_control", "run_knockout", "select_pairs"]
@@ -430,8 +430,9 @@ def run_knockout(
 ) -> dict[str, Any]:
     """The attention-knockout experiment on a probing run; the API behind ``seglens knockout``.
 
-    Reads the run's ``config.yaml``, its clean probes (``probes/causal``) and the reference
-    stage's evaluation confusion (``arrays/probing_causal.npz``); selects the top-K conflicting
+    Reads the run's ``config.yaml``, its clean probes (``probes/causal``, or
+    ``probes/bidirectional_image`` for natively bidirectional models) and the reference
+    stage's evaluation confusion (``arrays/probing_<condition>.npz``); selects the top-K conflicting
     pairs (``select_pairs``) and, per pair, the evaluation images holding both classes
     (``pair_images``); runs every condition of ``CONDITIONS`` on them and scores every probed
     LLM stage. Queries: every token may lose the keys (``Knockout(queries="all")``); under the
@@ -455,9 +456,9 @@ def run_knockout(
 
     run_dir = Path(run_dir)
     results = read_json(run_dir / RESULTS)
-    causal = (results.get("probing") or {}).get("causal")
+    causal = (results.get("probing") or {}).get(clean_condition(results))  # the clean probes
     if not causal:
-        raise ValueError(f"{run_dir} has no causal probing results; run `seglens probe` first")
+        raise ValueError(f"{run_dir} has no probing results; run `seglens probe` first")
     config = load_config(run_dir / CONFIG, **{f"knockout.{k}": v for k, v in overrides.items()})
     settings = config.knockout
     vlm = build_model(config.model) if vlm is None else vlm

@@ -20,11 +20,12 @@ import torch
 import yaml
 
 from seglens.capture import check_stages
+from seglens.checkpoint import Checkpointer, rng_state, set_rng_state
 from seglens.config import DataConfig, ProbeConfig, RunConfig
 from seglens.data import SegDataset, iterate_samples
 from seglens.data.base import IGNORE_INDEX
+from seglens.distributed import barrier, interleave
 from seglens.distributed import gather_object as _gather
-from seglens.distributed import interleave
 from seglens.distributed import rank_world as _rank_world
 from seglens.distributed import sum_over_ranks as _sum_over_ranks
 from seglens.metrics import (
@@ -37,9 +38,11 @@ from seglens.metrics import (
 from seglens.models import VLM, Batch
 from seglens.probes import ProbeBank
 from seglens.results import (
+    CHECKPOINT,
     CONFIG,
     RESULTS,
     atomic_write,
+    clean_condition,
     prepare_run_dir,
     provenance,
     read_json,
@@ -132,10 +135,22 @@ def _batches(
     skipped: dict[str, str],
     progress: bool,
     desc: str,
+    checkpoint: Checkpointer | None = None,
+    phase: str = "",
 ) -> Iterator[Batch]:
-    """Collated batches of ``dataset``; skipped samples land in ``skipped`` once it is consumed."""
+    """Collated batches of ``dataset``; skipped samples land in ``skipped`` as they occur.
+
+    With a ``checkpoint``, ``dataset`` is the whole of ``phase``: nothing is yielded when the
+    phase is done, it starts at the saved position when interrupted (skipping the consumed images
+    without loading them), and each batch is reported to the checkpoint once the caller has
+    processed it (the generator resumes after the caller's loop body).
+    """
+    ckpt = checkpoint or Checkpointer.off()
+    if ckpt.done(phase):
+        return
+    start, seen = ckpt.position(phase)
     stream = iterate_samples(
-        dataset,
+        dataset._view(dataset._keys[start:]) if start else dataset,
         batch_size=data.batch_size,
         num_workers=data.num_workers,
         transform=vlm.preprocessor(num_classes, data.min_valid),
@@ -143,9 +158,17 @@ def _batches(
         progress=progress,
         desc=desc,
     )
+    kept = 0
     for prepared in stream:
+        skipped.update(dict(stream.skipped))
+        kept += len(prepared)
         yield vlm.collate(prepared)
+        seen += len(prepared)
+        # Consumed images (skipped ones included) stay a multiple of the batch size, so a resumed
+        # phase cuts its remaining images into the same batches as an uninterrupted one.
+        ckpt.step(phase, start + kept + len(stream.skipped), seen)
     skipped.update(dict(stream.skipped))
+    ckpt.end(phase, seen)
 
 
 def _epoch_order(dataset: SegDataset, seed: int, epoch: int) -> SegDataset:
@@ -164,6 +187,7 @@ def train_probes(
     seed: int = 0,
     holdout: float | None = None,
     progress: bool = True,
+    checkpoint: Checkpointer | None = None,
 ) -> ProbeBank:
     """Train one probe per stage from streamed forward passes (one ``vlm.capture`` per batch).
 
@@ -183,12 +207,19 @@ def train_probes(
         seed: seeds the holdout split and the epoch orders.
         holdout: override of ``probe_config.holdout_fraction`` (sgd only).
         progress: show progress bars.
+        checkpoint: saves the bank and the position during each phase (``train.warmup``,
+            ``train.epoch<e>``, ``train.holdout``, ``train.lda``) and restores them on resume.
 
     Returns:
         The selected ``ProbeBank``, with ``bank.training_`` = {"train_images", "holdout_images",
         "warmup_batches", "skipped": [[name, message], ...]} summed over ranks.
     """
     cfg, C = probe_config, train_dataset.num_classes
+    if cfg.cache_dir is not None:  # multi-epoch training from an on-disk feature cache
+        from seglens.cache import train_probes_cached
+
+        kwargs = dict(data_config=data_config, seed=seed, holdout=holdout, progress=progress)
+        return train_probes_cached(vlm, train_dataset, stages, cfg, **kwargs)
     stages = list(stages)
     skipped: dict[str, str] = {}
     hold, n_train, n_hold = None, 0, 0
@@ -213,32 +244,40 @@ def train_probes(
         options = dict(shrinkage=cfg.shrinkage)
     names = train_dataset.class_names
     bank = ProbeBank(stages, C, solver=cfg.solver, class_names=names, soft_labels=soft, **options)
+    ckpt = checkpoint or Checkpointer.off()
+    ckpt.register("bank", bank.state_dict, bank.load_state_dict)
+    ckpt.register("train_skipped", lambda: dict(skipped), skipped.update)
 
-    def fit(dataset: SegDataset, desc: str) -> int:
-        seen = 0
-        for batch in _batches(vlm, dataset, data_config, C, skipped, progress, desc):
+    def fit(dataset: SegDataset, desc: str, phase: str) -> int:
+        for batch in _batches(vlm, dataset, data_config, C, skipped, progress, desc, ckpt, phase):
             features = vlm.capture(batch, stages)  # {stage: (B, N, D)}
             bank.partial_fit(features, batch.labels, batch.hist if soft else None)
-            seen += len(batch)
-        return seen
+        return ckpt.seen(phase)
+
+    def epoch_shard(epoch: int, limit: int | None = None) -> SegDataset:
+        # Order all images, then shard: W ranks x batch B step through one process's batches
+        # of W x B (see ``_shard``), so sgd matches a single process on the same global order.
+        return _shard(_epoch_order(train_dataset, seed, epoch).limit(limit), equal=True)
 
     if cfg.solver == "sgd":
         # Warm-up: the standardisers see the first batches of epoch 1 before any update, so
         # that every training image is also trained on (at the cost of `warmup` extra forwards).
-        first = _epoch_order(train, seed, 0)
-        fit(first.limit(min(len(first), warmup * data_config.batch_size)), "probe warm-up")
+        first = epoch_shard(0, warmup * data_config.batch_size * _rank_world()[1])
+        fit(first, "probe warm-up", "train.warmup")
         for probe in bank.probes.values():
             if not probe.standardizer.frozen:  # a warm-up batch had no valid token
                 probe.standardizer.freeze()
         for epoch in range(cfg.epochs):
-            n = fit(_epoch_order(train, seed, epoch), f"probe train {epoch + 1}/{cfg.epochs}")
+            desc = f"probe train {epoch + 1}/{cfg.epochs}"
+            n = fit(epoch_shard(epoch), desc, f"train.epoch{epoch}")
             n_train = n if epoch == 0 else n_train
-        holdout_batches = _batches(vlm, hold, data_config, C, skipped, progress, "holdout")
-        for batch in holdout_batches if hold is not None else ():
-            bank.validate(vlm.capture(batch, stages), batch.labels)
-            n_hold += len(batch)
+        if hold is not None:
+            args = (data_config, C, skipped, progress, "holdout", ckpt, "train.holdout")
+            for batch in _batches(vlm, hold, *args):
+                bank.validate(vlm.capture(batch, stages), batch.labels)
+            n_hold = ckpt.seen("train.holdout")
     else:
-        n_train = fit(train, "probe train (lda)")
+        n_train = fit(train, "probe train (lda)", "train.lda")
     bank.select()
     gathered = _gather((n_train, n_hold, skipped))
     bank.training_ = {
@@ -309,6 +348,26 @@ class StageResults:
                 out[f"confusion__{s}__pixel"] = self.pixel[s].matrix.cpu().numpy()
         return out
 
+    def _tables(self) -> dict[str, dict]:
+        tables = dict(patch=self.patch, pixel=self.pixel, patch_images=self.patch_images)
+        tables |= dict(pixel_images=self.pixel_images, positions=self.positions)
+        return {name: table for name, table in tables.items() if table is not None}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running counts, qualitative arrays and image count (for ``seglens.checkpoint``)."""
+        tables = self._tables().items()
+        state = {name: {s: t[s].state_dict() for s in self.stages} for name, t in tables}
+        state["qualitative"] = dict(self.qualitative)
+        return state | {"qualitative_names": list(self.qualitative_names), "images": self.images}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        for name, table in self._tables().items():
+            for s in self.stages:
+                table[s].load_state_dict(state[name][s])
+        self.qualitative = dict(state["qualitative"])
+        self.qualitative_names, self.images = list(state["qualitative_names"]), state["images"]
+
     def all_reduce(self) -> StageResults:
         """Sum counts over ranks (confusions, positions; per-image counts are concatenated)."""
         if _rank_world()[1] == 1:
@@ -320,11 +379,9 @@ class StageResults:
                 _sum_over_ranks(tensor)
             for table in [self.patch_images] + ([self.pixel_images] if pixel else []):
                 states = _gather(table[s].state_dict())
-                table[s].reset()
-                for state in states:
-                    part = PerImageCounts(self.num_classes)
-                    part.load_state_dict(state)
-                    table[s].merge(part)
+                # Back in the unsharded image order: bootstrap intervals equal one process's.
+                states[0]["counts"] = interleave([state["counts"] for state in states])
+                table[s].load_state_dict(states[0])
         gathered = _gather((self.images, self.skipped))
         self.images = sum(g[0] for g in gathered)
         self.skipped = sorted({k: v for g in gathered for k, v in g[1]}.items())
@@ -342,6 +399,7 @@ def evaluate_probes(
     seed: int = 0,
     qualitative: Sequence[str] | None = None,
     progress: bool = True,
+    checkpoint: Checkpointer | None = None,
 ) -> StageResults:
     """Score every stage's probe on the evaluation split, one ``vlm.capture`` per batch.
 
@@ -351,7 +409,8 @@ def evaluate_probes(
     ``PerImageCounts``; ``PositionAccuracy`` is patch level. Pixel-level argmax maps of the first
     ``probe_config.qualitative`` images are kept for the ``qualitative`` stages (default
     ``qualitative_stages(...)``). Under torch.distributed each rank scores its shard and the
-    counts are summed (every rank gets the totals).
+    counts are summed (every rank gets the totals). A ``checkpoint`` saves the accumulators and
+    the position during the ``eval`` phase and restores them on resume.
 
     Returns:
         The accumulated ``StageResults``.
@@ -375,9 +434,13 @@ def evaluate_probes(
         seed=seed,
     )
     skipped: dict[str, str] = {}
+    if checkpoint is not None:
+        checkpoint.register("eval", res.state_dict, res.load_state_dict)
+        checkpoint.register("eval_skipped", lambda: dict(skipped), skipped.update)
     g = vlm.grid
     data = _shard(eval_dataset, equal=False)
-    for batch in _batches(vlm, data, data_config, C, skipped, progress, "probe eval"):
+    args = (data_config, C, skipped, progress, "probe eval", checkpoint, "eval")
+    for batch in _batches(vlm, data, *args):
         if batch.labels is None:
             raise ValueError(f"{eval_dataset.name}: evaluation images need label maps")
         logits = bank.decision_function(vlm.capture(batch, stages))  # {stage: (B, N, C)}
@@ -481,10 +544,14 @@ def _plain(value: Any) -> Any:
 def run_probing(config: RunConfig, *, vlm: VLM | None = None, progress: bool = True) -> dict:
     """The layerwise probing experiment behind ``seglens probe``; returns ``results.json``'s data.
 
-    Prepares ``config.out`` (an existing run is refused unless ``config.overwrite``), seeds once,
-    trains the probes on the training split, scores them on the evaluation split, and writes
-    ``config.yaml``, ``results.json``, ``probes/causal/``, ``arrays/probing_causal.npz`` and
-    ``arrays/qualitative.npz``; figures are drawn if ``seglens.report.figures`` is installed.
+    Prepares ``config.out`` (an existing run is refused unless ``config.overwrite`` or
+    ``config.resume``), seeds once, trains the probes on the training split, scores them on the
+    evaluation split, and writes ``config.yaml``, ``results.json``, ``probes/causal/``,
+    ``arrays/probing_causal.npz`` and ``arrays/qualitative.npz``; figures are drawn if
+    ``seglens.report.figures`` is installed. ``RUN/checkpoint/`` is written every
+    ``config.checkpoint_every`` batches and at the end of every phase; with ``config.resume`` a
+    killed run continues from it and ends with the results of an uninterrupted run (a resume with
+    a config that changes the results is refused, naming the keys).
 
     Args:
         config: the resolved run configuration.
@@ -496,9 +563,28 @@ def run_probing(config: RunConfig, *, vlm: VLM | None = None, progress: bool = T
     rank, world = _rank_world()
     run_dir = Path(config.out)
     if rank == 0:
-        prepare_run_dir(run_dir, overwrite=config.overwrite)
+        prepare_run_dir(run_dir, overwrite=config.overwrite, resume=config.resume)
+    barrier()  # no rank writes its checkpoint before rank 0 has checked the directory
+    ckpt = Checkpointer(
+        run_dir / CHECKPOINT,
+        every=config.checkpoint_every,
+        fingerprint=_fingerprint(config),
+        resume=config.resume,
+        rank=rank,
+        world=world,
+    )
+    if len({repr(where) for where in _gather(ckpt.where())}) > 1:
+        raise ValueError(
+            f"the processes' checkpoints in {run_dir / CHECKPOINT} stop at different points "
+            "(killed between two ranks' writes); pass --overwrite to start again"
+        )
+    if ckpt.complete_:
+        log.info("%s is complete; nothing to resume", run_dir)
+        return read_json(run_dir / RESULTS)
     torch.manual_seed(config.seed)
     vlm = build_model(config.model) if vlm is None else vlm
+    # After the model: its random init drew from the seeded RNGs in the killed run too.
+    ckpt.register("rng", rng_state, set_rng_state)
     data = config.data
     train = build_dataset(data, data.train_split, data.limit_train, config.seed)
     evaluation = build_dataset(data, data.eval_split, data.limit_eval, config.seed)
@@ -514,19 +600,9 @@ def run_probing(config: RunConfig, *, vlm: VLM | None = None, progress: bool = T
         config.probe.solver,
         world,
     )
-    bank = train_probes(
-        vlm, train, stages, config.probe, data_config=data, seed=config.seed, progress=progress
-    )
-    results = evaluate_probes(
-        vlm,
-        bank,
-        evaluation,
-        stages,
-        config.probe,
-        data_config=data,
-        seed=config.seed,
-        progress=progress,
-    )
+    options = dict(data_config=data, seed=config.seed, progress=progress, checkpoint=ckpt)
+    bank = train_probes(vlm, train, stages, config.probe, **options)
+    results = evaluate_probes(vlm, bank, evaluation, stages, config.probe, **options)
     skipped = dict(bank.training_["skipped"]) | dict(results.skipped)
     out = {
         **provenance(config.seed),
@@ -557,12 +633,21 @@ def run_probing(config: RunConfig, *, vlm: VLM | None = None, progress: bool = T
             yaml.safe_dump(_plain(config.to_dict()), handle, sort_keys=False)
         write_json(run_dir / RESULTS, out)
         save_arrays(run_dir / out["qualitative"]["file"], **results.qualitative)
-    out["probing"]["causal"] = write_condition(run_dir, "causal", results, bank)
+    clean = clean_condition(out)
+    out["probing"][clean] = write_condition(run_dir, clean, results, bank)
     if rank == 0:
         _draw_figures(run_dir)
         out = read_json(run_dir / RESULTS)
+    ckpt.complete()
     log.info("probing results in %s", run_dir / RESULTS)
     return out
+
+
+def _fingerprint(config: RunConfig) -> dict:
+    """The config values that shape probing results (not the run folder, resume or workers)."""
+    full = _plain(config.to_dict())
+    data = {k: v for k, v in full["data"].items() if k != "num_workers"}
+    return {"seed": full["seed"], "model": full["model"], "data": data, "probe": full["probe"]}
 
 
 def _draw_figures(run_dir: Path) -> None:

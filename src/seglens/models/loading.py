@@ -274,13 +274,21 @@ def load_model(
             f"{name_or_path}: model type {config.model_type!r} is not supported. Supported "
             f"families: {supported_families()}."
         )
-    model = AutoModelForImageTextToText.from_pretrained(
-        name_or_path,
-        dtype=resolve_dtype(dtype),
-        device_map=device_map,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-    )
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            name_or_path,
+            dtype=resolve_dtype(dtype),
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # never unpickle weights
+        )
+    except OSError as e:
+        raise FileNotFoundError(
+            f"cannot load the weights of {name_or_path!r}: {e}. seglens reads weights only from "
+            "safetensors files; convert a pickled checkpoint (pytorch_model.bin) once, where you "
+            "trust it, with model.save_pretrained(folder) and load that folder"
+        ) from e
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()

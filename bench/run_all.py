@@ -1,0 +1,38 @@
+"""Run every benchmark in sequence with quick sizes (``make bench``; < 10 minutes on 2 CPU cores).
+
+Each script prints its own table of ratios; pass ``--full`` for the scripts' default sizes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+QUICK = {
+    "bench_probe.py": ["--reps", "3", "--images", "32", "--eval-images", "16", "--epochs", "3"],
+    "bench_intervention.py": ["--reps", "5"],
+    "bench_scale.py": ["--images", "32", "--eval-images", "16"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    full = "--full" in (sys.argv[1:] if argv is None else argv)
+    failed = []
+    for script in sorted(HERE.glob("bench_*.py")):
+        args = [] if full else QUICK.get(script.name, [])
+        print(f"\n=== {script.name} {' '.join(args)}", flush=True)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, str(script), *args], check=False)
+        print(f"=== {script.name}: {time.perf_counter() - start:.0f} s", flush=True)
+        if done.returncode:
+            failed.append(script.name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
