@@ -34,7 +34,13 @@ def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipeline")
     config = root / "run.yaml"
     config.write_text(yaml.safe_dump({**CONFIG, "out": str(root / "run")}))
-    assert main(["run", "--config", str(config)]) == 0
+
+    def no_second_pass(*_args, **_kwargs):
+        raise AssertionError("seglens run must take UMAP tokens from the probing pass")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("seglens.experiments.umap.sample_tokens", no_second_pass)
+        assert main(["run", "--config", str(config)]) == 0
     return root / "run"
 
 
@@ -142,3 +148,18 @@ def test_report_renders_in_a_real_browser(run_dir, tmp_path):
         if "CONSOLE" in line and ("ERROR" in line or "Uncaught" in line)
     ]
     assert not console_errors, console_errors
+
+
+def test_umap_shares_the_probing_pass_and_matches_its_own_pass(run_dir, monkeypatch):
+    """`seglens run` samples UMAP tokens from the probing evaluation pass; a standalone
+    `seglens umap` makes its own pass and must give exactly the same sample and embedding."""
+    from seglens.results import load_arrays
+
+    shared = load_arrays(run_dir / "arrays" / "umap.npz")
+    scores = json.loads((run_dir / "results.json").read_text())["umap"]["scores"]
+    assert main(["umap", "--run", str(run_dir)]) == 0
+    alone = load_arrays(run_dir / "arrays" / "umap.npz")
+    assert shared.keys() == alone.keys()
+    for key in shared:
+        assert (shared[key] == alone[key]).all(), key
+    assert json.loads((run_dir / "results.json").read_text())["umap"]["scores"] == scores

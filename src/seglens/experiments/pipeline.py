@@ -1,7 +1,9 @@
 """One command, one report: probing, knockout, bidirectional attention and UMAP in sequence.
 
 The model is loaded once and shared by every analysis; each analysis adds its section to the same
-``results.json`` and the run ends with ``report.html``.
+``results.json`` and the run ends with ``report.html``. Forward passes are shared where the
+conditions allow: UMAP draws its tokens from the probing evaluation pass (same split, same order,
+same causal model) instead of running its own.
 """
 
 from __future__ import annotations
@@ -53,8 +55,28 @@ def run(config: RunConfig | str | Path, *, progress: bool = True, **overrides) -
         config = load_config(config, **overrides)
     elif overrides:
         config = config.replace(**overrides)
+    from seglens.distributed import world
+    from seglens.experiments.probing import resolve_stages
+    from seglens.experiments.umap import umap_sampler
+
     vlm = build_model(config.model)
-    steps = [("probing", lambda: run_probing(config, vlm=vlm, progress=progress))]
+    sampler = None
+    if config.umap.enabled and world() == 1 and not config.resume:
+        candidate = umap_sampler(config, vlm)
+        if set(candidate.stages) <= set(resolve_stages(vlm, config.probe)):
+            sampler = candidate
+
+    def feed(batch, states):
+        sampler.offer(batch.labels, states)
+
+    steps = [
+        (
+            "probing",
+            lambda: run_probing(
+                config, vlm=vlm, progress=progress, on_eval_batch=feed if sampler else None
+            ),
+        )
+    ]
     if config.knockout.enabled:
         steps.append(("knockout", lambda: run_knockout(config.out, vlm=vlm, progress=progress)))
     if config.bidir.enabled:
@@ -62,7 +84,9 @@ def run(config: RunConfig | str | Path, *, progress: bool = True, **overrides) -
             ("bidirectional", lambda: run_bidirectional(config.out, vlm=vlm, progress=progress))
         )
     if config.umap.enabled:
-        steps.append(("umap", lambda: run_umap(config.out, vlm=vlm, progress=progress)))
+        steps.append(
+            ("umap", lambda: run_umap(config.out, vlm=vlm, sampler=sampler, progress=progress))
+        )
     for name, step in steps:
         start = time.perf_counter()
         log.info("%s: starting", name)

@@ -10,7 +10,7 @@ and ``write_condition`` adds one condition's probing section to a run's ``result
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -400,8 +400,12 @@ def evaluate_probes(
     qualitative: Sequence[str] | None = None,
     progress: bool = True,
     checkpoint: Checkpointer | None = None,
+    on_batch: Callable[[Batch, dict[str, torch.Tensor]], None] | None = None,
 ) -> StageResults:
     """Score every stage's probe on the evaluation split, one ``vlm.capture`` per batch.
+
+    ``on_batch(batch, states)`` sees every batch's captured states, so another analysis of the
+    evaluation split (UMAP token sampling in ``seglens run``) can share the forward pass.
 
     Patch level: token argmax vs majority label. Pixel level (``probe_config.pixel_level``): grid
     logits (C, g, g) bilinearly mapped back through each image's ``Transform``, argmax, vs the
@@ -443,7 +447,11 @@ def evaluate_probes(
     for batch in _batches(vlm, data, *args):
         if batch.labels is None:
             raise ValueError(f"{eval_dataset.name}: evaluation images need label maps")
-        logits = bank.decision_function(vlm.capture(batch, stages))  # {stage: (B, N, C)}
+        states = vlm.capture(batch, stages)  # {stage: (B, N, D)}
+        if on_batch is not None:
+            on_batch(batch, states)
+        logits = bank.decision_function(states)  # {stage: (B, N, C)}
+        del states
         labels = batch.labels.to(dev)
         targets = []  # per image: (H, W) original mask, outside the scored region ignored
         if cfg.pixel_level:
@@ -541,7 +549,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def run_probing(config: RunConfig, *, vlm: VLM | None = None, progress: bool = True) -> dict:
+def run_probing(
+    config: RunConfig,
+    *,
+    vlm: VLM | None = None,
+    progress: bool = True,
+    on_eval_batch: Callable[[Batch, dict[str, torch.Tensor]], None] | None = None,
+) -> dict:
     """The layerwise probing experiment behind ``seglens probe``; returns ``results.json``'s data.
 
     Prepares ``config.out`` (an existing run is refused unless ``config.overwrite`` or
@@ -557,6 +571,7 @@ def run_probing(config: RunConfig, *, vlm: VLM | None = None, progress: bool = T
         config: the resolved run configuration.
         vlm: an already loaded model (default: ``build_model(config.model)``).
         progress: show progress bars.
+        on_eval_batch: passed to ``evaluate_probes`` as ``on_batch`` (shares its forward pass).
     """
     from seglens.experiments.common import build_dataset, build_model
 
@@ -602,7 +617,9 @@ def run_probing(config: RunConfig, *, vlm: VLM | None = None, progress: bool = T
     )
     options = dict(data_config=data, seed=config.seed, progress=progress, checkpoint=ckpt)
     bank = train_probes(vlm, train, stages, config.probe, **options)
-    results = evaluate_probes(vlm, bank, evaluation, stages, config.probe, **options)
+    results = evaluate_probes(
+        vlm, bank, evaluation, stages, config.probe, on_batch=on_eval_batch, **options
+    )
     skipped = dict(bank.training_["skipped"]) | dict(results.skipped)
     out = {
         **provenance(config.seed),

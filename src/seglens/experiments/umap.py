@@ -45,6 +45,109 @@ def umap_stages(num_llm_layers: int) -> list[str]:
 
 
 # --- sampling ---------------------------------------------------------------------------------
+class TokenSampler:
+    """A seeded bottom-k sample of labelled image tokens, fed batch by batch.
+
+    Every labelled token seen gets a seeded uniform key and the ``tokens`` smallest keys are kept,
+    so the sample is uniform over the labelled tokens of the images visited, and only the kept
+    tokens' features are held (memory ``tokens x D`` per stage). The sampler is ``done`` once at
+    least ``ceil(tokens / per_image)`` images and ``tokens`` labelled tokens have been seen, which
+    spreads the sample over many images (tokens of one image are correlated). It can be fed by its
+    own pass (``sample_tokens``) or by any other pass over the same split in the same order (the
+    probing evaluation in ``seglens run``): both give the same sample.
+
+    Args:
+        stages: stage names to keep features of.
+        tokens: M, tokens to draw.
+        seed: seeds the keys.
+        num_tokens: N, image tokens per image.
+        per_image: tokens drawn per image on average at most; sets how many images are visited.
+    """
+
+    def __init__(
+        self, stages: Sequence[str], *, tokens: int, seed: int, num_tokens: int, per_image: int = 16
+    ):
+        if tokens < 1:
+            raise ValueError(f"tokens={tokens} must be >= 1")
+        if per_image < 1:
+            raise ValueError(f"per_image={per_image} must be >= 1")
+        if not stages:
+            raise ValueError("sample_tokens() got no stages; name at least one (e.g. 'adapter')")
+        self.stages = list(stages)
+        self.tokens = tokens
+        self.num_tokens = num_tokens
+        self.min_images = math.ceil(tokens / per_image)
+        self._rng = np.random.default_rng(seed)
+        self.keys = np.empty(0, dtype=np.float64)  # (K,) kept keys, K <= tokens
+        self.where = np.empty(0, dtype=np.int64)  # (K,) global token index: image * N + position
+        self.labels = np.empty(0, dtype=np.int64)  # (K,)
+        self.features: dict[str, np.ndarray] = {}  # stage -> (K, D) float32
+        self.images = self.labelled = 0
+        self._pending: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.images >= self.min_images and self.labelled >= self.tokens
+
+    def candidates(self, labels: torch.Tensor) -> bool:
+        """Draw keys for a batch's labelled tokens; True when any can enter (then ``add``)."""
+        b_idx, n_idx = np.nonzero(labels.numpy() != IGNORE_INDEX)
+        new_keys = self._rng.random(len(b_idx))
+        self.labelled += len(b_idx)
+        if len(self.keys) == self.tokens:  # full: only keys below the k-th smallest can enter
+            enter = new_keys < self.keys.max()
+            b_idx, n_idx, new_keys = b_idx[enter], n_idx[enter], new_keys[enter]
+        self._pending = (b_idx, n_idx, new_keys)
+        return bool(len(b_idx))
+
+    def add(self, labels: torch.Tensor, states: dict[str, torch.Tensor] | None) -> None:
+        """Keep the batch's entering tokens (``states`` may be None when none can enter)."""
+        b_idx, n_idx, new_keys = self._pending
+        self._pending = None
+        if len(b_idx):
+            b_t, n_t = torch.from_numpy(b_idx), torch.from_numpy(n_idx)
+            self.keys = np.concatenate([self.keys, new_keys])
+            where = (self.images + b_idx) * self.num_tokens + n_idx
+            self.where = np.concatenate([self.where, where])
+            self.labels = np.concatenate([self.labels, labels[b_t, n_t].numpy()])
+            for stage in self.stages:
+                x = states[stage]
+                x = x[b_t.to(x.device), n_t.to(x.device)].to("cpu", torch.float32).numpy()
+                old = self.features.get(stage)
+                self.features[stage] = x if old is None else np.concatenate([old, x])
+            if len(self.keys) > self.tokens:
+                keep = np.sort(np.argpartition(self.keys, self.tokens - 1)[: self.tokens])
+                self.keys, self.where, self.labels = (
+                    self.keys[keep],
+                    self.where[keep],
+                    self.labels[keep],
+                )
+                self.features = {stage: x[keep] for stage, x in self.features.items()}
+        self.images += len(labels)
+
+    def offer(self, labels: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
+        """Feed one batch whose states were already captured (a shared forward pass)."""
+        if not self.done:
+            self.candidates(labels)
+            self.add(labels, states)
+
+    def result(self, where: str = "the split") -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """``({stage: (M, D) float32}, (M,) int64 labels)``, rows in data order."""
+        if len(self.labels) == 0:
+            raise ValueError(
+                f"no labelled tokens in {self.images} images of {where}; check the dataset's "
+                "masks or lower data.min_valid"
+            )
+        if len(self.labels) < self.tokens:
+            log.warning(
+                "only %d labelled tokens in %d images (asked for %d); using all of them",
+                len(self.labels),
+                self.images,
+                self.tokens,
+            )
+        return dict(self.features), self.labels.copy()
+
+
 def sample_tokens(
     vlm: VLM,
     dataset: SegDataset,
@@ -61,12 +164,8 @@ def sample_tokens(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Draw one seeded sample of labelled image tokens and their features at every stage.
 
-    Bottom-k sampling: every labelled token seen gets a seeded uniform key and the ``tokens``
-    smallest keys are kept, so the sample is uniform over the labelled tokens of the images
-    visited, and only the kept tokens' features are held (memory ``tokens x D`` per stage). The
-    pass stops once at least ``ceil(tokens / per_image)`` images and ``tokens`` labelled tokens
-    have been seen (or the split ends), which spreads the sample over many images (tokens of
-    one image are correlated) without running the model over a whole large split.
+    Runs its own pass with a ``TokenSampler`` (see there), stopping as soon as it is done;
+    a batch none of whose tokens can enter the sample skips its forward pass.
 
     Args:
         vlm: the model.
@@ -85,21 +184,9 @@ def sample_tokens(
         ``({stage: (M, D) float32}, (M,) int64 labels)``; row i is the same token at every
         stage, rows in data order (image, then raster position). No label is ignore.
     """
-    stages = list(stages)
-    if tokens < 1:
-        raise ValueError(f"tokens={tokens} must be >= 1")
-    if per_image < 1:
-        raise ValueError(f"per_image={per_image} must be >= 1")
-    if not stages:
-        raise ValueError("sample_tokens() got no stages; name at least one (e.g. 'adapter')")
-    min_images = math.ceil(tokens / per_image)
-    rng = np.random.default_rng(seed)
-    N = vlm.num_image_tokens
-    keys = np.empty(0, dtype=np.float64)  # (K,) kept keys, K <= tokens
-    where = np.empty(0, dtype=np.int64)  # (K,) global token index: image * N + position
-    labels = np.empty(0, dtype=np.int64)  # (K,)
-    feats: dict[str, np.ndarray] = {}  # stage -> (K, D) float32
-    images = labelled = 0
+    sampler = TokenSampler(
+        stages, tokens=tokens, seed=seed, num_tokens=vlm.num_image_tokens, per_image=per_image
+    )
     stream = iterate_samples(
         dataset,
         batch_size=batch_size,
@@ -113,44 +200,11 @@ def sample_tokens(
         batch = vlm.collate(prepared)
         if batch.labels is None:
             raise ValueError(f"dataset {dataset!r} gives no label maps; UMAP colours need labels")
-        b_idx, n_idx = np.nonzero(batch.labels.numpy() != IGNORE_INDEX)
-        new_keys = rng.random(len(b_idx))
-        labelled += len(b_idx)
-        if len(keys) == tokens:  # full: only keys below the current k-th smallest can enter
-            enter = new_keys < keys.max()
-            b_idx, n_idx, new_keys = b_idx[enter], n_idx[enter], new_keys[enter]
-        if len(b_idx):
-            states = vlm.capture(batch, stages)  # {stage: (B, N, D)}, one forward pass
-            b_t, n_t = torch.from_numpy(b_idx), torch.from_numpy(n_idx)
-            keys = np.concatenate([keys, new_keys])
-            where = np.concatenate([where, (images + b_idx) * N + n_idx])
-            labels = np.concatenate([labels, batch.labels[b_t, n_t].numpy()])
-            for stage in stages:
-                x = states[stage][b_t.to(states[stage].device), n_t.to(states[stage].device)]
-                x = x.to("cpu", torch.float32).numpy()
-                feats[stage] = np.concatenate([feats[stage], x]) if stage in feats else x
-            if len(keys) > tokens:
-                keep = np.sort(np.argpartition(keys, tokens - 1)[:tokens])
-                keys, where, labels = keys[keep], where[keep], labels[keep]
-                feats = {stage: x[keep] for stage, x in feats.items()}
-        images += len(prepared)
-        if images >= min_images and labelled >= tokens:
+        states = vlm.capture(batch, sampler.stages) if sampler.candidates(batch.labels) else None
+        sampler.add(batch.labels, states)
+        if sampler.done:
             break
-    if len(labels) == 0:
-        raise ValueError(
-            f"no labelled tokens in {images} images of {dataset!r}; check the dataset's masks "
-            "or lower data.min_valid"
-        )
-    if len(labels) < tokens:
-        log.warning(
-            "only %d labelled tokens in %d images (asked for %d); using all of them",
-            len(labels),
-            images,
-            tokens,
-        )
-    order = np.argsort(where, kind="stable")
-    log.info("sampled %d tokens from %d images", len(labels), images)
-    return {stage: np.ascontiguousarray(x[order]) for stage, x in feats.items()}, labels[order]
+    return sampler.result(repr(dataset))
 
 
 # --- scores and embedding ---------------------------------------------------------------------
@@ -254,11 +308,24 @@ def shown_classes(labels: np.ndarray, count: int) -> list[int]:
 
 
 # --- the run ----------------------------------------------------------------------------------
+def umap_sampler(config: RunConfig, vlm: VLM) -> TokenSampler:
+    """The sampler a run's UMAP uses: configured stages (default ``umap_stages``), tokens, seed."""
+    settings = config.umap
+    stages = list(settings.stages) if settings.stages else umap_stages(vlm.num_llm_layers)
+    unknown = [s for s in stages if s not in vlm.stages]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown} for {vlm.name}; available: {vlm.stages}")
+    return TokenSampler(
+        stages, tokens=settings.tokens, seed=config.seed, num_tokens=vlm.num_image_tokens
+    )
+
+
 def run_umap(
     run_dir: str | Path,
     *,
     vlm: VLM | None = None,
     config: RunConfig | None = None,
+    sampler: TokenSampler | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Project the tokens of a run's evaluation split per stage and score their clustering.
@@ -273,6 +340,9 @@ def run_umap(
         run_dir: a run directory holding ``config.yaml`` and ``results.json``.
         vlm: the model to use instead of building the one the config names (must match it).
         config: the config to use instead of ``RUN/config.yaml`` (e.g. with CLI overrides).
+        sampler: a ``TokenSampler`` (from ``umap_sampler``) already fed by another pass over the
+            evaluation split in the same order, e.g. the probing evaluation; then no forward pass
+            runs here. Without one, this function makes its own pass.
         progress: show a progress bar.
 
     Returns:
@@ -288,25 +358,26 @@ def run_umap(
     if vlm is None:
         vlm = build_model(config.model)
     settings = config.umap
-    stages = list(settings.stages) if settings.stages else umap_stages(vlm.num_llm_layers)
-    unknown = [s for s in stages if s not in vlm.stages]
-    if unknown:
-        raise ValueError(f"unknown stages {unknown} for {vlm.name}; available: {vlm.stages}")
-    dataset = build_dataset(
-        config.data, config.data.eval_split, config.data.limit_eval, config.seed
-    )
-    features, labels = sample_tokens(
-        vlm,
-        dataset,
-        stages,
-        tokens=settings.tokens,
-        seed=config.seed,
-        batch_size=config.data.batch_size,
-        num_workers=config.data.num_workers,
-        min_valid=config.data.min_valid,
-        on_bad_sample=config.data.on_bad_sample,
-        progress=progress,
-    )
+    if sampler is not None:
+        stages = sampler.stages
+        features, labels = sampler.result("the evaluation split")
+    else:
+        stages = umap_sampler(config, vlm).stages
+        dataset = build_dataset(
+            config.data, config.data.eval_split, config.data.limit_eval, config.seed
+        )
+        features, labels = sample_tokens(
+            vlm,
+            dataset,
+            stages,
+            tokens=settings.tokens,
+            seed=config.seed,
+            batch_size=config.data.batch_size,
+            num_workers=config.data.num_workers,
+            min_valid=config.data.min_valid,
+            on_bad_sample=config.data.on_bad_sample,
+            progress=progress,
+        )
     scores, arrays = {}, {}
     for stage in stages:
         scores[stage] = cluster_scores(
