@@ -1,0 +1,189 @@
+"""Solver ``sgd``: streamed softmax regression with K learning rates trained side by side.
+
+The K candidates share one (D, K, C) weight tensor, so a batch costs two GEMMs whatever K is;
+AdamW is written out by hand because ``torch.optim.AdamW`` cannot give slices of one tensor
+different learning rates. The best rate is picked on held-out training tokens (``base``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from seglens.distributed import world
+from seglens.probes._common import Tensor, all_reduce_sum
+from seglens.probes.base import _Probe
+from seglens.probes.standardize import Standardizer
+
+
+class LinearProbe(_Probe):
+    """Solver ``sgd``: softmax regression (cross-entropy, AdamW), K learning rates side by side.
+
+    The K candidates are one parameter tensor laid out (D, K, C), the transpose of the
+    conceptual (K, D, C): the logits of all K come from one GEMM (M, D) x (D, K*C) and the weight
+    gradient from one GEMM (D, M) x (M, K*C), without copying features or weights. Gradients are
+    closed form ((softmax - target) / n_valid: autograd would only add overhead) and AdamW is
+    written out in a few vectorised lines with a (K,) lr tensor: torch.optim.AdamW cannot give
+    slices of one tensor different lrs, and K param groups would need K tensors and K GEMMs.
+    Weight decay applies to the weights, not the bias; weights start at zero. The first
+    ``warmup_batches`` batches only estimate the standardiser and are not trained on (``fit``
+    estimates it on all of X instead). Under torch.distributed, gradients are averaged over
+    ranks before each step (``sync_gradients``: summed per-token gradients over the summed
+    valid-token count, so a step equals one process's on the union of the ranks' batches) and
+    the standardiser sums are all-reduced.
+
+    Args:
+        n_classes: C.
+        lrs: learning rates trained side by side; pick one with ``validate`` then ``select``.
+        weight_decay: decoupled (AdamW) weight decay.
+        betas, eps: AdamW constants.
+        warmup_batches, warmup_tokens: standardiser warmup (see ``Standardizer``).
+        epochs, batch_size, seed, validation_fraction: used by ``fit`` only (in-memory data).
+        soft_labels: train on per-token class histograms instead of hard labels.
+        class_names, name: metadata (the name appears in errors).
+    """
+
+    solver = "sgd"
+    sync_gradients = True
+
+    def __init__(
+        self,
+        n_classes: int,
+        *,
+        lrs: Sequence[float] = (1e-3, 1e-2, 1e-1),
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_batches: int = 4,
+        warmup_tokens: int | None = None,
+        epochs: int = 1,
+        batch_size: int = 4096,
+        seed: int = 0,
+        validation_fraction: float = 0.1,
+        soft_labels: bool = False,
+        class_names: Sequence[str] | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(n_classes, soft_labels=soft_labels, class_names=class_names, name=name)
+        if not lrs or any(not lr > 0 for lr in lrs):
+            raise ValueError(f"lrs must be a non-empty sequence of positive floats, got {lrs}")
+        if weight_decay < 0 or epochs < 1 or batch_size < 1 or not 0 < validation_fraction < 1:
+            raise ValueError(
+                "need weight_decay >= 0, epochs >= 1, batch_size >= 1, 0 < validation_fraction "
+                f"< 1; got {weight_decay}, {epochs}, {batch_size}, {validation_fraction}"
+            )
+        self.lrs = tuple(float(lr) for lr in lrs)
+        self.weight_decay, self.betas, self.eps = float(weight_decay), tuple(betas), float(eps)
+        self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
+        self.validation_fraction = validation_fraction
+        self.warmup_batches, self.warmup_tokens = warmup_batches, warmup_tokens
+        self.standardizer = Standardizer(warmup_batches, warmup_tokens)
+        self._params: dict[str, Tensor] = {}  # W (D, K, C), b (K, C), AdamW moments m*, v*; lr
+        self._step = 0
+
+    @property
+    def n_candidates(self) -> int:
+        return len(self.lrs)
+
+    @property
+    def lr_(self) -> float:
+        """The selected learning rate."""
+        self._weights()
+        return self.lrs[self._fitted[0]]
+
+    def _prefit(self, x: Tensor) -> None:
+        self.standardizer.fit(x)
+
+    def _logits(self, z: Tensor) -> Tensor:
+        """Standardised (M, D) -> (M, K, C) logits of all K candidates, in one GEMM."""
+        p = self._params
+        D, K, C = p["W"].shape
+        return torch.addmm(p["b"].view(-1), z, p["W"].view(D, K * C)).view(-1, K, C)
+
+    def _update(self, x: Tensor, T: Tensor, valid: Tensor) -> None:
+        if not self.standardizer.frozen:
+            self.standardizer.partial_fit(x)
+            return
+        self._fitted, self._conf = None, None  # new weights: old selection and scores are stale
+        p = self._params
+        if not p:
+            D, K, C = x.shape[1], self.n_candidates, self.n_classes
+            for key, shape in (("W", (D, K, C)), ("b", (K, C))):
+                p[key] = x.new_zeros(shape, dtype=torch.float32)
+                p["m" + key], p["v" + key] = torch.zeros_like(p[key]), torch.zeros_like(p[key])
+            p["lr"] = torch.tensor(self.lrs, device=x.device)  # (K,), on device once
+            p["n_tokens"] = x.new_zeros((), dtype=torch.int64)
+        z = self.standardizer.transform(x)  # (M, D)
+        D, K, C = p["W"].shape
+        logits = self._logits(z)
+        n_valid = valid.sum()
+        # Sum of per-token gradients (M, K, C), divided by the valid-token count below. The sums
+        # are float64: a class absent from a batch gets a gradient that cancels to rounding noise
+        # (~1e-8), which AdamW would blow up to +-lr; in float64 the noise stays ~1e-16, so the
+        # result does not depend on how tokens are split into batches or over ranks.
+        G = (logits.softmax(-1) - T[:, None, :]).mul_(valid.float()[:, None, None]).double()
+        grads = {"W": (z.double().T @ G.view(-1, K * C)).view(D, K, C), "b": G.sum(0)}
+        n = n_valid
+        if self.sync_gradients and world() > 1:
+            # Sum gradients and counts separately: the mean over ALL ranks' valid tokens, i.e.
+            # exactly one process's step on the union of the ranks' batches (not a mean of means).
+            grads["W"], grads["b"], n = all_reduce_sum([grads["W"], grads["b"], n])
+            if not n > 0:  # no rank had a valid token: one process would skip this batch
+                return
+        # Mean over valid tokens, as ignore_index does.
+        self._adamw({k: (g / n.clamp_min(1)).float() for k, g in grads.items()})
+        p["n_tokens"] += n  # over all ranks
+
+    def _adamw(self, grads: Mapping[str, Tensor]) -> None:
+        """torch.optim.AdamW's update, with the (K,) lrs broadcast over the candidate axis."""
+        self._step += 1
+        (b1, b2), p = self.betas, self._params
+        bc1, bc2_sqrt = 1 - b1**self._step, math.sqrt(1 - b2**self._step)
+        for key, lr in (("W", p["lr"].view(1, -1, 1)), ("b", p["lr"].view(-1, 1))):
+            g, m, v, param = grads[key], p["m" + key], p["v" + key], p[key]
+            if key == "W" and self.weight_decay:
+                param.mul_(1 - lr * self.weight_decay)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            param.sub_(m / (v.sqrt() / bc2_sqrt + self.eps) * (lr / bc1))
+
+    def _trained(self) -> dict[str, Tensor]:
+        if not self._params:
+            raise ValueError(
+                f"{self.name}: not trained yet; the first {self.warmup_batches} batches only "
+                "estimate the standardiser (lower warmup_batches for short streams)"
+            )
+        return self._params
+
+    def _candidate_logits(self, x: Tensor) -> Tensor:
+        self._trained()
+        return self._logits(self.standardizer.transform(x))
+
+    def _candidate_weights(self, k: int) -> tuple[Tensor, Tensor]:
+        p = self._trained()
+        return p["W"][:, k, :], p["b"][k]
+
+    def _hyperparameters(self) -> dict:
+        keys = ("lrs", "weight_decay", "betas", "eps", "warmup_batches", "warmup_tokens")
+        keys += ("epochs", "batch_size", "seed", "validation_fraction", "soft_labels")
+        return {k: getattr(self, k) for k in keys}
+
+    def _fit_info(self) -> dict:
+        n = int(self._params["n_tokens"]) if self._params else None
+        return {"lr": self.lrs[self._fitted[0]], "n_steps": self._step, "n_train_tokens": n}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Copies of all running state: standardiser, weights, AdamW moments and step."""
+        sd = super().state_dict() | {"step": torch.tensor(self._step)}
+        return sd | {k: v.clone() for k, v in self._params.items()}
+
+    def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
+        """Restore from ``state_dict()``; raises if it was trained with other lrs."""
+        if "lr" in sd and not torch.equal(sd["lr"].cpu(), torch.tensor(self.lrs)):
+            raise ValueError(f"{self.name}: checkpoint lrs {sd['lr'].tolist()} != {self.lrs}")
+        super().load_state_dict(sd)
+        self._step = int(sd["step"])
+        keys = ("W", "b", "mW", "vW", "mb", "vb", "lr", "n_tokens")
+        self._params = {k: sd[k].clone() for k in keys if k in sd}
