@@ -258,7 +258,7 @@ def test_non_finite_features_raise_naming_the_stage_and_change_nothing():
     feats["llm.7"][0, 5, 3] = torch.inf
     with pytest.raises(ValueError, match=r"stage 'llm\.7'.*bf16 or fp32"):
         bank.partial_fit(feats, yb)
-    assert bank.probes["encoder"].standardizer._batches == 0  # the batch is all or nothing
+    assert bank.probes["encoder"].standardizer.stream_batches == 0  # the batch is all or nothing
     feats["llm.7"][0, 5, 3] = torch.nan
     with pytest.raises(ValueError, match=r"stage 'llm\.7'"):
         bank.validate(feats, yb)

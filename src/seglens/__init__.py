@@ -26,6 +26,8 @@ _EXPORTS = {
     "Knockout": "seglens.interventions",
     "BidirectionalImage": "seglens.interventions",
     "CausalImage": "seglens.interventions",
+    "BidirectionalPrefix": "seglens.interventions",
+    "CausalPrefix": "seglens.interventions",
     "TokenSet": "seglens.interventions",
     "ConfusionMatrix": "seglens.metrics",
     "ProbeBank": "seglens.probes",

@@ -86,7 +86,7 @@ def write_cache(
         (n, T, C) int32, ``tokens`` (n, T) int64 token positions and ``index`` (n,) int64 image
         indices into ``dataset``; T = ``tokens_per_image`` or N.
     """
-    from seglens.experiments.probing import _batches  # probing imports this module lazily
+    from seglens.experiments.streaming import stream_batches
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -130,7 +130,7 @@ def write_cache(
     C = dataset.num_classes
     position = 0  # local image number: maps batches back to dataset indices
     local_keys = mine._keys
-    for batch in _batches(vlm, mine, data_config, C, skipped, progress, "feature cache"):
+    for batch in stream_batches(vlm, mine, data_config, C, skipped, progress, "feature cache"):
         # Skipped samples never reach a batch: match the batch to keys by name.
         idx = []
         while len(idx) < len(batch):
@@ -285,8 +285,8 @@ def _bank(stages: Sequence[str], cfg: ProbeConfig, dataset: SegDataset, warmup: 
 
 
 def _epoch_indices(n: int, seed: int, epoch: int, limit: int | None = None) -> list[int]:
-    """This rank's indices of epoch ``epoch``: the order of ``probing._epoch_order``, cut to
-    ``limit``, trimmed to a multiple of the world size and strided (as ``probing._shard``)."""
+    """This rank's indices of epoch ``epoch``: the order of ``streaming.epoch_order``, cut to
+    ``limit``, trimmed to a multiple of the world size and strided (as ``shard_dataset``)."""
     rank, world = distributed.rank_world()
     order = np.random.default_rng([seed, epoch]).permutation(n)[:limit]
     order = order[: len(order) // world * world]
@@ -294,7 +294,7 @@ def _epoch_indices(n: int, seed: int, epoch: int, limit: int | None = None) -> l
 
 
 def _lda_indices(n: int) -> list[int]:
-    """This rank's indices of the one lda pass, as ``probing._shard(dataset, equal=True)``."""
+    """This rank's indices of the one lda pass, as ``shard_dataset(dataset, equal=True)``."""
     rank, world = distributed.rank_world()
     return list(range(n // world * world))[rank::world]
 
@@ -384,7 +384,7 @@ def train_probes_cached(
     Returns:
         The selected ``ProbeBank`` with ``training_`` as ``train_probes`` sets it.
     """
-    from seglens.experiments.probing import _batches, _shard, split_holdout
+    from seglens.experiments.streaming import shard_dataset, split_holdout, stream_batches
 
     cfg, C = probe_config, train_dataset.num_classes
     hold = None
@@ -432,8 +432,8 @@ def train_probes_cached(
     skipped: dict[str, str] = dict(cache.manifest["skipped"])
     n_hold = 0
     if hold is not None:
-        hold = _shard(hold, equal=False)
-        for batch in _batches(vlm, hold, data_config, C, skipped, progress, "holdout"):
+        hold = shard_dataset(hold, equal=False)
+        for batch in stream_batches(vlm, hold, data_config, C, skipped, progress, "holdout"):
             bank.validate(vlm.capture(batch, stages), batch.labels)
             n_hold += len(batch)
     bank.select()

@@ -152,7 +152,7 @@ class Checkpointer:
         self._pending: dict[str, Any] = {}  # loaded states of components not registered yet
         self._done: dict[str, int] = {}  # completed phase -> images it processed
         self._current: dict[str, Any] | None = None  # {"phase", "consumed", "seen"}
-        self._batches, self._seq = 0, 0
+        self.stream_batches, self._seq = 0, 0
         self.complete_ = False
         self.resumed_ = False
         if not enabled:
@@ -286,8 +286,8 @@ class Checkpointer:
     def step(self, phase: str, consumed: int, seen: int) -> None:
         """Record a processed batch; write a checkpoint every ``every`` batches."""
         self._current = {"phase": phase, "consumed": consumed, "seen": seen}
-        self._batches += 1
-        if self.every and self._batches % self.every == 0:
+        self.stream_batches += 1
+        if self.every and self.stream_batches % self.every == 0:
             self.save()
 
     def end(self, phase: str, seen: int) -> None:

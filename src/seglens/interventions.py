@@ -2,9 +2,10 @@
 
 Edge convention, stated once for the whole package: an edge is **query -> key**, read as "query i
 may read key j". A mask entry ``[b, 0, i, j]`` is that edge for sequence ``b``; knockouts remove
-edges, ``BidirectionalImage`` adds image -> later-image edges. Everything starts from the causal,
-padding-aware mask the model would build itself, and a real query always keeps itself and the
-first real token (BOS), so no row is ever empty.
+edges, ``BidirectionalImage`` adds image -> later-image edges, ``BidirectionalPrefix`` prefix ->
+later-prefix edges (a prefix-LM such as PaliGemma). Everything starts from the causal,
+padding-aware mask a causal LLM would build, and a real query always keeps itself and the first
+real token (BOS), so no row is ever empty.
 
 Token sets are data too: ``"image"``, ``"text"`` (real non-image tokens) and ``"all"`` (real
 tokens), explicit per-image image-slot indices (``TokenSet.from_slots``), or any other name,
@@ -127,9 +128,12 @@ class BidirectionalImage:
 
 @dataclass(frozen=True, kw_only=True)
 class CausalImage:
-    """Image tokens may read only earlier image tokens (undoes ``BidirectionalImage``).
+    """Image tokens may read no later token: image slot i reads only what precedes it.
 
-    A no-op on a causal model by itself; it wins over ``BidirectionalImage`` on the same layer.
+    Undoes ``BidirectionalImage`` (image -> later image) and, on a prefix-LM, the image ->
+    later-prompt edges of ``BidirectionalPrefix`` too, so the image tokens' states are those of a
+    causal LLM (prompt tokens stay as they are). A no-op on a causal model by itself; it wins over
+    both widenings on the same layer.
 
     Attributes:
         layers: 1-based LLM layer numbers it applies to; None = every layer.
@@ -141,8 +145,43 @@ class CausalImage:
         _check_layers(self.layers, "CausalImage")
 
 
-Spec = Knockout | BidirectionalImage | CausalImage
-SPEC_TYPES = (Knockout, BidirectionalImage, CausalImage)
+@dataclass(frozen=True, kw_only=True)
+class BidirectionalPrefix:
+    """Prefix tokens may read every prefix token (all other edges stay causal).
+
+    The prefix is ``Batch.prefix_mask`` (image tokens and the prompt: every real token of a
+    seglens sequence; see ``ModelFamily.prefix_mask``). This is PaliGemma's native attention;
+    ``intervene`` adds it for families whose ``native_image_attention`` is ``"prefix"``.
+
+    Attributes:
+        layers: 1-based LLM layer numbers it applies to; None = every layer.
+    """
+
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_layers(self.layers, "BidirectionalPrefix")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CausalPrefix:
+    """Prefix tokens may read only earlier prefix tokens (undoes ``BidirectionalPrefix``).
+
+    With it a prefix-LM (PaliGemma) runs as the plain causal LLM; as the image tokens lie in the
+    prefix it also undoes ``BidirectionalImage``. Wins over both widenings on the same layer.
+
+    Attributes:
+        layers: 1-based LLM layer numbers it applies to; None = every layer.
+    """
+
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_layers(self.layers, "CausalPrefix")
+
+
+Spec = Knockout | BidirectionalImage | CausalImage | BidirectionalPrefix | CausalPrefix
+SPEC_TYPES = (Knockout, BidirectionalImage, CausalImage, BidirectionalPrefix, CausalPrefix)
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -196,8 +235,8 @@ def check_specs(
     for spec in specs:
         if not isinstance(spec, SPEC_TYPES):
             raise TypeError(
-                f"not an intervention spec: {spec!r}; use Knockout, BidirectionalImage or "
-                "CausalImage"
+                f"not an intervention spec: {spec!r}; use Knockout, BidirectionalImage, "
+                "CausalImage, BidirectionalPrefix or CausalPrefix"
             )
         for layer in spec.layers or ():
             if num_layers is not None and not 1 <= layer <= num_layers:
@@ -283,6 +322,13 @@ def _positions(
     return out.scatter_(1, image_positions, slot_mask) & real
 
 
+def _prefix_positions(batch: Batch, device: torch.device) -> torch.Tensor:
+    """(B, T) bool: the batch's prefix (``Batch.prefix_mask``; every real token when None)."""
+    real = batch.attention_mask.to(device).bool()
+    prefix = getattr(batch, "prefix_mask", None)
+    return real if prefix is None else prefix.to(device).bool() & real
+
+
 def _covers(spec: Spec, layer: int | None) -> bool:
     return spec.layers is None or (layer is not None and layer in spec.layers)
 
@@ -297,8 +343,9 @@ def allowed_edges(
 ) -> torch.Tensor:
     """The edges query -> key that stay open, as a (B, T, T) bool tensor ``[b, query, key]``.
 
-    Starts from causal attention over real keys, widens (``BidirectionalImage``), then restricts
-    (``Knockout``, ``CausalImage``), so a restriction always wins. Finally every real query gets
+    Starts from causal attention over real keys, widens (``BidirectionalImage``,
+    ``BidirectionalPrefix``), then restricts (``Knockout``, ``CausalImage``, ``CausalPrefix``), so
+    a restriction always wins. Finally every real query gets
     back itself and the first real token, and a padded query whose row came out empty (left
     padding) gets itself, so no row is empty.
 
@@ -323,14 +370,22 @@ def allowed_edges(
         if isinstance(spec, BidirectionalImage):
             image = _positions("image", batch, sets, device)
             allowed |= image[:, :, None] & image[:, None, :]
+        elif isinstance(spec, BidirectionalPrefix):
+            prefix = _prefix_positions(batch, device)
+            allowed |= prefix[:, :, None] & prefix[:, None, :]
     for spec in active:
         if isinstance(spec, Knockout):
             queries = _positions(spec.queries, batch, sets, device)
             keys = _positions(spec.keys, batch, sets, device)
             allowed &= ~(queries[:, :, None] & keys[:, None, :])
         elif isinstance(spec, CausalImage):
+            # Only widenings open later keys to an image query: image -> later image
+            # (BidirectionalImage) or -> later prompt (BidirectionalPrefix). Close them all.
             image = _positions("image", batch, sets, device)
-            allowed &= ~(image[:, :, None] & image[:, None, :] & ~causal)
+            allowed &= ~(image[:, :, None] & ~causal)
+        elif isinstance(spec, CausalPrefix):
+            prefix = _prefix_positions(batch, device)
+            allowed &= ~(prefix[:, :, None] & prefix[:, None, :] & ~causal)
     first = real.int().argmax(dim=1)  # (B,) first real token: BOS
     is_first = idx[None, None, :] == first[:, None, None]  # (B, 1, T)
     keep = is_first | torch.eye(T, dtype=torch.bool, device=device)
@@ -387,7 +442,9 @@ def intervene(
     Layer-window specs add a forward pre-hook on each listed decoder layer that swaps in that
     layer's mask. A pre-hook on layer 1 refuses forwards that bypass ``vlm.capture`` (they would
     silently run without the intervention). All is undone on exit, also on exceptions. Checks run
-    at once, before any forward.
+    at once, before any forward. For a natively bidirectional (Gemma3) or prefix (PaliGemma)
+    family the model's own block is prepended (``BidirectionalImage`` / ``BidirectionalPrefix``),
+    so an empty spec is the plain model and restrictions act on top of it.
 
     Args:
         vlm: the model; its attention backend must be sdpa or eager.
@@ -410,9 +467,12 @@ def intervene(
         raise RuntimeError(
             "intervene() is already active on this model; pass all specs to one intervene() call"
         )
-    if getattr(vlm.family, "native_image_attention", "causal") == "bidirectional":
+    native = getattr(vlm.family, "native_image_attention", "causal")
+    if native == "bidirectional":
         # Start from the model's own mask: restrictions (Knockout, CausalImage) still win.
         specs = (BidirectionalImage(), *specs)
+    elif native == "prefix":  # PaliGemma: image + prompt read each other
+        specs = (BidirectionalPrefix(), *specs)
     window = sorted({layer for s in specs if s.layers is not None for layer in s.layers})
     hooked = sorted({1, *window})
     # Masks of the forward in flight: set by the override, read once per layer by the hooks.

@@ -286,7 +286,7 @@ def _scan_labels(
     return kept, np.stack(labels) if labels else np.zeros((0, vlm.num_image_tokens), np.int64)
 
 
-def _batches(
+def stream_batches(
     vlm: VLM,
     dataset: SegDataset,
     indices: Sequence[int],
@@ -505,7 +505,7 @@ def run_knockout(
             continue
         indices = [image_ids[r] for r in found]
         desc = f"knockout {entry['names'][0]}/{entry['names'][1]}"
-        batches = _batches(vlm, dataset, indices, config, desc, progress)
+        batches = stream_batches(vlm, dataset, indices, config, desc, progress)
         counts, sweep = _run_pair(
             vlm, batches, probes, reference, llm_stages, pair, settings, windows, config.seed
         )

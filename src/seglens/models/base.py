@@ -82,12 +82,30 @@ class ModelFamily:
     def native_image_attention(self) -> str:
         """How image tokens attend to each other in the unmodified model.
 
-        ``"causal"`` (LLaVA, Qwen2-VL: image slot i reads slots <= i) or ``"bidirectional"``
-        (Gemma3: the image block is fully connected). For a bidirectional family the
-        bidirectional experiment's ``causal`` condition is the intervention (``CausalImage``) and
-        ``bidirectional_image`` is the plain model.
+        ``"causal"`` (LLaVA, Qwen2-VL: image slot i reads slots <= i), ``"bidirectional"``
+        (Gemma3: the image block is fully connected) or ``"prefix"`` (PaliGemma: the whole prefix,
+        image tokens and prompt text, is fully connected; see ``prefix_mask``). For a
+        bidirectional or prefix family the bidirectional experiment's ``causal`` condition is the
+        intervention (``CausalImage``) and ``bidirectional_image`` is the plain model;
+        ``intervene`` starts from the native block (``BidirectionalImage`` /
+        ``BidirectionalPrefix``), so an empty spec is the plain model.
         """
         return "causal"
+
+    def prefix_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and 2D padding mask -> (B, T) bool: the tokens of the prefix.
+
+        The prefix is what a prefix-LM (PaliGemma) attends to bidirectionally: every real token
+        before the generation suffix. seglens sequences end at the generation prompt (no
+        suffix), so by default it is every real (unpadded) token. ``BidirectionalPrefix`` and
+        ``CausalPrefix`` act on it (``Batch.prefix_mask``).
+        """
+        return attention_mask.bool()
+
+    def prompt_ids(self, text: str, processor) -> list[int] | None:
+        """Token ids for one image + ``text`` when the family has its own layout; None: render
+        the processor's chat template and expand the placeholder (``loading._wrap``)."""
+        return None
 
     @property
     def image_size(self) -> int:

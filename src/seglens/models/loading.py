@@ -19,6 +19,7 @@ from seglens.models.base import ModelFamily
 from seglens.models.gemma3 import Gemma3Family
 from seglens.models.llava import LlavaFamily
 from seglens.models.llava_next import LlavaNextFamily
+from seglens.models.paligemma import PaliGemmaFamily
 from seglens.models.processing import load_text_image_processor
 from seglens.models.qwen2_vl import Qwen2VLFamily, Qwen25VLFamily
 from seglens.models.tiny import CLIP_MEAN, CLIP_STD, tiny_llava_hf
@@ -33,6 +34,7 @@ FAMILIES: dict[str, type[ModelFamily]] = {
     "llava_next": LlavaNextFamily,
     "qwen2_vl": Qwen2VLFamily,
     "qwen2_5_vl": Qwen25VLFamily,
+    "paligemma": PaliGemmaFamily,
 }
 
 # name -> builder arguments; "family" picks the builder (default: LLaVA-1.5 via tiny_llava).
@@ -44,6 +46,7 @@ TINY_MODELS: dict[str, dict] = {
     "tiny-llava-next": {"family": "llava_next"},
     "tiny-qwen2-vl": {"family": "qwen2_vl"},
     "tiny-qwen2.5-vl": {"family": "qwen2_5_vl"},
+    "tiny-paligemma": {"family": "paligemma"},
 }
 
 DTYPES = {
@@ -105,6 +108,9 @@ def _wrap(model, processor, name: str, geometry: str | None, prompt: str) -> VLM
     image_token = family.image_placeholder(processor)
 
     def encode_prompt(text: str) -> list[int]:
+        own = family.prompt_ids(text, processor)  # PaliGemma: no chat template, its own layout
+        if own is not None:
+            return own
         conversation = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
         ]

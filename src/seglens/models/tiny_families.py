@@ -1,8 +1,9 @@
-"""Seeded tiny models of more families (Gemma3) built from configs, with real HF processors.
+"""Seeded tiny models of more families (Gemma3, LLaVA-NeXT, PaliGemma) built from configs.
 
-Like ``tiny.py`` for LLaVA-1.5: random weights, no download, a byte-level fast tokenizer that
-carries each family's special tokens and a chat template in the family's format, and the family's
-own (PIL) image processor, so ``save_pretrained`` + ``load_model`` exercise the real code paths.
+Like ``tiny.py`` for LLaVA-1.5: real HF processors, random weights, no download, a byte-level
+fast tokenizer that carries each family's special tokens and a chat template in the family's
+format (PaliGemma has none), and the family's own (PIL) image processor, so ``save_pretrained`` +
+``load_model`` exercise the real code paths.
 """
 
 from __future__ import annotations
@@ -264,6 +265,95 @@ def tiny_llava_next_hf(
     return model, processor
 
 
+def tiny_paligemma_hf(
+    *,
+    image_size: int = 112,
+    patch_size: int = 14,
+    vision_width: int = 48,
+    vision_layers: int = 4,
+    text_width: int = 64,
+    text_layers: int = 4,
+    heads: int = 4,
+    text: str = "gemma",
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """Build a random ``PaliGemmaForConditionalGeneration`` and its ``PaliGemmaProcessor``.
+
+    SigLIP (no head) sees (S/p)^2 patches, one image token each; a linear projector feeds a Gemma
+    LLM (``text="gemma2"``: PaliGemma 2's Gemma2, sliding window beyond any tiny sequence). The
+    tokenizer adds no BOS itself: the processor places it after the image tokens. The processor
+    adds PaliGemma's 1024 ``<loc>`` and 128 ``<seg>`` tokens, so the vocabulary is sized after it.
+
+    Returns:
+        (model, processor): the HF model in eval mode and its processor.
+    """
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipVisionConfig,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+    if text not in ("gemma", "gemma2"):
+        raise ValueError(f"text={text!r}: PaliGemma's LLM is 'gemma' (PaliGemma) or 'gemma2'")
+    tokenizer = special_byte_tokenizer({"image_token": "<image>"}, "", add_bos=False)
+    image_processor = SiglipImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+    )
+    image_processor.image_seq_length = (image_size // patch_size) ** 2
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    vocab = len(tokenizer) + 8
+    text_kwargs = {
+        "vocab_size": vocab,
+        "hidden_size": text_width,
+        "intermediate_size": 2 * text_width,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads // 2,
+        "head_dim": text_width // heads,
+        "max_position_embeddings": 2048,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    if text == "gemma2":
+        from transformers import Gemma2Config
+
+        text_config = Gemma2Config(
+            **text_kwargs, sliding_window=512, query_pre_attn_scalar=text_width // heads
+        )
+    else:
+        text_config = GemmaConfig(**text_kwargs)
+    vision_config = SiglipVisionConfig(
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_use_head=False,
+    )
+    config = PaliGemmaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=processor.image_token_id,
+        projection_dim=text_width,
+        hidden_size=text_width,
+        vocab_size=vocab,
+    )
+    config._attn_implementation = attn_implementation
+    model = _seeded(PaliGemmaForConditionalGeneration, config, seed, dtype)
+    return model, processor
+
+
 def tiny_qwen2_vl(**kwargs):
     """``tiny_qwen.tiny_qwen2_vl_hf`` (imported on use: that module imports this one)."""
     from seglens.models.tiny_qwen import tiny_qwen2_vl_hf
@@ -281,4 +371,5 @@ TINY_BUILDERS = {
     "llava_next": tiny_llava_next_hf,
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
+    "paligemma": tiny_paligemma_hf,
 }

@@ -37,6 +37,8 @@ class Batch:
         masks: per-image original (H, W) label maps, or None.
         images: per-image original (H, W, 3) uint8 images.
         names: per-image identifiers.
+        prefix_mask: (B, T) bool, the prefix a prefix-LM reads bidirectionally (PaliGemma: image,
+            BOS, prompt, separator; ``ModelFamily.prefix_mask``); None means every real token.
     """
 
     input_ids: torch.Tensor
@@ -49,6 +51,7 @@ class Batch:
     masks: list[np.ndarray] | None = None
     images: list[np.ndarray] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    prefix_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -215,6 +218,7 @@ class VLM:
             masks=[p.mask for p in prepared] if has_masks else None,
             images=[p.image for p in prepared],
             names=[p.name for p in prepared],
+            prefix_mask=self.family.prefix_mask(input_ids, attention_mask),
         )
 
     def prepare(

@@ -38,7 +38,7 @@ class Standardizer:
     def _reset(self) -> None:
         self._sum: Tensor | None = None  # (D,) float64 running sums
         self._sumsq: Tensor | None = None  # (D,) float64 running sums of squares
-        self._count = self._batches = 0
+        self._count = self.stream_batches = 0
         self.mean_: Tensor | None = None  # (D,) fp32, set when frozen
         self.scale_: Tensor | None = None  # (D,) fp32
 
@@ -51,11 +51,11 @@ class Standardizer:
         if self.frozen:
             return self
         self._accumulate(x)
-        self._batches += 1
+        self.stream_batches += 1
         if self.warmup_tokens is not None:
             done = self._count >= self.warmup_tokens
         else:
-            done = self._batches >= self.warmup_batches
+            done = self.stream_batches >= self.warmup_batches
         return self.freeze() if done else self
 
     def fit(self, x: Tensor, chunk: int = 65536) -> Standardizer:
@@ -95,7 +95,7 @@ class Standardizer:
 
     def state_dict(self) -> dict[str, Tensor]:
         """Copies of the running sums and frozen moments (flat names, safetensors-ready)."""
-        sd = {"count": torch.tensor(self._count), "batches": torch.tensor(self._batches)}
+        sd = {"count": torch.tensor(self._count), "batches": torch.tensor(self.stream_batches)}
         for key in ("_sum", "_sumsq", "mean_", "scale_"):
             if getattr(self, key) is not None:
                 sd[key.strip("_")] = getattr(self, key).clone()
@@ -103,6 +103,6 @@ class Standardizer:
 
     def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
         """Restore from ``state_dict()``."""
-        self._count, self._batches = int(sd["count"]), int(sd["batches"])
+        self._count, self.stream_batches = int(sd["count"]), int(sd["batches"])
         self._sum, self._sumsq = sd.get("sum"), sd.get("sumsq")
         self.mean_, self.scale_ = sd.get("mean"), sd.get("scale")

@@ -1,0 +1,234 @@
+"""Scoring every stage's probe on the evaluation split: patch and pixel confusion matrices,
+per-image counts for bootstrap intervals, per-position accuracy and qualitative maps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from seglens.checkpoint import Checkpointer
+from seglens.config import DataConfig, ProbeConfig
+from seglens.data import SegDataset
+from seglens.data.base import IGNORE_INDEX
+from seglens.distributed import gather_object as _gather
+from seglens.distributed import interleave
+from seglens.distributed import rank_world as _rank_world
+from seglens.distributed import sum_over_ranks as _sum_over_ranks
+from seglens.experiments.streaming import qualitative_stages, shard_dataset, stream_batches
+from seglens.metrics import (
+    ConfusionMatrix,
+    PerImageCounts,
+    PositionAccuracy,
+    pixel_predictions,
+    pixel_target,
+)
+from seglens.models import VLM, Batch
+from seglens.probes import ProbeBank
+
+log = logging.getLogger(__name__)
+_NEG = -1e30  # stands in for -inf logits (classes LDA never saw): bilinear weights * -inf = nan
+
+
+# --- evaluation ------------------------------------------------------------------------------
+@dataclass
+class StageResults:
+    """Dataset-level accumulators of one condition on the evaluation split.
+
+    Attributes:
+        stages: probed stages, forward order.
+        num_classes: C.
+        patch: per stage, (C, C) token confusion (prediction vs majority label).
+        pixel: per stage, (C, C) confusion on original pixels, or None when pixel level is off.
+        patch_images, pixel_images: per stage, per-image counts for bootstrap intervals.
+        positions: per stage, accuracy per token position (patch level).
+        qualitative: ``image__<i>``, ``mask__<i>``, ``pred__<stage>__<i>`` arrays (rank 0).
+        qualitative_stages, qualitative_names: what ``qualitative`` holds.
+        images: evaluated images; skipped: [(name, message)] of skipped samples.
+        bootstrap, seed: resamples and seed of the intervals.
+    """
+
+    stages: list[str]
+    num_classes: int
+    patch: dict[str, ConfusionMatrix]
+    pixel: dict[str, ConfusionMatrix] | None
+    patch_images: dict[str, PerImageCounts]
+    pixel_images: dict[str, PerImageCounts] | None
+    positions: dict[str, PositionAccuracy]
+    qualitative: dict[str, np.ndarray] = field(default_factory=dict)
+    qualitative_stages: list[str] = field(default_factory=list)
+    qualitative_names: list[str] = field(default_factory=list)
+    images: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    bootstrap: int = 1000
+    seed: int = 0
+
+    def _level(self, cm: ConfusionMatrix, counts: PerImageCounts, unit: str) -> dict:
+        ci = {m: [None, None] for m in ("miou", "pixel_accuracy")}
+        if self.bootstrap > 0 and len(counts):
+            ci = {m: list(counts.bootstrap(m, self.bootstrap, seed=self.seed)) for m in ci}
+        return {**cm.to_dict(), "ci": ci, unit: int(cm.matrix.sum())}
+
+    def metrics(self) -> dict[str, dict]:
+        """{stage: {"patch": M, "pixel": M or None}} with M as in ``results.json``."""
+        out = {}
+        for s in self.stages:
+            out[s] = {"patch": self._level(self.patch[s], self.patch_images[s], "tokens")}
+            out[s]["pixel"] = None
+            if self.pixel is not None:
+                out[s]["pixel"] = self._level(self.pixel[s], self.pixel_images[s], "pixels")
+        return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``position_accuracy__<stage>`` (N,), ``confusion__<stage>__{patch,pixel}`` (C, C)."""
+        out = {}
+        for s in self.stages:
+            out[f"position_accuracy__{s}"] = self.positions[s].accuracy()
+            out[f"confusion__{s}__patch"] = self.patch[s].matrix.cpu().numpy()
+            if self.pixel is not None:
+                out[f"confusion__{s}__pixel"] = self.pixel[s].matrix.cpu().numpy()
+        return out
+
+    def _tables(self) -> dict[str, dict]:
+        tables = dict(patch=self.patch, pixel=self.pixel, patch_images=self.patch_images)
+        tables |= dict(pixel_images=self.pixel_images, positions=self.positions)
+        return {name: table for name, table in tables.items() if table is not None}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running counts, qualitative arrays and image count (for ``seglens.checkpoint``)."""
+        tables = self._tables().items()
+        state = {name: {s: t[s].state_dict() for s in self.stages} for name, t in tables}
+        state["qualitative"] = dict(self.qualitative)
+        return state | {"qualitative_names": list(self.qualitative_names), "images": self.images}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        for name, table in self._tables().items():
+            for s in self.stages:
+                table[s].load_state_dict(state[name][s])
+        self.qualitative = dict(state["qualitative"])
+        self.qualitative_names, self.images = list(state["qualitative_names"]), state["images"]
+
+    def all_reduce(self) -> StageResults:
+        """Sum counts over ranks (confusions, positions; per-image counts are concatenated)."""
+        if _rank_world()[1] == 1:
+            return self
+        for s in self.stages:
+            pixel = self.pixel is not None
+            tensors = [self.patch[s].matrix, self.positions[s].correct, self.positions[s].total]
+            for tensor in tensors + ([self.pixel[s].matrix] if pixel else []):
+                _sum_over_ranks(tensor)
+            for table in [self.patch_images] + ([self.pixel_images] if pixel else []):
+                states = _gather(table[s].state_dict())
+                # Back in the unsharded image order: bootstrap intervals equal one process's.
+                states[0]["counts"] = interleave([state["counts"] for state in states])
+                table[s].load_state_dict(states[0])
+        gathered = _gather((self.images, self.skipped))
+        self.images = sum(g[0] for g in gathered)
+        self.skipped = sorted({k: v for g in gathered for k, v in g[1]}.items())
+        return self
+
+
+def evaluate_probes(
+    vlm: VLM,
+    bank: ProbeBank,
+    eval_dataset: SegDataset,
+    stages: Sequence[str],
+    probe_config: ProbeConfig,
+    *,
+    data_config: DataConfig,
+    seed: int = 0,
+    qualitative: Sequence[str] | None = None,
+    progress: bool = True,
+    checkpoint: Checkpointer | None = None,
+    on_batch: Callable[[Batch, dict[str, torch.Tensor]], None] | None = None,
+) -> StageResults:
+    """Score every stage's probe on the evaluation split, one ``vlm.capture`` per batch.
+
+    ``on_batch(batch, states)`` sees every batch's captured states, so another analysis of the
+    evaluation split (UMAP token sampling in ``seglens run``) can share the forward pass.
+
+    Patch level: token argmax vs majority label. Pixel level (``probe_config.pixel_level``): grid
+    logits (C, g, g) bilinearly mapped back through each image's ``Transform``, argmax, vs the
+    original mask inside the scored region. Both feed a dataset-level ``ConfusionMatrix`` and
+    ``PerImageCounts``; ``PositionAccuracy`` is patch level. Pixel-level argmax maps of the first
+    ``probe_config.qualitative`` images are kept for the ``qualitative`` stages (default
+    ``qualitative_stages(...)``). Under torch.distributed each rank scores its shard and the
+    counts are summed (every rank gets the totals). A ``checkpoint`` saves the accumulators and
+    the position during the ``eval`` phase and restores them on resume.
+
+    Returns:
+        The accumulated ``StageResults``.
+    """
+    cfg, C = probe_config, eval_dataset.num_classes
+    stages = list(stages)
+    qual = qualitative_stages(vlm, stages, cfg) if qualitative is None else list(qualitative)
+    rank, _ = _rank_world()
+    n_qual = cfg.qualitative if rank == 0 else 0
+    dev = vlm.device  # counts live where the logits are: few host copies
+    res = StageResults(
+        stages=stages,
+        num_classes=C,
+        patch={s: ConfusionMatrix(C, device=dev) for s in stages},
+        pixel={s: ConfusionMatrix(C, device=dev) for s in stages} if cfg.pixel_level else None,
+        patch_images={s: PerImageCounts(C) for s in stages},
+        pixel_images={s: PerImageCounts(C) for s in stages} if cfg.pixel_level else None,
+        positions={s: PositionAccuracy(vlm.num_image_tokens, device=dev) for s in stages},
+        qualitative_stages=qual if n_qual else [],
+        bootstrap=cfg.bootstrap,
+        seed=seed,
+    )
+    skipped: dict[str, str] = {}
+    if checkpoint is not None:
+        checkpoint.register("eval", res.state_dict, res.load_state_dict)
+        checkpoint.register("eval_skipped", lambda: dict(skipped), skipped.update)
+    g = vlm.grid
+    data = shard_dataset(eval_dataset, equal=False)
+    args = (data_config, C, skipped, progress, "probe eval", checkpoint, "eval")
+    for batch in stream_batches(vlm, data, *args):
+        if batch.labels is None:
+            raise ValueError(f"{eval_dataset.name}: evaluation images need label maps")
+        states = vlm.capture(batch, stages)  # {stage: (B, N, D)}
+        if on_batch is not None:
+            on_batch(batch, states)
+        logits = bank.decision_function(states)  # {stage: (B, N, C)}
+        del states
+        labels = batch.labels.to(dev)
+        targets = []  # per image: (H, W) original mask, outside the scored region ignored
+        if cfg.pixel_level:
+            pairs = zip(batch.masks, batch.transforms, strict=True)
+            targets = [torch.from_numpy(pixel_target(m, t)).to(dev) for m, t in pairs]
+        first_new = len(res.qualitative_names)
+        for b in range(min(len(batch), n_qual - first_new)):
+            i = first_new + b
+            res.qualitative[f"image__{i}"] = np.asarray(batch.images[b], np.uint8)
+            res.qualitative[f"mask__{i}"] = np.asarray(batch.masks[b])
+            res.qualitative_names.append(batch.names[b])
+        for s in stages:
+            z = logits[s].clamp_min(_NEG)
+            pred = z.argmax(-1)  # (B, N)
+            res.patch[s].update(pred, labels)
+            res.patch_images[s].add_batch(pred, labels)
+            res.positions[s].update(pred, labels)
+            keep_qual = s in res.qualitative_stages
+            for b in range(len(batch)):
+                i = res.images + b
+                if not cfg.pixel_level and not (keep_qual and i < n_qual):
+                    continue
+                grid = z[b].T.reshape(C, *g)  # (C, g, g): tokens are raster order
+                pix = pixel_predictions(grid, batch.transforms[b])  # (H, W)
+                if cfg.pixel_level:
+                    res.pixel[s].update(pix, targets[b])
+                    res.pixel_images[s].add(pix, targets[b])
+                if keep_qual and i < n_qual:
+                    region = torch.from_numpy(batch.transforms[b].scored_region())
+                    outside = pix.cpu().masked_fill(~region, IGNORE_INDEX)
+                    res.qualitative[f"pred__{s}__{i}"] = outside.numpy()
+        res.images += len(batch)
+    res.skipped = sorted(skipped.items())
+    return res.all_reduce()

@@ -1,0 +1,136 @@
+"""Training the probes of every stage from streamed forward passes (one ``vlm.capture`` per batch).
+
+Runs unchanged inside ``seglens.interventions.intervene``, so the bidirectional experiment trains
+its per-condition probes with the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from seglens.checkpoint import Checkpointer
+from seglens.config import DataConfig, ProbeConfig
+from seglens.data import SegDataset
+from seglens.distributed import gather_object as _gather
+from seglens.distributed import rank_world as _rank_world
+from seglens.experiments.streaming import epoch_order, shard_dataset, split_holdout, stream_batches
+from seglens.models import VLM
+from seglens.probes import ProbeBank
+
+log = logging.getLogger(__name__)
+
+
+# --- training --------------------------------------------------------------------------------
+def train_probes(
+    vlm: VLM,
+    train_dataset: SegDataset,
+    stages: Sequence[str],
+    probe_config: ProbeConfig,
+    *,
+    data_config: DataConfig,
+    seed: int = 0,
+    holdout: float | None = None,
+    progress: bool = True,
+    checkpoint: Checkpointer | None = None,
+) -> ProbeBank:
+    """Train one probe per stage from streamed forward passes (one ``vlm.capture`` per batch).
+
+    sgd: a seeded ``holdout`` fraction of the training images (default
+    ``probe_config.holdout_fraction``) is set aside; a warm-up pass over the first
+    ``warmup_batches`` batches estimates the frozen standardisers; then ``epochs`` passes over
+    the training images, each in a seeded order, update all K learning rates side by side; the
+    holdout images pick one lr per stage. lda: one pass over all training images, then the closed
+    form (no holdout is needed). Under torch.distributed each rank streams its shard.
+
+    Args:
+        vlm: the model (may be inside ``intervene(...)``: only ``vlm.capture`` is used).
+        train_dataset: the training split (never the evaluation split).
+        stages: stage names, e.g. ``resolve_stages(vlm, probe_config)``.
+        probe_config: solver and its hyperparameters.
+        data_config: batch size, workers, bad-sample policy, ``min_valid``.
+        seed: seeds the holdout split and the epoch orders.
+        holdout: override of ``probe_config.holdout_fraction`` (sgd only).
+        progress: show progress bars.
+        checkpoint: saves the bank and the position during each phase (``train.warmup``,
+            ``train.epoch<e>``, ``train.holdout``, ``train.lda``) and restores them on resume.
+
+    Returns:
+        The selected ``ProbeBank``, with ``bank.training_`` = {"train_images", "holdout_images",
+        "warmup_batches", "skipped": [[name, message], ...]} summed over ranks.
+    """
+    cfg, C = probe_config, train_dataset.num_classes
+    if cfg.cache_dir is not None:  # multi-epoch training from an on-disk feature cache
+        from seglens.cache import train_probes_cached
+
+        kwargs = dict(data_config=data_config, seed=seed, holdout=holdout, progress=progress)
+        return train_probes_cached(vlm, train_dataset, stages, cfg, **kwargs)
+    stages = list(stages)
+    skipped: dict[str, str] = {}
+    hold, n_train, n_hold = None, 0, 0
+    if cfg.solver == "sgd":
+        fraction = cfg.holdout_fraction if holdout is None else holdout
+        train_dataset, hold = split_holdout(train_dataset, fraction, seed)
+        if hold is None and len(cfg.lrs) > 1:
+            raise ValueError(
+                f"probe.lrs={list(cfg.lrs)} needs a holdout to choose one; set "
+                "probe.holdout_fraction > 0 or give a single learning rate"
+            )
+    train = shard_dataset(train_dataset, equal=True)
+    hold = None if hold is None else shard_dataset(hold, equal=False)
+    if hold is not None and min(_gather(len(hold))) == 0:
+        raise ValueError("the holdout has fewer images than processes; raise holdout_fraction")
+    soft = cfg.soft_labels
+    n_batches = -(-len(train) // data_config.batch_size)
+    warmup = min(cfg.warmup_batches, n_batches)
+    if cfg.solver == "sgd":
+        options = dict(lrs=cfg.lrs, weight_decay=cfg.weight_decay, warmup_batches=warmup)
+    else:
+        options = dict(shrinkage=cfg.shrinkage)
+    names = train_dataset.class_names
+    bank = ProbeBank(stages, C, solver=cfg.solver, class_names=names, soft_labels=soft, **options)
+    ckpt = checkpoint or Checkpointer.off()
+    ckpt.register("bank", bank.state_dict, bank.load_state_dict)
+    ckpt.register("train_skipped", lambda: dict(skipped), skipped.update)
+
+    def fit(dataset: SegDataset, desc: str, phase: str) -> int:
+        for batch in stream_batches(
+            vlm, dataset, data_config, C, skipped, progress, desc, ckpt, phase
+        ):
+            features = vlm.capture(batch, stages)  # {stage: (B, N, D)}
+            bank.partial_fit(features, batch.labels, batch.hist if soft else None)
+        return ckpt.seen(phase)
+
+    def epoch_shard(epoch: int, limit: int | None = None) -> SegDataset:
+        # Order all images, then shard: W ranks x batch B step through one process's batches
+        # of W x B (see ``shard_dataset``), so sgd matches one process on the same global order.
+        return shard_dataset(epoch_order(train_dataset, seed, epoch).limit(limit), equal=True)
+
+    if cfg.solver == "sgd":
+        # Warm-up: the standardisers see the first batches of epoch 1 before any update, so
+        # that every training image is also trained on (at the cost of `warmup` extra forwards).
+        first = epoch_shard(0, warmup * data_config.batch_size * _rank_world()[1])
+        fit(first, "probe warm-up", "train.warmup")
+        for probe in bank.probes.values():
+            if not probe.standardizer.frozen:  # a warm-up batch had no valid token
+                probe.standardizer.freeze()
+        for epoch in range(cfg.epochs):
+            desc = f"probe train {epoch + 1}/{cfg.epochs}"
+            n = fit(epoch_shard(epoch), desc, f"train.epoch{epoch}")
+            n_train = n if epoch == 0 else n_train
+        if hold is not None:
+            args = (data_config, C, skipped, progress, "holdout", ckpt, "train.holdout")
+            for batch in stream_batches(vlm, hold, *args):
+                bank.validate(vlm.capture(batch, stages), batch.labels)
+            n_hold = ckpt.seen("train.holdout")
+    else:
+        n_train = fit(train, "probe train (lda)", "train.lda")
+    bank.select()
+    gathered = _gather((n_train, n_hold, skipped))
+    bank.training_ = {
+        "train_images": sum(g[0] for g in gathered),
+        "holdout_images": sum(g[1] for g in gathered),
+        "warmup_batches": warmup if cfg.solver == "sgd" else 0,
+        "skipped": sorted({k: v for g in gathered for k, v in g[2].items()}.items()),
+    }
+    return bank

@@ -1,0 +1,137 @@
+"""PaliGemma family (HF ``PaliGemmaForConditionalGeneration``): SigLIP, linear projector, Gemma.
+
+The SigLIP tower's final (post-layernorm) patch grid, (S/p)^2 tokens in raster order, goes through
+one linear layer into the Gemma (PaliGemma 2: Gemma2) LLM; there is no CLS token and no pooling, so
+every stage lives on the (S/p, S/p) grid. The sequence is the processor's
+``<image> * N + <bos> + prompt + "\\n"``: no chat template. PaliGemma is a prefix-LM: the whole
+prefix (image tokens *and* prompt text) attends bidirectionally, a generated suffix causally; HF
+builds that block from ``token_type_ids`` (0 = prefix) via ``block_sequence_ids``, and ``forward``
+derives them from ``prefix_mask`` as the processor does (all zeros without a suffix).
+``native_image_attention`` is therefore ``"prefix"``.
+
+Without ``token_type_ids`` HF's attention depends on padding (transformers 5.23, sdpa): an
+unpadded batch skips the mask and runs fully bidirectional (``use_bidirectional_attention``), a
+padded one gets a causal mask. seglens always passes them, so a row's states do not depend on
+its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seglens.models.base import ModelFamily, Tap
+from seglens.models.gemma3 import contiguous_image_positions
+from seglens.models.llava import _block_list
+
+
+class PaliGemmaFamily(ModelFamily):
+    name = "paligemma"
+    model_types = ("paligemma",)
+    description = (
+        "PaliGemma 1/2 (PaliGemmaForConditionalGeneration; SigLIP, linear projector, Gemma; "
+        "bidirectional prefix: image + prompt)"
+    )
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        cfg = model.config
+        self._vision_cfg = cfg.vision_config
+        self._text_cfg = cfg.text_config
+        side, rest = divmod(self._vision_cfg.image_size, self._vision_cfg.patch_size)
+        if rest:
+            raise ValueError(
+                f"PaliGemma image_size {self._vision_cfg.image_size} is not a multiple of "
+                f"patch_size {self._vision_cfg.patch_size}"
+            )
+        self._grid = (side, side)
+        self._inner = model.model  # PaliGemmaModel: vision_tower, projector, language_model
+
+    @property
+    def num_vision_layers(self) -> int:
+        return self._vision_cfg.num_hidden_layers
+
+    @property
+    def num_llm_layers(self) -> int:
+        return self._text_cfg.num_hidden_layers
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self._grid
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def native_image_attention(self) -> str:
+        return "prefix"
+
+    def image_placeholder(self, processor) -> str:
+        return getattr(processor, "image_token", None) or "<image>"
+
+    def prompt_ids(self, text: str, processor) -> list[int]:
+        """``<image> * N + <bos> + text + "\\n"``, tokenised without added specials.
+
+        This is ``PaliGemmaProcessor``'s layout for one image before ``text`` (its tokenizer adds
+        neither BOS nor EOS).
+        """
+        tokenizer = processor.tokenizer
+        image = self.image_placeholder(processor) * self.num_placeholder_tokens
+        rendered = f"{image}{tokenizer.bos_token}{text}\n"
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self._inner.language_model.layers
+
+    def stage_taps(self) -> dict[str, Tap]:
+        blocks = _block_list(self._inner.vision_tower, self.num_vision_layers)
+        projector = self._inner.multi_modal_projector
+        taps = {f"vision.{i + 1}": Tap(block, "output", "all") for i, block in enumerate(blocks)}
+        taps["encoder"] = Tap(projector, "input", "all")  # the tower's post-layernorm patches
+        taps["adapter"] = Tap(projector, "output", "all")
+        for i, layer in enumerate(self.decoder_layers()):
+            taps[f"llm.{i + 1}"] = Tap(layer, "output", "image_positions")
+        taps["llm.final_norm"] = Tap(self._inner.language_model.norm, "output", "image_positions")
+        return taps
+
+    def stage_widths(self) -> dict[str, int]:
+        dv, dt = self._vision_cfg.hidden_size, self._text_cfg.hidden_size
+        widths = {f"vision.{i + 1}": dv for i in range(self.num_vision_layers)}
+        widths["encoder"] = dv
+        widths["adapter"] = dt
+        widths.update({f"llm.{i + 1}": dt for i in range(self.num_llm_layers)})
+        widths["llm.final_norm"] = dt
+        return widths
+
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return contiguous_image_positions(input_ids, self.image_token_id, self.num_image_tokens)
+
+    def forward(self, input_ids, pixel_values, attention_mask, **kwargs):
+        """The native forward; a 4D ``attention_mask`` replaces every layer's mask as given.
+
+        With a 2D padding mask, ``token_type_ids`` are 0 on the prefix (``prefix_mask``) and 1
+        elsewhere, so HF builds the bidirectional prefix block itself. A 4D mask already holds
+        the prefix block (``intervene`` adds ``BidirectionalPrefix``) and HF uses it unchanged.
+
+        Raises:
+            ValueError: a 4D mask on a sequence longer than PaliGemma 2's sliding window (its
+                sliding layers would silently see more than the model was trained with).
+        """
+        window = getattr(self._text_cfg, "sliding_window", None)
+        if attention_mask.ndim == 4 and window and input_ids.shape[1] > window:
+            raise ValueError(
+                f"a custom 4D attention mask on PaliGemma 2 needs sequences of at most "
+                f"sliding_window={window} tokens (got {input_ids.shape[1]}); shorten the prompt"
+            )
+        token_type_ids = None
+        if attention_mask.ndim == 2:
+            token_type_ids = (~self.prefix_mask(input_ids, attention_mask)).long()
+        return self._inner(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            use_cache=False,
+            **kwargs,
+        )
