@@ -37,8 +37,40 @@ class Tap:
     fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
+def contiguous_image_positions(input_ids: torch.Tensor, token_id: int, count: int) -> torch.Tensor:
+    """(B, T) ids -> (B, count) positions of ``token_id``, in sequence order.
+
+    Raises:
+        ValueError: a row does not hold exactly ``count`` such tokens.
+    """
+    is_image = input_ids == token_id
+    counts = is_image.sum(dim=1)
+    if (counts != count).any():
+        raise ValueError(
+            f"every sequence needs exactly {count} image tokens (id {token_id}); found "
+            f"{counts.tolist()}. Build inputs with vlm.prepare()."
+        )
+    # Stable sort puts image positions first, in sequence order.
+    order = torch.sort((~is_image).to(torch.int8), dim=1, stable=True).indices
+    return order[:, :count]
+
+
+def vision_blocks(tower: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The vision tower's list of transformer blocks (``encoder.layers`` or ``encoder.layer``)."""
+    for module in tower.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"could not find {num_layers} vision blocks in {type(tower).__name__}")
+
+
 class ModelFamily:
-    """Adapter for one VLM family. Subclasses fill in the class attributes and the methods."""
+    """Adapter for one VLM family.
+
+    Subclasses fill in the class attributes, set ``_grid`` in ``__init__`` and provide
+    ``stage_taps`` and ``forward``; the other facts default to the layout the supported HF
+    families share (``model.model`` with a ``language_model``, ``vision_config.hidden_size``
+    wide vision stages, image tokens in raster order) and are overridden where a family differs.
+    """
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
@@ -47,22 +79,33 @@ class ModelFamily:
     # load_model then uses tokenizer + image-processor config (models/processing.py).
     hf_processor: ClassVar[bool] = True
 
+    # The vision config's block count (Qwen2-VL calls it ``depth``).
+    vision_layers_key: ClassVar[str] = "num_hidden_layers"
+
     def __init__(self, model: nn.Module):
         self.model = model
+        # Every HF VLM here nests a vision and a text config and keeps its vision tower, projector
+        # and language model in ``model.model``; subclasses set ``_grid`` in their ``__init__``.
+        self._vision_cfg = model.config.vision_config
+        self._text_cfg = model.config.text_config
+        self._inner = model.model
+        self._grid: tuple[int, int] | None = None
 
     # --- architecture facts -------------------------------------------------------------------
     @property
     def num_vision_layers(self) -> int:
-        raise NotImplementedError
+        return int(getattr(self._vision_cfg, self.vision_layers_key))
 
     @property
     def num_llm_layers(self) -> int:
-        raise NotImplementedError
+        return int(self._text_cfg.num_hidden_layers)
 
     @property
     def grid(self) -> tuple[int, int]:
         """(g_rows, g_cols) of the image-token grid used for probing."""
-        raise NotImplementedError
+        if self._grid is None:
+            raise NotImplementedError(f"{type(self).__name__}.__init__ must set self._grid")
+        return self._grid
 
     @property
     def num_image_tokens(self) -> int:
@@ -71,7 +114,7 @@ class ModelFamily:
 
     @property
     def image_token_id(self) -> int:
-        raise NotImplementedError
+        return int(self.model.config.image_token_id)
 
     @property
     def num_placeholder_tokens(self) -> int:
@@ -135,19 +178,49 @@ class ModelFamily:
         return None
 
     def decoder_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        return self._inner.language_model.layers
 
     def stage_taps(self) -> dict[str, Tap]:
         """Every stage this family offers, in forward order, with where to read it."""
         raise NotImplementedError
 
+    def llm_taps(self) -> dict[str, Tap]:
+        """``llm.{l}`` (decoder layer outputs) and ``llm.final_norm``, at the image positions."""
+        taps = {
+            f"llm.{i + 1}": Tap(layer, "output", "image_positions")
+            for i, layer in enumerate(self.decoder_layers())
+        }
+        taps["llm.final_norm"] = Tap(self._inner.language_model.norm, "output", "image_positions")
+        return taps
+
+    @property
+    def vision_stage_width(self) -> int:
+        """Width of the ``vision.{i}`` stages as read (after the tap's reduction)."""
+        return int(self._vision_cfg.hidden_size)
+
+    @property
+    def encoder_width(self) -> int:
+        """Width of the ``encoder`` stage (the projector's input)."""
+        return self.vision_stage_width
+
     def stage_widths(self) -> dict[str, int]:
-        raise NotImplementedError
+        """Stage name -> D, in forward order: ``adapter`` and ``llm.*`` have the LLM's width."""
+        dv, dt = self.vision_stage_width, int(self._text_cfg.hidden_size)
+        widths = {f"vision.{i + 1}": dv for i in range(self.num_vision_layers)}
+        widths["encoder"] = self.encoder_width
+        widths["adapter"] = dt
+        widths.update({f"llm.{i + 1}": dt for i in range(self.num_llm_layers)})
+        widths["llm.final_norm"] = dt
+        return widths
 
     # --- sequence layout ----------------------------------------------------------------------
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, N) sequence positions of the grid tokens in raster order."""
-        raise NotImplementedError
+        """(B, T) token ids -> (B, N) sequence positions of the grid tokens in raster order.
+
+        Default: the N image-token positions in sequence order, one token per grid slot in
+        raster order (LLaVA-1.5, Gemma3, PaliGemma, Qwen2-VL).
+        """
+        return contiguous_image_positions(input_ids, self.image_token_id, self.num_image_tokens)
 
     def forward(self, input_ids, pixel_values, attention_mask, **kwargs):
         """One forward pass that stops before the LM head (no vocabulary logits)."""

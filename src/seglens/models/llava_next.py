@@ -16,9 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from seglens.models.base import Tap
-from seglens.models.gemma3 import contiguous_image_positions
-from seglens.models.llava import LlavaFamily, _block_list
+from seglens.models.base import Tap, contiguous_image_positions, vision_blocks
+from seglens.models.llava import LlavaFamily
 
 
 def anyres_pixels(
@@ -109,7 +108,7 @@ class LlavaNextFamily(LlavaFamily):
         return "resize"
 
     def stage_taps(self) -> dict[str, Tap]:
-        blocks = _block_list(self._inner.vision_tower, self.num_vision_layers)
+        blocks = vision_blocks(self._inner.vision_tower, self.num_vision_layers)
         projector = self._inner.multi_modal_projector
         taps = {
             f"vision.{i + 1}": Tap(block, "output", "fn", self._base)
@@ -117,10 +116,7 @@ class LlavaNextFamily(LlavaFamily):
         }
         taps["encoder"] = Tap(projector, "input", "fn", self._base)
         taps["adapter"] = Tap(projector, "output", "fn", self._base)
-        for i, layer in enumerate(self.decoder_layers()):
-            taps[f"llm.{i + 1}"] = Tap(layer, "output", "image_positions")
-        taps["llm.final_norm"] = Tap(self._inner.language_model.norm, "output", "image_positions")
-        return taps
+        return {**taps, **self.llm_taps()}
 
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         # The base image's g x g tokens come first among the placeholders (pack_image_features).

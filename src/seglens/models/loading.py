@@ -144,6 +144,17 @@ def _wrap(model, processor, name: str, geometry: str | None, prompt: str) -> VLM
     return vlm
 
 
+def _tiny_vlm(
+    build, name: str, dtype, device: str | None, geometry: str | None, prompt: str
+) -> VLM:
+    """``build(dtype=...)`` -> (HF model, processor), moved to ``device`` and wrapped as a VLM."""
+    torch_dtype = resolve_dtype(dtype)
+    model, processor = build(dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
+    if device is not None:
+        model = model.to(device)
+    return _wrap(model, processor, name, geometry, prompt)
+
+
 def tiny_llava(
     vision: str = "clip",
     *,
@@ -167,19 +178,16 @@ def tiny_llava(
         geometry: ``pad``/``crop``/``resize``; default: the processor's (crop; resize for SigLIP).
         sizes: ``vision_width``, ``vision_layers``, ``text_width``, ``text_layers``, ``heads``.
     """
-    torch_dtype = resolve_dtype(dtype)
-    model, processor = tiny_llava_hf(
+    build = partial(
+        tiny_llava_hf,
         vision,
         image_size=image_size,
         patch_size=patch_size,
         seed=seed,
         attn_implementation=attn_implementation,
-        dtype=torch.float32 if torch_dtype == "auto" else torch_dtype,
         **sizes,
     )
-    if device is not None:
-        model = model.to(device)
-    return _wrap(model, processor, f"tiny-{vision}", geometry, prompt)
+    return _tiny_vlm(build, f"tiny-{vision}", dtype, device, geometry, prompt)
 
 
 def tiny_model(
@@ -204,16 +212,10 @@ def tiny_model(
     """
     if family not in TINY_BUILDERS:
         raise ValueError(f"no tiny builder for family {family!r}; known: {sorted(TINY_BUILDERS)}")
-    torch_dtype = resolve_dtype(dtype)
-    model, processor = TINY_BUILDERS[family](
-        seed=seed,
-        attn_implementation=attn_implementation,
-        dtype=torch.float32 if torch_dtype == "auto" else torch_dtype,
-        **sizes,
+    build = partial(
+        TINY_BUILDERS[family], seed=seed, attn_implementation=attn_implementation, **sizes
     )
-    if device is not None:
-        model = model.to(device)
-    return _wrap(model, processor, f"tiny-{family}", geometry, prompt)
+    return _tiny_vlm(build, f"tiny-{family}", dtype, device, geometry, prompt)
 
 
 def load_model(

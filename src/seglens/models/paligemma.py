@@ -17,12 +17,9 @@ its batch.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from seglens.models.base import ModelFamily, Tap
-from seglens.models.gemma3 import contiguous_image_positions
-from seglens.models.llava import _block_list
+from seglens.models.base import ModelFamily, Tap, vision_blocks
 
 
 class PaliGemmaFamily(ModelFamily):
@@ -34,10 +31,7 @@ class PaliGemmaFamily(ModelFamily):
     )
 
     def __init__(self, model: nn.Module):
-        super().__init__(model)
-        cfg = model.config
-        self._vision_cfg = cfg.vision_config
-        self._text_cfg = cfg.text_config
+        super().__init__(model)  # _inner: PaliGemmaModel (vision_tower, projector, language_model)
         side, rest = divmod(self._vision_cfg.image_size, self._vision_cfg.patch_size)
         if rest:
             raise ValueError(
@@ -45,23 +39,6 @@ class PaliGemmaFamily(ModelFamily):
                 f"patch_size {self._vision_cfg.patch_size}"
             )
         self._grid = (side, side)
-        self._inner = model.model  # PaliGemmaModel: vision_tower, projector, language_model
-
-    @property
-    def num_vision_layers(self) -> int:
-        return self._vision_cfg.num_hidden_layers
-
-    @property
-    def num_llm_layers(self) -> int:
-        return self._text_cfg.num_hidden_layers
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self._grid
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def native_image_attention(self) -> str:
@@ -81,31 +58,13 @@ class PaliGemmaFamily(ModelFamily):
         rendered = f"{image}{tokenizer.bos_token}{text}\n"
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
-    def decoder_layers(self) -> nn.ModuleList:
-        return self._inner.language_model.layers
-
     def stage_taps(self) -> dict[str, Tap]:
-        blocks = _block_list(self._inner.vision_tower, self.num_vision_layers)
+        blocks = vision_blocks(self._inner.vision_tower, self.num_vision_layers)
         projector = self._inner.multi_modal_projector
         taps = {f"vision.{i + 1}": Tap(block, "output", "all") for i, block in enumerate(blocks)}
         taps["encoder"] = Tap(projector, "input", "all")  # the tower's post-layernorm patches
         taps["adapter"] = Tap(projector, "output", "all")
-        for i, layer in enumerate(self.decoder_layers()):
-            taps[f"llm.{i + 1}"] = Tap(layer, "output", "image_positions")
-        taps["llm.final_norm"] = Tap(self._inner.language_model.norm, "output", "image_positions")
-        return taps
-
-    def stage_widths(self) -> dict[str, int]:
-        dv, dt = self._vision_cfg.hidden_size, self._text_cfg.hidden_size
-        widths = {f"vision.{i + 1}": dv for i in range(self.num_vision_layers)}
-        widths["encoder"] = dv
-        widths["adapter"] = dt
-        widths.update({f"llm.{i + 1}": dt for i in range(self.num_llm_layers)})
-        widths["llm.final_norm"] = dt
-        return widths
-
-    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return contiguous_image_positions(input_ids, self.image_token_id, self.num_image_tokens)
+        return {**taps, **self.llm_taps()}
 
     def forward(self, input_ids, pixel_values, attention_mask, **kwargs):
         """The native forward; a 4D ``attention_mask`` replaces every layer's mask as given.

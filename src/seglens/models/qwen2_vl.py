@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from seglens.models.base import ModelFamily, Tap
-from seglens.models.gemma3 import contiguous_image_positions
 
 DEFAULT_IMAGE_SIZE = 448
 IMAGE_TOKEN = "<|image_pad|>"
@@ -74,13 +73,11 @@ class Qwen2VLFamily(ModelFamily):
     model_types = ("qwen2_vl",)
     description = "Qwen2-VL (Qwen2VLForConditionalGeneration; 2x2-merged patches, fixed size)"
     hf_processor = False  # Qwen2VLProcessor needs torchvision (its video processor)
+    vision_layers_key = "depth"
 
     def __init__(self, model: nn.Module):
-        super().__init__(model)
+        super().__init__(model)  # _inner: Qwen2VLModel (visual: blocks + merger, language_model)
         cfg = model.config
-        self._vision_cfg = cfg.vision_config
-        self._text_cfg = cfg.text_config
-        self._inner = model.model  # Qwen2VLModel: visual (blocks, merger), language_model
         self._merge = int(self._vision_cfg.spatial_merge_size)
         self._size = int(getattr(cfg, "seglens_image_size", None) or DEFAULT_IMAGE_SIZE)
         unit = self.patch_size * self._merge
@@ -93,22 +90,6 @@ class Qwen2VLFamily(ModelFamily):
         self._grid = (side, side)
 
     # --- facts ------------------------------------------------------------------------------------
-    @property
-    def num_vision_layers(self) -> int:
-        return int(self._vision_cfg.depth)
-
-    @property
-    def num_llm_layers(self) -> int:
-        return int(self._text_cfg.num_hidden_layers)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self._grid
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
     @property
     def image_size(self) -> int:
         return self._size
@@ -128,11 +109,13 @@ class Qwen2VLFamily(ModelFamily):
         """Dv, the width of the vision blocks."""
         return int(self._vision_cfg.embed_dim)
 
+    @property
+    def vision_stage_width(self) -> int:
+        # vision.{i} and encoder concatenate each 2x2 unit's patch features (merge_units).
+        return self.vision_width * self._merge**2
+
     def image_placeholder(self, processor) -> str:
         return getattr(processor, "image_token", None) or IMAGE_TOKEN
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self._inner.language_model.layers
 
     # --- token layout -----------------------------------------------------------------------------
     def unit_order(self) -> torch.Tensor | None:
@@ -164,23 +147,7 @@ class Qwen2VLFamily(ModelFamily):
         }
         taps["encoder"] = Tap(visual.merger, "input", "fn", self.merge_units)
         taps["adapter"] = Tap(visual.merger, "output", "fn", self.merged_tokens)
-        for i, layer in enumerate(self.decoder_layers()):
-            taps[f"llm.{i + 1}"] = Tap(layer, "output", "image_positions")
-        taps["llm.final_norm"] = Tap(self._inner.language_model.norm, "output", "image_positions")
-        return taps
-
-    def stage_widths(self) -> dict[str, int]:
-        dv = self.vision_width * self._merge**2
-        dt = int(self._text_cfg.hidden_size)
-        widths = {f"vision.{i + 1}": dv for i in range(self.num_vision_layers)}
-        widths["encoder"] = dv
-        widths["adapter"] = dt
-        widths.update({f"llm.{i + 1}": dt for i in range(self.num_llm_layers)})
-        widths["llm.final_norm"] = dt
-        return widths
-
-    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return contiguous_image_positions(input_ids, self.image_token_id, self.num_image_tokens)
+        return {**taps, **self.llm_taps()}
 
     # --- forward ----------------------------------------------------------------------------------
     def model_inputs(

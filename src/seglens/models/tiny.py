@@ -2,7 +2,8 @@
 
 They exercise exactly the code paths of real checkpoints (a byte-level fast tokenizer with a
 LLaVA-1.5 chat template, a CLIP-style image processor config, ``save_pretrained`` and
-``load_model`` on the saved folder), only small enough for a 2-core CPU.
+``load_model`` on the saved folder), only small enough for a 2-core CPU. The pieces every tiny
+builder shares (tokenizer, config sizes, seeded construction) live here too.
 """
 
 from __future__ import annotations
@@ -33,8 +34,22 @@ CHAT_TEMPLATE = (
 )
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (no merges) with <pad>=0, <s>=1, </s>=2, <unk>=3 and <image>."""
+def special_byte_tokenizer(
+    named: dict[str, str],
+    chat_template: str,
+    *,
+    others: tuple[str, ...] = (),
+    add_bos: bool = True,
+) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (no merges): <pad>=0, <s>=1, </s>=2, <unk>=3, bytes, then specials.
+
+    Args:
+        named: attribute -> token (e.g. ``{"image_token": "<image>"}``); each becomes an atomic
+            special token and a tokenizer attribute (``tok.image_token``, ``tok.image_token_id``).
+        chat_template: the Jinja chat template.
+        others: more atomic special tokens without an attribute (turn markers).
+        add_bos: prepend <s> when encoding.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -43,20 +58,88 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
-    )
+    if add_bos:
+        core.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+        )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens=dict(named),
     )
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    tok.chat_template = CHAT_TEMPLATE
+    tok.add_special_tokens({"additional_special_tokens": [*named.values(), *others]})
+    tok.chat_template = chat_template
     return tok
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """The LLaVA-1.5 byte-level tokenizer: <pad>=0, <s>=1, </s>=2, <unk>=3, bytes, <image>."""
+    return special_byte_tokenizer({"image_token": IMAGE_TOKEN}, CHAT_TEMPLATE)
+
+
+def text_kwargs(vocab_size: int, width: int, layers: int, heads: int) -> dict:
+    """The sizes and special ids every tiny LLM config shares (MLP 2x wide, heads/2 KV heads)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def vision_kwargs(width: int, layers: int, heads: int, image_size: int, patch_size: int) -> dict:
+    """The sizes every tiny ViT config (CLIP, SigLIP, DINOv2) shares (MLP 2x wide)."""
+    return dict(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+
+
+def build_seeded(model_cls, config, seed: int, dtype: torch.dtype, init=None):
+    """``model_cls(config)`` in eval mode and ``dtype``, its weights drawn from ``seed``.
+
+    The construction (and ``init(model)``, under ``no_grad``) runs under a private RNG, so the
+    global RNG is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+        if init is not None:
+            with torch.no_grad():
+                init(model)
+    return model.to(dtype).eval()
+
+
+def llava_processor(
+    processor_cls, image_processor, tokenizer, patch_size: int, strategy: str, extra: int
+):
+    """A LLaVA-style processor (``LlavaProcessor``, ``LlavaNextProcessor``), LLaVA chat template.
+
+    Args:
+        strategy: ``vision_feature_select_strategy`` (``default`` drops the CLS token).
+        extra: tokens the tower adds before the patches (1 for a CLS token).
+    """
+    return processor_cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=extra,
+    )
 
 
 def tiny_llava_hf(
@@ -87,14 +170,7 @@ def tiny_llava_hf(
         raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
     tokenizer = byte_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    common = dict(
-        hidden_size=vision_width,
-        intermediate_size=2 * vision_width,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=heads,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
+    common = vision_kwargs(vision_width, vision_layers, heads, image_size, patch_size)
     if vision == "clip":
         vision_config, strategy, extra = CLIPVisionConfig(**common), "default", 1
     elif vision == "siglip":
@@ -102,18 +178,7 @@ def tiny_llava_hf(
     else:
         common.pop("intermediate_size")
         vision_config, strategy, extra = Dinov2Config(mlp_ratio=2, **common), "default", 1
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer) + 8,
-        hidden_size=text_width,
-        intermediate_size=2 * text_width,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads // 2,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    text_config = LlamaConfig(**text_kwargs(len(tokenizer) + 8, text_width, text_layers, heads))
     grid = image_size // patch_size
     config = LlavaConfig(
         vision_config=vision_config,
@@ -125,10 +190,7 @@ def tiny_llava_hf(
         projector_hidden_act="gelu",
     )
     config._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model = model.to(dtype).eval()
+    model = build_seeded(LlavaForConditionalGeneration, config, seed, dtype)
     if vision == "siglip":
         image_processor = CLIPImageProcessorPil(
             size={"height": image_size, "width": image_size},
@@ -144,12 +206,7 @@ def tiny_llava_hf(
             image_mean=CLIP_MEAN,
             image_std=CLIP_STD,
         )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy=strategy,
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=extra,
+    processor = llava_processor(
+        LlavaProcessor, image_processor, tokenizer, patch_size, strategy, extra
     )
     return model, processor

@@ -10,6 +10,19 @@ from __future__ import annotations
 
 import torch
 
+from seglens.models.tiny import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGE_TOKEN,
+    build_seeded,
+    byte_tokenizer,
+    llava_processor,
+    special_byte_tokenizer,
+    text_kwargs,
+    vision_kwargs,
+)
+from seglens.models.tiny_qwen import tiny_qwen2_vl_hf
+
 GEMMA3_TEMPLATE = (
     "{% for message in messages %}<start_of_turn>"
     "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
@@ -22,59 +35,6 @@ GEMMA3_TOKENS = {
     "eoi_token": "<end_of_image>",
     "image_token": "<image_soft_token>",
 }
-
-
-def special_byte_tokenizer(
-    named: dict[str, str],
-    chat_template: str,
-    *,
-    others: tuple[str, ...] = (),
-    add_bos: bool = True,
-):
-    """A byte-level tokenizer (no merges): <pad>=0, <s>=1, </s>=2, <unk>=3, bytes, then specials.
-
-    Args:
-        named: attribute -> token (e.g. ``{"image_token": "<image>"}``); each becomes an atomic
-            special token and a tokenizer attribute (``tok.image_token``, ``tok.image_token_id``).
-        chat_template: the Jinja chat template.
-        others: more atomic special tokens without an attribute (turn markers).
-        add_bos: prepend <s> when encoding.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    if add_bos:
-        core.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
-        )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special_tokens=dict(named),
-    )
-    tok.add_special_tokens({"additional_special_tokens": [*named.values(), *others]})
-    tok.chat_template = chat_template
-    return tok
-
-
-def _seeded(model_cls, config, seed: int, dtype: torch.dtype, init=None):
-    """Build ``model_cls(config)`` under a private RNG; ``init(model)`` runs under it too."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config)
-        if init is not None:
-            with torch.no_grad():
-                init(model)
-    return model.to(dtype).eval()
 
 
 def _init_gemma3_projector(model) -> None:
@@ -128,28 +88,14 @@ def tiny_gemma3_hf(
     ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in GEMMA3_TOKENS.items()}
     head_dim = text_width // heads
     text_config = Gemma3TextConfig(
-        vocab_size=len(tokenizer) + 8,
-        hidden_size=text_width,
-        intermediate_size=2 * text_width,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads // 2,
+        **text_kwargs(len(tokenizer) + 8, text_width, text_layers, heads),
         head_dim=head_dim,
         query_pre_attn_scalar=head_dim,
         sliding_window=sliding_window,
         sliding_window_pattern=2,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
     )
     vision_config = SiglipVisionConfig(
-        hidden_size=vision_width,
-        intermediate_size=2 * vision_width,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=heads,
-        image_size=image_size,
-        patch_size=patch_size,
+        **vision_kwargs(vision_width, vision_layers, heads, image_size, patch_size)
     )
     config = Gemma3Config(
         text_config=text_config,
@@ -160,7 +106,7 @@ def tiny_gemma3_hf(
         image_token_index=ids["image_token"],
     )
     config._attn_implementation = attn_implementation
-    model = _seeded(
+    model = build_seeded(
         Gemma3ForConditionalGeneration, config, seed, dtype, init=_init_gemma3_projector
     )
     image_processor = Gemma3ImageProcessorPil(
@@ -210,32 +156,14 @@ def tiny_llava_next_hf(
         LlavaNextImageProcessorPil,
     )
 
-    from seglens.models.tiny import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, byte_tokenizer
-
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
     pinpoints = [list(p) for p in (grid_pinpoints or ((image_size, image_size),))]
     tokenizer = byte_tokenizer()
     vision_config = CLIPVisionConfig(
-        hidden_size=vision_width,
-        intermediate_size=2 * vision_width,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=heads,
-        image_size=image_size,
-        patch_size=patch_size,
+        **vision_kwargs(vision_width, vision_layers, heads, image_size, patch_size)
     )
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer) + 8,
-        hidden_size=text_width,
-        intermediate_size=2 * text_width,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads // 2,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    text_config = LlamaConfig(**text_kwargs(len(tokenizer) + 8, text_width, text_layers, heads))
     config = LlavaNextConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -246,7 +174,7 @@ def tiny_llava_next_hf(
         projector_hidden_act="gelu",
     )
     config._attn_implementation = attn_implementation
-    model = _seeded(LlavaNextForConditionalGeneration, config, seed, dtype)
+    model = build_seeded(LlavaNextForConditionalGeneration, config, seed, dtype)
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -254,13 +182,8 @@ def tiny_llava_next_hf(
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
     )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
+    processor = llava_processor(
+        LlavaNextProcessor, image_processor, tokenizer, patch_size, "default", 1
     )
     return model, processor
 
@@ -311,34 +234,17 @@ def tiny_paligemma_hf(
     image_processor.image_seq_length = (image_size // patch_size) ** 2
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     vocab = len(tokenizer) + 8
-    text_kwargs = {
-        "vocab_size": vocab,
-        "hidden_size": text_width,
-        "intermediate_size": 2 * text_width,
-        "num_hidden_layers": text_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads // 2,
-        "head_dim": text_width // heads,
-        "max_position_embeddings": 2048,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    }
+    sizes = dict(text_kwargs(vocab, text_width, text_layers, heads), head_dim=text_width // heads)
     if text == "gemma2":
         from transformers import Gemma2Config
 
         text_config = Gemma2Config(
-            **text_kwargs, sliding_window=512, query_pre_attn_scalar=text_width // heads
+            **sizes, sliding_window=512, query_pre_attn_scalar=text_width // heads
         )
     else:
-        text_config = GemmaConfig(**text_kwargs)
+        text_config = GemmaConfig(**sizes)
     vision_config = SiglipVisionConfig(
-        hidden_size=vision_width,
-        intermediate_size=2 * vision_width,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=heads,
-        image_size=image_size,
-        patch_size=patch_size,
+        **vision_kwargs(vision_width, vision_layers, heads, image_size, patch_size),
         vision_use_head=False,
     )
     config = PaliGemmaConfig(
@@ -350,26 +256,19 @@ def tiny_paligemma_hf(
         vocab_size=vocab,
     )
     config._attn_implementation = attn_implementation
-    model = _seeded(PaliGemmaForConditionalGeneration, config, seed, dtype)
+    model = build_seeded(PaliGemmaForConditionalGeneration, config, seed, dtype)
     return model, processor
-
-
-def tiny_qwen2_vl(**kwargs):
-    """``tiny_qwen.tiny_qwen2_vl_hf`` (imported on use: that module imports this one)."""
-    from seglens.models.tiny_qwen import tiny_qwen2_vl_hf
-
-    return tiny_qwen2_vl_hf(**kwargs)
 
 
 def tiny_qwen2_5_vl(**kwargs):
     """``tiny_qwen.tiny_qwen2_vl_hf`` with ``version="2.5"``."""
-    return tiny_qwen2_vl(version="2.5", **kwargs)
+    return tiny_qwen2_vl_hf(version="2.5", **kwargs)
 
 
 TINY_BUILDERS = {
     "gemma3": tiny_gemma3_hf,
     "llava_next": tiny_llava_next_hf,
-    "qwen2_vl": tiny_qwen2_vl,
+    "qwen2_vl": tiny_qwen2_vl_hf,
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "paligemma": tiny_paligemma_hf,
 }

@@ -10,8 +10,13 @@ from __future__ import annotations
 import torch
 
 from seglens.models.processing import TextImageProcessor
-from seglens.models.tiny import CLIP_MEAN, CLIP_STD
-from seglens.models.tiny_families import _seeded, special_byte_tokenizer
+from seglens.models.tiny import (
+    CLIP_MEAN,
+    CLIP_STD,
+    build_seeded,
+    special_byte_tokenizer,
+    text_kwargs,
+)
 
 QWEN_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -77,21 +82,12 @@ def tiny_qwen2_vl_hf(
     head_dim = text_width // heads
     third = head_dim // 2 // 3
     text_config = dict(
-        vocab_size=len(tokenizer) + 8,
-        hidden_size=text_width,
-        intermediate_size=2 * text_width,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads // 2,
-        max_position_embeddings=2048,
+        text_kwargs(len(tokenizer) + 8, text_width, text_layers, heads),
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 10000.0,
             "mrope_section": [head_dim // 2 - 2 * third, third, third],
         },
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
     )
     common = dict(depth=vision_layers, num_heads=heads, patch_size=patch, spatial_merge_size=merge)
     if version == "2":
@@ -117,7 +113,7 @@ def tiny_qwen2_vl_hf(
     )
     config.seglens_image_size = image_size
     config._attn_implementation = attn_implementation
-    model = _seeded(model_cls, config, seed, dtype)
+    model = build_seeded(model_cls, config, seed, dtype)
     pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": pixels, "longest_edge": pixels},
