@@ -183,7 +183,7 @@ def test_crash_anywhere_then_resume_equals_uninterrupted(
 def test_crash_while_writing_then_resume(tmp_path, small_vlm, reference_runs):
     vlm, out = small_vlm, tmp_path / "run"
     config = _config(out, "--solver", "sgd", "--epochs", "2")
-    target = "seglens.experiments.probing._draw_figures"
+    target = "seglens.report.figures.draw_all"
     with mock.patch(target, side_effect=Crash), pytest.raises(Crash):
         run_probing(config, vlm=vlm, progress=False)
     with _crash_after(vlm, 0):  # everything up to the writing is restored, nothing recomputed

@@ -171,10 +171,11 @@ def test_run_umap_errors_name_the_problem(tmp_path, run_dir, tiny_vlm):
         run_umap(run_dir, vlm=tiny_vlm, config=config)
 
 
-def test_run_umap_without_draw_all(run_dir, tiny_vlm, monkeypatch):
-    monkeypatch.setitem(sys.modules, "seglens.report.figures", types.ModuleType("figures"))
+def test_run_umap_without_drawing(run_dir, tiny_vlm, drawn):
     config = load_config(run_dir / "config.yaml", **{"umap.stages": ["adapter"]})
-    assert run_umap(run_dir, vlm=tiny_vlm, config=config, progress=False)["tokens"] == 200
+    section = run_umap(run_dir, vlm=tiny_vlm, config=config, progress=False, draw=False)
+    assert section["tokens"] == 200
+    assert drawn == []
 
 
 def test_cli_umap(run_dir, capsys, drawn):

@@ -58,6 +58,7 @@ def run_bidirectional(
     vlm: VLM | None = None,
     progress: bool = True,
     layer: int | None = None,
+    draw: bool = True,
 ) -> dict[str, Any]:
     """Train and score probes under bidirectional image attention; compare with the causal run.
 
@@ -76,6 +77,7 @@ def run_bidirectional(
         progress: show progress bars.
         layer: 1-based LLM layer of the per-position accuracy; default ``bidir.layer`` of the
             config, else the middle layer ``ceil(L / 2)``.
+        draw: redraw the run's figures afterwards (``seglens run`` draws once, at the end).
 
     Returns:
         The ``bidirectional`` section: ``{"layer": "llm.k", "conditions", "miou": {condition:
@@ -157,7 +159,8 @@ def run_bidirectional(
     results = read_json(run_dir / RESULTS)
     results["bidirectional"] = section
     write_json(run_dir / RESULTS, results)
-    from seglens.report.figures import draw_all
+    if draw:
+        from seglens.report.figures import draw_all
 
-    draw_all(run_dir)
+        draw_all(run_dir)
     return section

@@ -426,7 +426,12 @@ def _check(settings: KnockoutConfig, num_layers: int, probed: Sequence[str]) -> 
 
 # --- the run ------------------------------------------------------------------------------------
 def run_knockout(
-    run_dir: str | Path, *, vlm: VLM | None = None, progress: bool = True, **overrides: Any
+    run_dir: str | Path,
+    *,
+    vlm: VLM | None = None,
+    progress: bool = True,
+    draw: bool = True,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """The attention-knockout experiment on a probing run; the API behind ``seglens knockout``.
 
@@ -444,6 +449,7 @@ def run_knockout(
         run_dir: a probing run directory.
         vlm: the model to use instead of building the one the config names (must match it).
         progress: show progress bars.
+        draw: redraw the run's figures afterwards (``seglens run`` draws once, at the end).
         **overrides: ``KnockoutConfig`` fields, e.g. ``top_k=3, layers=(3, 4)``; None = as saved.
 
     Returns:
@@ -556,7 +562,8 @@ def run_knockout(
     results = read_json(run_dir / RESULTS)
     results["knockout"] = section
     write_json(run_dir / RESULTS, results)
-    from seglens.report.figures import draw_all
+    if draw:
+        from seglens.report.figures import draw_all
 
-    draw_all(run_dir)
+        draw_all(run_dir)
     return section

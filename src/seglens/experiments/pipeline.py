@@ -73,26 +73,40 @@ def run(config: RunConfig | str | Path, *, progress: bool = True, **overrides) -
         (
             "probing",
             lambda: run_probing(
-                config, vlm=vlm, progress=progress, on_eval_batch=feed if sampler else None
+                config,
+                vlm=vlm,
+                progress=progress,
+                on_eval_batch=feed if sampler else None,
+                draw=False,
             ),
         )
     ]
     if config.knockout.enabled:
-        steps.append(("knockout", lambda: run_knockout(config.out, vlm=vlm, progress=progress)))
+        steps.append(
+            ("knockout", lambda: run_knockout(config.out, vlm=vlm, progress=progress, draw=False))
+        )
     if config.bidir.enabled:
         steps.append(
-            ("bidirectional", lambda: run_bidirectional(config.out, vlm=vlm, progress=progress))
+            (
+                "bidirectional",
+                lambda: run_bidirectional(config.out, vlm=vlm, progress=progress, draw=False),
+            )
         )
     if config.umap.enabled:
         steps.append(
-            ("umap", lambda: run_umap(config.out, vlm=vlm, sampler=sampler, progress=progress))
+            (
+                "umap",
+                lambda: run_umap(
+                    config.out, vlm=vlm, sampler=sampler, progress=progress, draw=False
+                ),
+            )
         )
     for name, step in steps:
         start = time.perf_counter()
         log.info("%s: starting", name)
         step()
         log.info("%s: done in %.1f s", name, time.perf_counter() - start)
-    return write_report(config.out)
+    return write_report(config.out, redraw=True)  # every figure, drawn once
 
 
 def demo(out: str | None = None, *, progress: bool = True) -> Path:

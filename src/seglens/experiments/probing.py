@@ -115,6 +115,7 @@ def run_probing(
     vlm: VLM | None = None,
     progress: bool = True,
     on_eval_batch: Callable[[Batch, dict[str, torch.Tensor]], None] | None = None,
+    draw: bool = True,
 ) -> dict:
     """The layerwise probing experiment behind ``seglens probe``; returns ``results.json``'s data.
 
@@ -132,6 +133,7 @@ def run_probing(
         vlm: an already loaded model (default: ``build_model(config.model)``).
         progress: show progress bars.
         on_eval_batch: passed to ``evaluate_probes`` as ``on_batch`` (shares its forward pass).
+        draw: redraw the run's figures afterwards (``seglens run`` draws once, at the end).
     """
     from seglens.experiments.common import build_dataset, build_model
 
@@ -212,8 +214,10 @@ def run_probing(
         save_arrays(run_dir / out["qualitative"]["file"], **results.qualitative)
     clean = clean_condition(out)
     out["probing"][clean] = write_condition(run_dir, clean, results, bank)
-    if rank == 0:
-        _draw_figures(run_dir)
+    if rank == 0 and draw:
+        from seglens.report.figures import draw_all
+
+        draw_all(run_dir)
         out = read_json(run_dir / RESULTS)
     ckpt.complete()
     log.info("probing results in %s", run_dir / RESULTS)
@@ -225,12 +229,3 @@ def _fingerprint(config: RunConfig) -> dict:
     full = _plain(config.to_dict())
     data = {k: v for k, v in full["data"].items() if k != "num_workers"}
     return {"seed": full["seed"], "model": full["model"], "data": data, "probe": full["probe"]}
-
-
-def _draw_figures(run_dir: Path) -> None:
-    try:
-        from seglens.report.figures import draw_all
-    except ImportError:
-        log.info("seglens.report.figures is not available; no figures drawn")
-        return
-    draw_all(run_dir)

@@ -8,7 +8,6 @@ and a 2D UMAP embedding saved for the figures.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from collections.abc import Sequence
@@ -327,6 +326,7 @@ def run_umap(
     config: RunConfig | None = None,
     sampler: TokenSampler | None = None,
     progress: bool = True,
+    draw: bool = True,
 ) -> dict[str, Any]:
     """Project the tokens of a run's evaluation split per stage and score their clustering.
 
@@ -344,6 +344,7 @@ def run_umap(
             evaluation split in the same order, e.g. the probing evaluation; then no forward pass
             runs here. Without one, this function makes its own pass.
         progress: show a progress bar.
+        draw: redraw the run's figures afterwards (``seglens run`` draws once, at the end).
 
     Returns:
         The ``umap`` section written: ``{"stages", "file", "tokens", "scores": {stage:
@@ -408,21 +409,8 @@ def run_umap(
     results = read_json(run_dir / RESULTS)
     results["umap"] = section
     write_json(run_dir / RESULTS, results)
-    _draw_figures(run_dir)
+    if draw:
+        from seglens.report.figures import draw_all
+
+        draw_all(run_dir)
     return section
-
-
-def _draw_figures(run_dir: Path) -> None:
-    """Redraw the run's figures when the report package is there (it is optional here)."""
-    try:
-        figures = importlib.import_module("seglens.report.figures")
-    except ModuleNotFoundError as e:
-        if e.name not in ("seglens.report", "seglens.report.figures"):
-            raise  # a dependency of the figures module is missing: say so, do not hide it
-        log.info("seglens.report.figures is not available; figures not drawn")
-        return
-    draw_all = getattr(figures, "draw_all", None)
-    if draw_all is None:
-        log.info("seglens.report.figures has no draw_all(); figures not drawn")
-        return
-    draw_all(run_dir)
