@@ -45,3 +45,37 @@ def random_images():
 
 
 TWO_PROMPTS = ["Describe the image.", "What is in this picture? Answer in detail."]
+
+
+def results_of(run) -> dict:
+    """The ``results.json`` of a run directory."""
+    import json
+
+    return json.loads((run / "results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def make_probe_run(tmp_path_factory, tiny_models):
+    """A factory of small lda probing runs on tiny-clip (a fresh directory per call)."""
+    from seglens.config import load_config
+    from seglens.experiments.probing import run_probing
+
+    def make(name: str):
+        run = tmp_path_factory.mktemp(name) / "run"
+        config = load_config(
+            **{
+                "model.name": "tiny-clip",
+                "data.dataset": "synthetic",
+                "data.limit_train": 16,
+                "data.limit_eval": 8,
+                "probe.solver": "lda",
+                "probe.bootstrap": 0,
+                "probe.pixel_level": False,
+                "probe.qualitative": 1,
+                "out": str(run),
+            }
+        )
+        run_probing(config, vlm=tiny_models("clip"), progress=False)
+        return run
+
+    return make

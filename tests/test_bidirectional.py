@@ -4,43 +4,21 @@ stages before the LLM do not move (the intervention acts only inside it)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
+from conftest import results_of
 from seglens.cli import main
-from seglens.config import load_config
 from seglens.experiments.bidirectional import default_layer, run_bidirectional
-from seglens.experiments.probing import run_probing
 from seglens.probes import ProbeBank
 from seglens.results import load_arrays
 
 STAGES = ["encoder", "adapter", "llm.1", "llm.2", "llm.3", "llm.4"]
 
 
-def results_of(run) -> dict:
-    return json.loads((run / "results.json").read_text())
-
-
 @pytest.fixture(scope="module")
-def probe_run(tmp_path_factory, tiny_models):
-    run = tmp_path_factory.mktemp("bidir") / "run"
-    config = load_config(
-        **{
-            "model.name": "tiny-clip",
-            "data.dataset": "synthetic",
-            "data.limit_train": 16,
-            "data.limit_eval": 8,
-            "probe.solver": "lda",
-            "probe.bootstrap": 0,
-            "probe.pixel_level": False,
-            "probe.qualitative": 1,
-            "out": str(run),
-        }
-    )
-    run_probing(config, vlm=tiny_models("clip"), progress=False)
-    return run
+def probe_run(make_probe_run):
+    return make_probe_run("bidir")
 
 
 @pytest.fixture(scope="module")

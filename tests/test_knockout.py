@@ -5,12 +5,12 @@ first layer; an empty key set changes nothing; pair selection and random control
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 
 import numpy as np
 import pytest
 
+from conftest import results_of
 from seglens.cli import main
 from seglens.config import load_config
 from seglens.experiments.common import build_dataset
@@ -26,35 +26,15 @@ from seglens.experiments.knockout import (
     run_knockout,
     select_pairs,
 )
-from seglens.experiments.probing import run_probing
 from seglens.probes import ProbeBank, load_probe
 
 LLM = [f"llm.{i}" for i in range(1, 5)]
 SMALL = {"top_k": 2, "max_images": 2, "min_support": 5}
 
 
-def results_of(run) -> dict:
-    return json.loads((run / "results.json").read_text())
-
-
 @pytest.fixture(scope="module")
-def probe_run(tmp_path_factory, tiny_models):
-    run = tmp_path_factory.mktemp("knockout") / "probe"
-    config = load_config(
-        **{
-            "model.name": "tiny-clip",
-            "data.dataset": "synthetic",
-            "data.limit_train": 16,
-            "data.limit_eval": 8,
-            "probe.solver": "lda",
-            "probe.bootstrap": 0,
-            "probe.pixel_level": False,
-            "probe.qualitative": 1,
-            "out": str(run),
-        }
-    )
-    run_probing(config, vlm=tiny_models("clip"), progress=False)
-    return run
+def probe_run(make_probe_run):
+    return make_probe_run("knockout")
 
 
 def copy_run(probe_run, name: str):
