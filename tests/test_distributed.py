@@ -121,3 +121,51 @@ def test_interleave_restores_strided_order():
     # A rank that skipped a sample: lengths no longer fit a strided shard, so concatenate.
     uneven = [rows[:1], rows[1:4], rows[4:5]]
     np.testing.assert_array_equal(interleave(uneven), rows[:5])
+
+
+def test_full_run_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun -m seglens run`: probing and bidirectional (lda) equal one process to 1e-6, the
+    knockout (images of each pair sharded over ranks, counts summed) selects the same pairs with
+    the same token support, and UMAP (rank 0) gives the same sample."""
+    import yaml
+
+    def config(out: Path, batch: int) -> Path:
+        data = {
+            "out": str(out),
+            "seed": 3,
+            "model": {"name": "tiny-clip", "device": "cpu"},
+            "data": {
+                "dataset": "synthetic",
+                "limit_train": 16,
+                "limit_eval": 8,
+                "batch_size": batch,
+            },
+            "probe": {"solver": "lda", "bootstrap": 0, "qualitative": 0},
+            "knockout": {"top_k": 2, "min_support": 2},
+            "umap": {"tokens": 100, "neighbors": 5},
+        }
+        path = out.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["run", "--config", str(config(one, 4))]) == 0
+    done = torchrun("run", "--config", str(config(two, 2)), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r1, r2 = (json.loads((r / "results.json").read_text()) for r in (one, two))
+    for condition in ("causal", "bidirectional_image"):
+        assert_close(
+            r1["probing"][condition]["metrics"],
+            r2["probing"][condition]["metrics"],
+            1e-6,
+            condition,
+        )
+    k1, k2 = r1["knockout"], r2["knockout"]
+    assert [p["classes"] for p in k1["pairs"]] == [p["classes"] for p in k2["pairs"]]
+    assert [p["support"] for p in k1["pairs"]] == [p["support"] for p in k2["pairs"]]
+    assert_close(k1["curves"]["none"], k2["curves"]["none"], 1e-6, "knockout none")
+    assert_close(k1["curves"], k2["curves"], 0.05, "knockout curves")
+    u1, u2 = (np.load(r / "arrays/umap.npz") for r in (one, two))
+    for name in u1.files:
+        np.testing.assert_array_equal(u1[name], u2[name], err_msg=name)
+    assert (two / "report.html").is_file()

@@ -28,6 +28,7 @@ import torch
 
 from seglens.config import KnockoutConfig, RunConfig, load_config
 from seglens.data import SegDataset, iterate_samples
+from seglens.distributed import gather_object, rank_world
 from seglens.interventions import Knockout, TokenSet, intervene
 from seglens.models import VLM, Batch
 from seglens.probes import load_probe
@@ -370,6 +371,16 @@ def _run_pair(
     return counts, sweep
 
 
+def _sum_over_ranks(counts: dict, sweep: dict) -> tuple[dict, dict]:
+    """Every rank's count tables summed key by key (each rank ran a shard of the images)."""
+    total: tuple[dict, dict] = ({}, {})
+    for part in gather_object((counts, sweep)):
+        for table, local in zip(total, part, strict=True):
+            for key, value in local.items():
+                table[key] = table.get(key, 0) + value
+    return total
+
+
 def _score_pair(
     counts: Mapping[tuple, np.ndarray],
     sweep: Mapping[tuple, np.ndarray],
@@ -494,6 +505,7 @@ def run_knockout(
         config.data, config.data.eval_split, config.data.limit_eval, config.seed
     )
     names = list(dataset.class_names)
+    rank, world = rank_world()
     image_ids, labels = _scan_labels(vlm, dataset, config, progress)
     windows = (
         layer_windows(vlm.num_llm_layers, settings.window_sweep) if settings.window_sweep else []
@@ -511,10 +523,14 @@ def run_knockout(
             continue
         indices = [image_ids[r] for r in found]
         desc = f"knockout {entry['names'][0]}/{entry['names'][1]}"
-        batches = stream_batches(vlm, dataset, indices, config, desc, progress)
+        # Under torchrun each rank runs every W-th image of the pair; counts are summed.
+        local = indices[rank::world]
+        batches = stream_batches(vlm, dataset, local, config, desc, progress)
         counts, sweep = _run_pair(
             vlm, batches, probes, reference, llm_stages, pair, settings, windows, config.seed
         )
+        if world > 1:
+            counts, sweep = _sum_over_ranks(counts, sweep)
         none = counts["none", 0][0]
         incorrect = int(none[COUNT_FIELDS.index("ref_incorrect")])
         support = int(none[COUNT_FIELDS.index("tokens")])
@@ -558,6 +574,8 @@ def run_knockout(
         "settings": asdict(settings),
         "seed": config.seed,
     }
+    if rank != 0:  # every rank holds the summed counts; one writes
+        return section
     # Read again right before writing: other analyses may have added sections meanwhile.
     results = read_json(run_dir / RESULTS)
     results["knockout"] = section

@@ -55,7 +55,7 @@ def run(config: RunConfig | str | Path, *, progress: bool = True, **overrides) -
         config = load_config(config, **overrides)
     elif overrides:
         config = config.replace(**overrides)
-    from seglens.distributed import world
+    from seglens.distributed import barrier, is_main, world
     from seglens.experiments.probing import resolve_stages
     from seglens.experiments.umap import umap_sampler
 
@@ -105,8 +105,13 @@ def run(config: RunConfig | str | Path, *, progress: bool = True, **overrides) -
         start = time.perf_counter()
         log.info("%s: starting", name)
         step()
+        barrier()  # under torchrun the next analysis reads what rank 0 just wrote
         log.info("%s: done in %.1f s", name, time.perf_counter() - start)
-    return write_report(config.out, redraw=True)  # every figure, drawn once
+    report = Path(config.out) / "report.html"
+    if is_main():
+        report = write_report(config.out, redraw=True)  # every figure, drawn once
+    barrier()
+    return report
 
 
 def demo(out: str | None = None, *, progress: bool = True) -> Path:

@@ -220,6 +220,7 @@ def run_probing(
         draw_all(run_dir)
         out = read_json(run_dir / RESULTS)
     ckpt.complete()
+    barrier()  # under torchrun no rank goes on before rank 0 has written the results
     log.info("probing results in %s", run_dir / RESULTS)
     return out
 

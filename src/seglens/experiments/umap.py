@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from seglens import distributed
 from seglens.config import RunConfig, load_config
 from seglens.data import IGNORE_INDEX, SegDataset, iterate_samples
 from seglens.models import VLM
@@ -354,6 +355,10 @@ def run_umap(
 
     run_dir = Path(run_dir)
     read_json(run_dir / RESULTS)  # fail before any model work when this is not a run directory
+    if distributed.rank() != 0:
+        # A few thousand tokens need no data parallelism: rank 0 samples, embeds and writes.
+        distributed.barrier()
+        return read_json(run_dir / RESULTS).get("umap", {})
     if config is None:
         config = load_config(run_dir / CONFIG)
     if vlm is None:
@@ -413,4 +418,5 @@ def run_umap(
         from seglens.report.figures import draw_all
 
         draw_all(run_dir)
+    distributed.barrier()
     return section
