@@ -163,3 +163,11 @@ def test_model_errors(tmp_path):
         load_model(str(tmp_path))
     with pytest.raises(ValueError, match="sdpa"):
         load_model("tiny-clip", attn_implementation="flash_attention_2")
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        with pytest.raises(ValueError, match=r"needs the accelerate package.*seglens\[gpu\]"):
+            load_model("tiny-clip", device_map="auto")
+    else:
+        with pytest.raises(ValueError, match="use --device instead"):
+            load_model("tiny-clip", device_map="auto")

@@ -247,6 +247,19 @@ def load_model(
             f"attn_implementation {attn_implementation!r}: seglens needs a backend that honours "
             "custom 4D masks; use 'sdpa' (default) or 'eager'"
         )
+    if device_map is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise ValueError(
+                f"device_map={device_map!r} needs the accelerate package to place the model; "
+                "install it with: pip install 'seglens[gpu]' (or pip install accelerate)"
+            )
+        if name_or_path in TINY_MODELS:
+            raise ValueError(
+                f"device_map is for checkpoints too big for one device; {name_or_path} is a "
+                "tiny test model: use --device instead"
+            )
     if name_or_path in TINY_MODELS:
         spec = dict(TINY_MODELS[name_or_path])
         build = partial(tiny_model, spec.pop("family")) if "family" in spec else tiny_llava
