@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from seglens.cli import main
@@ -44,3 +45,23 @@ def test_run_end_to_end(model, native, tmp_path):
     for section in ("knockout", "bidirectional", "umap", "figures"):
         assert results[section], section
     assert (tmp_path / "run" / "report.html").is_file()
+
+
+@pytest.mark.parametrize(("model", "differs"), [("tiny-clip", False), ("tiny-gemma3", True)])
+def test_knockout_queries_after_vs_all(model, differs, tiny_models, random_images):
+    """`knockout.queries`: "after" (later_only) and "all" are the same edge set under causal
+    attention, and differ in a natively bidirectional image block for queries before the key."""
+    from seglens.interventions import Knockout, TokenSet, intervene
+    from seglens.models import load_model
+
+    vlm = tiny_models("clip") if model == "tiny-clip" else load_model(model)
+    batch = vlm.prepare(random_images(1))
+    j = vlm.num_image_tokens // 2
+    keys = TokenSet.from_slots([j])
+    states = {}
+    for later_only in (True, False):
+        with intervene(vlm, [Knockout(keys=keys, later_only=later_only)]):
+            states[later_only] = vlm.capture(batch, ["llm.2"])["llm.2"]
+    after, every = states[True], states[False]
+    assert torch.equal(after[:, j:], every[:, j:]) or differs
+    assert (not torch.equal(after[:, :j], every[:, :j])) == differs

@@ -144,7 +144,9 @@ class KnockoutConfig:
     window_sweep: int | None = _help("also sweep windows of this many layers over depth", None)
     random_controls: int = _help("random key sets of matched size per image", 1)
     queries: str = _help(
-        "which queries lose the keys: 'after' (all tokens after) or 'all'", "after"
+        "which queries lose the keys: 'after' (tokens after the key) or 'all' (also earlier ones "
+        "in a natively bidirectional image block)",
+        "after",
     )
     max_images: int | None = _help("cap on evaluation images per pair", None)
 

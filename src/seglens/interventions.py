@@ -101,11 +101,15 @@ class Knockout:
         keys: the tokens no longer readable (e.g. ``TokenSet.from_slots(...)`` or ``"image"``).
         queries: the tokens that lose them (default ``"all"``; causality already limits a key's
             readers to later tokens).
+        later_only: block only edges whose query comes after its key in the sequence. Under
+            causal attention this changes nothing; in a natively bidirectional image block
+            (Gemma3, PaliGemma) it keeps earlier queries reading the key.
         layers: 1-based LLM layer numbers it applies to; None = every layer.
     """
 
     keys: TokenSetLike
     queries: TokenSetLike = "all"
+    later_only: bool = False
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -377,7 +381,10 @@ def allowed_edges(
         if isinstance(spec, Knockout):
             queries = _positions(spec.queries, batch, sets, device)
             keys = _positions(spec.keys, batch, sets, device)
-            allowed &= ~(queries[:, :, None] & keys[:, None, :])
+            blocked = queries[:, :, None] & keys[:, None, :]
+            if spec.later_only:
+                blocked &= (idx[:, None] > idx[None, :])[None]
+            allowed &= ~blocked
         elif isinstance(spec, CausalImage):
             # Only widenings open later keys to an image query: image -> later image
             # (BidirectionalImage) or -> later prompt (BidirectionalPrefix). Close them all.

@@ -10,8 +10,10 @@ tokens: accuracy, 2-class IoU and the recovery of tokens the reference stage got
 ``run_knockout`` is the public API behind ``seglens knockout``.
 
 Choices the protocol leaves open: random controls are drawn among the image tokens outside the
-pair first (``random_control``); every query loses the keys, which under the causal mask is the
-same edge set as "every token after the key" (``knockout.queries`` "after" and "all" agree).
+pair first (``random_control``). ``knockout.queries="after"`` (default) blocks a key for the
+tokens after it (``Knockout(later_only=True)``); ``"all"`` also for the tokens before it. Under
+causal attention the two are the same edge set; they differ in natively bidirectional image
+blocks (Gemma3, PaliGemma), where earlier image tokens read later ones.
 """
 
 from __future__ import annotations
@@ -360,7 +362,14 @@ def _run_pair(
         for (cond, draw), keys in sets.items():
             for w, window in [(None, settings.layers), *enumerate(windows)]:
                 if keys.any():  # an empty set blocks nothing: the clean predictions stand
-                    pred = predict_stages(vlm, batch, llm, keys, layers=_span(window))
+                    pred = predict_stages(
+                        vlm,
+                        batch,
+                        llm,
+                        keys,
+                        layers=_span(window),
+                        later_only=settings.queries == "after",
+                    )
                 else:
                     pred = clean
                 found = pair_counts(pred, labels, ref_correct, pair)
@@ -451,10 +460,10 @@ def run_knockout(
     stage's evaluation confusion (``arrays/probing_<condition>.npz``); selects the top-K conflicting
     pairs (``select_pairs``) and, per pair, the evaluation images holding both classes
     (``pair_images``); runs every condition of ``CONDITIONS`` on them and scores every probed
-    LLM stage. Queries: every token may lose the keys (``Knockout(queries="all")``); under the
-    causal mask only tokens after a key could read it anyway, so ``knockout.queries`` "after" and
-    "all" are the same edge set here. Adds the ``knockout`` section to ``results.json``
-    (re-read right before the atomic write) and redraws the run's figures.
+    LLM stage. Queries: the tokens after a key (``knockout.queries="after"``) or every token
+    (``"all"``) lose it; the two differ only in natively bidirectional image blocks. Adds the
+    ``knockout`` section to ``results.json`` (re-read right before the atomic write) and redraws
+    the run's figures.
 
     Args:
         run_dir: a probing run directory.
