@@ -239,3 +239,22 @@ def test_pickled_weights_are_refused(saved_tiny, tmp_path):
     torch.save(weights, folder / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="reads weights only from safetensors files"):
         load_model(str(folder), dtype="float32")
+
+
+def test_overwrite_replaces_only_what_seglens_wrote(tmp_path):
+    """--overwrite drops the old run's outputs (no stale probe or figure survives) and keeps
+    files seglens did not write."""
+    from seglens.results import RUN_OUTPUTS, prepare_run_dir
+
+    run = tmp_path / "run"
+    (run / "probes" / "causal").mkdir(parents=True)
+    (run / "probes" / "causal" / "llm.9.safetensors").write_bytes(b"old")
+    (run / "figures").mkdir()
+    (run / "figures" / "old.png").write_bytes(b"old")
+    (run / "results.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        prepare_run_dir(run)
+    prepare_run_dir(run, overwrite=True)
+    assert not any((run / name).exists() for name in RUN_OUTPUTS)
+    assert (run / "notes.txt").read_text() == "mine"

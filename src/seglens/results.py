@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -163,6 +164,10 @@ def clean_condition(results: dict[str, Any]) -> str:
     return "causal" if native == "causal" else "bidirectional_image"
 
 
+#: Everything seglens writes inside a run directory (what ``--overwrite`` replaces).
+RUN_OUTPUTS = (RESULTS, CONFIG, "report.html", CHECKPOINT, "probes", "arrays", "figures")
+
+
 def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
     """Create the run directory; refuse one that already holds a run (``results.json`` or a
     ``checkpoint/`` of an interrupted one) unless ``overwrite`` or ``resume`` is given."""
@@ -173,6 +178,15 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
             f"{path} already holds a run ({held[0]} exists); pass --resume to continue it, "
             "--overwrite to replace it, or choose another --out"
         )
+    if held and overwrite and not resume:
+        # Replace the old run: drop what seglens wrote there (nothing else), so no stale probe,
+        # figure or checkpoint of the old run survives into the new one.
+        for name in RUN_OUTPUTS:
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
     # A killed write leaves its hidden temporary file (the target itself is intact): sweep them.
     for stale in path.rglob(".*.tmp"):

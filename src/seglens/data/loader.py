@@ -16,6 +16,7 @@ from typing import Any
 import torch.utils.data
 from tqdm.auto import tqdm
 
+from seglens import distributed
 from seglens.data.base import BadSampleError, Sample, SegDataset
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,12 @@ class SampleStream:
             collate_fn=_collate_list,
         )
         total = len(self.dataset)
-        with tqdm(total=total, desc=self.desc, unit="img", disable=not self.progress) as bar:
+        with tqdm(
+            total=total,
+            desc=self.desc,
+            unit="img",
+            disable=not self.progress or distributed.rank() != 0,
+        ) as bar:
             for batch in loader:
                 kept = []
                 for item in batch:
