@@ -21,6 +21,7 @@ from seglens.cli import main
         ("tiny-qwen2.5-vl", "causal"),
         ("tiny-llava-next", "causal"),
         ("tiny-paligemma", "prefix"),
+        ("tiny-llava-next-tiles", "causal"),
     ],
 )
 def test_run_end_to_end(model, native, tmp_path):

@@ -43,6 +43,9 @@ class ModelConfig:
     trust_remote_code: bool = _help("allow code shipped with the checkpoint", False)
     geometry: str | None = _help("override the processor geometry: pad, crop, resize", None)
     prompt: str = _help("text after the image in the chat template", "Describe the image.")
+    family_options: dict | None = _help(
+        "options of the model family's adapter, e.g. {grid: tiles} for LLaVA-NeXT", None
+    )
 
     def __post_init__(self):
         _check_choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
@@ -234,6 +237,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {where!r} must be a mapping, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ValueError(f"config key {where!r} must be a mapping, got {value!r}")

@@ -29,6 +29,7 @@ def build_model(config: ModelConfig) -> VLM:
         trust_remote_code=config.trust_remote_code,
         geometry=config.geometry,
         prompt=config.prompt,
+        family_options=config.family_options,
     )
 
 

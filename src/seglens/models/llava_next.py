@@ -2,12 +2,24 @@
 
 The model sees the base image (the whole image at the tower's size S, g x g tokens) and, after it,
 high-resolution tiles stitched into one grid with a learned newline token closing every row
-(``pack_image_features``). Probing uses the base image's g x g tokens: they come first among the
-image placeholders, in raster order; tile and newline tokens stay in the sequence and are never
-probed. The model input is the S x S image the geometry produced, with ``image_sizes`` = (S, S);
-the tiles are cut from it resized to the best ``image_grid_pinpoints`` resolution and padded
-(``anyres_pixels``). Stages ``vision.{i}``, ``encoder`` and ``adapter`` are read on the base
-image; ``adapter`` equals the LLM input embeddings at the base positions.
+(``pack_image_features``). Two probing grids (the family option ``grid``):
+
+- ``"base"`` (default): the base image's g x g tokens. They come first among the image
+  placeholders, in raster order; tile and newline tokens stay in the sequence and are never
+  probed. The model input is the S x S image the geometry produced, with ``image_sizes`` = (S, S);
+  the tiles are cut from it resized to the best ``image_grid_pinpoints`` resolution and padded
+  (``anyres_pixels``).
+- ``"tiles"``: the k x k high-resolution tiles stitched back into one (k g) x (k g) grid. HF's own
+  grid follows each image's aspect ratio (unpadding), which a fixed-grid data path cannot label;
+  here the geometry squashes every image to the square k S x k S canvas of a square pinpoint
+  (k S, k S) and passes ``image_sizes`` = (k S, k S), so unpadding removes nothing and the grid is
+  always (k g) x (k g). The geometry's size is k S, so patch labels land on that grid. The base
+  image is the canvas resized to S in the forward (``tiled_pixels``); base and newline tokens stay
+  in the sequence and are never probed.
+
+Stages ``vision.{i}``, ``encoder`` and ``adapter`` are read on the probed grid's crops (the base
+crop, or the tiles rearranged to the stitched raster order); ``adapter`` equals the LLM input
+embeddings at the probed positions.
 """
 
 from __future__ import annotations
@@ -45,6 +57,64 @@ def anyres_pixels(
     return torch.cat([pixel_values[:, None], tiles], dim=1)
 
 
+def tiled_pixels(pixel_values: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, 3, k S, k S) normalised canvas -> (B, 1 + k k, 3, S, S): the base image, then the tiles.
+
+    The base image is the canvas resized to S (bicubic with antialiasing, PIL's downscaling filter;
+    normalisation is per-channel affine and the filter's weights sum to 1, so resizing normalised
+    pixels equals normalising resized ones up to rounding). The tiles are the canvas cut into
+    k x k crops of S x S in row-major order, as ``divide_to_patches`` cuts them.
+    """
+    B, C, H, W = pixel_values.shape
+    S = H // k
+    if H != W or H % k:
+        raise ValueError(f"pixel_values are {H}x{W}; the tiled grid needs a square {k}*S canvas")
+    base = F.interpolate(
+        pixel_values, size=(S, S), mode="bicubic", align_corners=False, antialias=True
+    )
+    tiles = pixel_values.reshape(B, C, k, S, k, S).permute(0, 2, 4, 1, 3, 5)
+    return torch.cat([base[:, None], tiles.reshape(B, k * k, C, S, S)], dim=1)
+
+
+def stitch_tiles(h: torch.Tensor, k: int, side: int) -> torch.Tensor:
+    """(B * (1 + k k), L, D) per-crop tokens -> (B, (k g)^2, D) stitched raster order.
+
+    The last g g tokens of every tile crop (CLS dropped) are placed as ``pack_image_features``
+    places them: tile (tr, tc), patch (i, j) -> stitched cell (tr g + i, tc g + j).
+    """
+    n, D = side * side, h.shape[-1]
+    tiles = h.reshape(-1, 1 + k * k, h.shape[1], D)[:, 1:, h.shape[1] - n :]
+    tiles = tiles.reshape(-1, k, k, side, side, D).permute(0, 1, 3, 2, 4, 5)
+    return tiles.reshape(-1, (k * side) ** 2, D)
+
+
+def square_pinpoint(pinpoints, image_size: int) -> int:
+    """k of the largest square pinpoint (k S, k S), checked to be the best for a square canvas.
+
+    Raises:
+        ValueError: no square pinpoint is a multiple of S, or another pinpoint would be chosen
+            for the (k S, k S) canvas.
+    """
+    from transformers.image_processing_utils import select_best_resolution
+
+    S = image_size
+    square = [int(h) // S for h, w in pinpoints if h == w and h % S == 0]
+    if not square:
+        raise ValueError(
+            f"grid='tiles' needs a square image_grid_pinpoints entry [k*S, k*S] (S = {S}); the "
+            f"model has {[list(p) for p in pinpoints]}. Use grid='base' for this model."
+        )
+    k = max(square)
+    best = tuple(select_best_resolution((k * S, k * S), pinpoints))
+    if best != (k * S, k * S):
+        raise ValueError(
+            f"grid='tiles': HF would tile a {k * S}x{k * S} canvas at {best}, not "
+            f"{(k * S, k * S)}, from image_grid_pinpoints {[list(p) for p in pinpoints]}; "
+            "use grid='base' for this model"
+        )
+    return k
+
+
 def unpadded_shape(tiles_hw: tuple[int, int], side: int, original: tuple[int, int]):
     """(rows, cols) of the stitched tile grid after ``unpad_image``, as HF computes it.
 
@@ -68,22 +138,38 @@ class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     model_types = ("llava_next",)
     description = (
-        "LLaVA-NeXT (LlavaNextForConditionalGeneration; anyres tiles + newlines, base grid probed)"
+        "LLaVA-NeXT (LlavaNextForConditionalGeneration; anyres tiles + newlines, base grid probed "
+        "or grid='tiles': the stitched tiles)"
     )
+    GRIDS = ("base", "tiles")
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, grid: str = "base"):
+        """``grid``: ``"base"`` (the base image's g x g tokens) or ``"tiles"`` (the k x k tiles of
+        the largest square pinpoint (k S, k S), stitched into a (k g) x (k g) grid)."""
         from transformers.image_processing_utils import select_best_resolution
 
+        if grid not in self.GRIDS:
+            raise ValueError(f"llava_next grid {grid!r} is not one of {self.GRIDS}")
         super().__init__(model)
         cfg = model.config
         S = int(self._vision_cfg.image_size)
+        self.grid_mode = grid
+        self._base_grid = self._grid
+        if grid == "tiles":
+            self._k = square_pinpoint(cfg.image_grid_pinpoints, S)
+            self._best = (self._k * S, self._k * S)
+            self._tiles = (self._k, self._k)
+            self._tile_grid = (self._k * self._grid[0], self._k * self._grid[1])
+            self._grid = self._tile_grid
+            return
+        self._k = None
         self._best = tuple(select_best_resolution((S, S), cfg.image_grid_pinpoints))
         self._tiles = (self._best[0] // S, self._best[1] // S)
         self._tile_grid = unpadded_shape(self._tiles, self._grid[0], (S, S))
 
     @property
     def best_resolution(self) -> tuple[int, int]:
-        """(H, W) the S x S input is tiled at (from ``image_grid_pinpoints``)."""
+        """(H, W) the input is tiled at (from ``image_grid_pinpoints``)."""
         return self._best
 
     @property
@@ -92,49 +178,78 @@ class LlavaNextFamily(LlavaFamily):
         return self._tile_grid
 
     @property
+    def image_size(self) -> int:
+        """S (``grid="base"``) or k S (``grid="tiles"``): the side of the geometry's canvas."""
+        S = int(self._vision_cfg.image_size)
+        return S if self._k is None else self._k * S
+
+    @property
+    def num_base_tokens(self) -> int:
+        """g g: the base image's tokens, first among the placeholders."""
+        return self._base_grid[0] * self._base_grid[1]
+
+    @property
     def num_placeholder_tokens(self) -> int:
         rows, cols = self._tile_grid
-        return self.num_image_tokens + rows * (cols + 1)
+        return self.num_base_tokens + rows * (cols + 1)
 
     def _base(self, h: torch.Tensor) -> torch.Tensor:
         """(B * (1 + T), L, D) per-crop tokens -> (B, N, D): the base image's last N tokens."""
         crops = 1 + self._tiles[0] * self._tiles[1]
-        n = self.num_image_tokens
+        n = self.num_base_tokens
         return h.reshape(-1, crops, h.shape[1], h.shape[2])[:, 0, h.shape[1] - n :]
+
+    def _read(self, h: torch.Tensor) -> torch.Tensor:
+        """Per-crop tokens -> (B, N, D) of the probed grid in raster order."""
+        if self._k is None:
+            return self._base(h)
+        return stitch_tiles(h, self._k, self._base_grid[0])
 
     def geometry_mode(self, image_config: dict) -> str | None:
         # The base image is a squash resize to S x S (get_image_patches); do_pad here pads the
-        # crop count for batching, not the image to a square.
+        # crop count for batching, not the image to a square. grid="tiles" squashes to k S so
+        # that HF's unpadding of the (k S, k S) image_sizes removes nothing.
         return "resize"
 
     def stage_taps(self) -> dict[str, Tap]:
         blocks = vision_blocks(self._inner.vision_tower, self.num_vision_layers)
         projector = self._inner.multi_modal_projector
         taps = {
-            f"vision.{i + 1}": Tap(block, "output", "fn", self._base)
+            f"vision.{i + 1}": Tap(block, "output", "fn", self._read)
             for i, block in enumerate(blocks)
         }
-        taps["encoder"] = Tap(projector, "input", "fn", self._base)
-        taps["adapter"] = Tap(projector, "output", "fn", self._base)
+        taps["encoder"] = Tap(projector, "input", "fn", self._read)
+        taps["adapter"] = Tap(projector, "output", "fn", self._read)
         return {**taps, **self.llm_taps()}
 
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # The base image's g x g tokens come first among the placeholders (pack_image_features).
+        # pack_image_features: the base image's g x g tokens, then the stitched rows, each closed
+        # by a newline token.
         positions = contiguous_image_positions(
             input_ids, self.image_token_id, self.num_placeholder_tokens
         )
-        return positions[:, : self.num_image_tokens]
+        n = self.num_base_tokens
+        if self._k is None:
+            return positions[:, :n]
+        cols = self._tile_grid[1]
+        stitched = positions[:, n:]
+        keep = torch.arange(stitched.shape[1], device=stitched.device) % (cols + 1) != cols
+        return stitched[:, keep]
 
     def model_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, S, S) pixels -> HF's ``pixel_values`` (B, 1 + T, 3, S, S) and ``image_sizes``."""
-        S = self.image_size
-        if tuple(pixel_values.shape[-2:]) != (S, S):
+        """(B, 3, s, s) pixels (s = ``image_size``) -> HF's ``pixel_values`` (B, 1 + T, 3, S, S)
+        and ``image_sizes`` (s, s)."""
+        side = self.image_size
+        if tuple(pixel_values.shape[-2:]) != (side, side):
             raise ValueError(
-                f"pixel_values are {tuple(pixel_values.shape[-2:])}, the vision tower takes "
-                f"{S}x{S}; build inputs with vlm.prepare()"
+                f"pixel_values are {tuple(pixel_values.shape[-2:])}, this model takes "
+                f"{side}x{side} (grid={self.grid_mode!r}); build inputs with vlm.prepare()"
             )
-        sizes = torch.tensor([[S, S]] * pixel_values.shape[0], device=pixel_values.device)
-        return {"pixel_values": anyres_pixels(pixel_values, self._best, S), "image_sizes": sizes}
+        sizes = torch.tensor([[side, side]] * pixel_values.shape[0], device=pixel_values.device)
+        if self._k is not None:
+            return {"pixel_values": tiled_pixels(pixel_values, self._k), "image_sizes": sizes}
+        pixels = anyres_pixels(pixel_values, self._best, side)
+        return {"pixel_values": pixels, "image_sizes": sizes}
 
     def forward(self, input_ids, pixel_values, attention_mask, **kwargs):
         return self._inner(

@@ -7,6 +7,7 @@ of what is supported. ``trust_remote_code`` stays off unless the caller asks, an
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 from functools import partial
 from pathlib import Path
@@ -44,6 +45,12 @@ TINY_MODELS: dict[str, dict] = {
     "tiny-dinov2": {"vision": "dinov2"},
     "tiny-gemma3": {"family": "gemma3"},
     "tiny-llava-next": {"family": "llava_next"},
+    # Stitched high-resolution tiles: one 2S x 2S pinpoint, probed on the (2g) x (2g) tile grid.
+    "tiny-llava-next-tiles": {
+        "family": "llava_next",
+        "grid_pinpoints": ((224, 224),),
+        "family_options": {"grid": "tiles"},
+    },
     "tiny-qwen2-vl": {"family": "qwen2_vl"},
     "tiny-qwen2.5-vl": {"family": "qwen2_5_vl"},
     "tiny-paligemma": {"family": "paligemma"},
@@ -72,14 +79,25 @@ def supported_families() -> str:
     return "; ".join(f"{name}: {cls.description}" for name, cls in FAMILIES.items())
 
 
-def family_for(model: nn.Module, name: str) -> ModelFamily:
+def family_for(model: nn.Module, name: str, options: dict | None = None) -> ModelFamily:
+    """The family adapter of ``model``; ``options`` are keyword arguments of its constructor
+    (e.g. ``{"grid": "tiles"}`` for LLaVA-NeXT)."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(
             f"{name}: model type {model_type!r} is not supported. Supported families: "
             f"{supported_families()}. Tiny test models: {', '.join(TINY_MODELS)}."
         )
-    return FAMILIES[model_type](model)
+    cls = FAMILIES[model_type]
+    options = dict(options or {})
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "model"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"{name}: family {cls.name!r} has no option(s) {unknown}; its options are "
+            f"{sorted(known) or 'none'}"
+        )
+    return cls(model, **options)
 
 
 def geometry_from_processor(config: dict, image_size: int, override: str | None) -> Geometry:
@@ -101,8 +119,15 @@ def geometry_from_processor(config: dict, image_size: int, override: str | None)
     return Geometry(mode=mode, size=image_size, fill=fill)
 
 
-def _wrap(model, processor, name: str, geometry: str | None, prompt: str) -> VLM:
-    family = family_for(model, name)
+def _wrap(
+    model,
+    processor,
+    name: str,
+    geometry: str | None,
+    prompt: str,
+    family_options: dict | None = None,
+) -> VLM:
+    family = family_for(model, name, family_options)
     image_cfg = processor.image_processor.to_dict()
     tokenizer = processor.tokenizer
     image_token = family.image_placeholder(processor)
@@ -145,14 +170,20 @@ def _wrap(model, processor, name: str, geometry: str | None, prompt: str) -> VLM
 
 
 def _tiny_vlm(
-    build, name: str, dtype, device: str | None, geometry: str | None, prompt: str
+    build,
+    name: str,
+    dtype,
+    device: str | None,
+    geometry: str | None,
+    prompt: str,
+    family_options: dict | None = None,
 ) -> VLM:
     """``build(dtype=...)`` -> (HF model, processor), moved to ``device`` and wrapped as a VLM."""
     torch_dtype = resolve_dtype(dtype)
     model, processor = build(dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
     if device is not None:
         model = model.to(device)
-    return _wrap(model, processor, name, geometry, prompt)
+    return _wrap(model, processor, name, geometry, prompt, family_options)
 
 
 def tiny_llava(
@@ -166,6 +197,7 @@ def tiny_llava(
     device: str | None = None,
     geometry: str | None = None,
     prompt: str = DEFAULT_PROMPT,
+    family_options: dict | None = None,
     **sizes,
 ) -> VLM:
     """A seeded random tiny LLaVA (CLIP, SigLIP or DINOv2 tower) built from configs.
@@ -176,6 +208,7 @@ def tiny_llava(
         seed: weight seed (the global RNG is left untouched).
         attn_implementation: ``sdpa`` or ``eager``.
         geometry: ``pad``/``crop``/``resize``; default: the processor's (crop; resize for SigLIP).
+        family_options: keyword arguments of the family adapter (LLaVA-1.5 has none).
         sizes: ``vision_width``, ``vision_layers``, ``text_width``, ``text_layers``, ``heads``.
     """
     build = partial(
@@ -187,7 +220,7 @@ def tiny_llava(
         attn_implementation=attn_implementation,
         **sizes,
     )
-    return _tiny_vlm(build, f"tiny-{vision}", dtype, device, geometry, prompt)
+    return _tiny_vlm(build, f"tiny-{vision}", dtype, device, geometry, prompt, family_options)
 
 
 def tiny_model(
@@ -199,6 +232,7 @@ def tiny_model(
     device: str | None = None,
     geometry: str | None = None,
     prompt: str = DEFAULT_PROMPT,
+    family_options: dict | None = None,
     **sizes,
 ) -> VLM:
     """A seeded random tiny model of another family (``gemma3``, ...) built from configs.
@@ -208,6 +242,7 @@ def tiny_model(
         seed: weight seed (the global RNG is left untouched).
         attn_implementation: ``sdpa`` or ``eager``.
         geometry: override the processor's geometry.
+        family_options: keyword arguments of the family adapter (``{"grid": "tiles"}``).
         sizes: builder-specific sizes (see the ``tiny_<family>_hf`` builders).
     """
     if family not in TINY_BUILDERS:
@@ -215,7 +250,7 @@ def tiny_model(
     build = partial(
         TINY_BUILDERS[family], seed=seed, attn_implementation=attn_implementation, **sizes
     )
-    return _tiny_vlm(build, f"tiny-{family}", dtype, device, geometry, prompt)
+    return _tiny_vlm(build, f"tiny-{family}", dtype, device, geometry, prompt, family_options)
 
 
 def load_model(
@@ -228,6 +263,7 @@ def load_model(
     trust_remote_code: bool = False,
     geometry: str | None = None,
     prompt: str = DEFAULT_PROMPT,
+    family_options: dict | None = None,
 ) -> VLM:
     """Load a supported checkpoint (hub id or local folder) or a tiny model by registry name.
 
@@ -241,6 +277,8 @@ def load_model(
         trust_remote_code: allow code from the checkpoint (off unless asked; logged).
         geometry: override the processor's geometry (``pad``, ``crop``, ``resize``).
         prompt: the text after the image.
+        family_options: keyword arguments of the family adapter, e.g. ``{"grid": "tiles"}`` to
+            probe LLaVA-NeXT's stitched high-resolution tiles instead of its base image.
     """
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(
@@ -262,6 +300,7 @@ def load_model(
             )
     if name_or_path in TINY_MODELS:
         spec = dict(TINY_MODELS[name_or_path])
+        family_options = {**spec.pop("family_options", {}), **(family_options or {})} or None
         build = partial(tiny_model, spec.pop("family")) if "family" in spec else tiny_llava
         return build(
             **spec,
@@ -270,6 +309,7 @@ def load_model(
             geometry=geometry,
             attn_implementation=attn_implementation,
             prompt=prompt,
+            family_options=family_options,
         )
     if name_or_path.startswith("tiny") and not Path(name_or_path).exists():
         close = difflib.get_close_matches(name_or_path, list(TINY_MODELS), n=1)
@@ -322,4 +362,4 @@ def load_model(
             family_cls(model).image_placeholder(None),
             trust_remote_code=trust_remote_code,
         )
-    return _wrap(model, processor, name_or_path, geometry, prompt)
+    return _wrap(model, processor, name_or_path, geometry, prompt, family_options)
