@@ -302,7 +302,7 @@ def load_model(
         spec = dict(TINY_MODELS[name_or_path])
         family_options = {**spec.pop("family_options", {}), **(family_options or {})} or None
         build = partial(tiny_model, spec.pop("family")) if "family" in spec else tiny_llava
-        return build(
+        vlm = build(
             **spec,
             dtype=dtype,
             device=device,
@@ -311,6 +311,8 @@ def load_model(
             prompt=prompt,
             family_options=family_options,
         )
+        vlm.name = name_or_path  # the registry name, as results and figures should show it
+        return vlm
     if name_or_path.startswith("tiny") and not Path(name_or_path).exists():
         close = difflib.get_close_matches(name_or_path, list(TINY_MODELS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
