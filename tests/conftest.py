@@ -79,3 +79,23 @@ def make_probe_run(tmp_path_factory, tiny_models):
         return run
 
     return make
+
+
+def hf_forward_last(model, **inputs):
+    """HF's own forward with every hidden state, plus the last decoder block's output.
+
+    HF's last ``hidden_states`` entry is after the final norm; the block output (``llm.L``) is
+    read with a forward hook, removed afterwards.
+
+    Returns:
+        (outputs, (B, T, D) output of the last decoder block).
+    """
+    last = {}
+    block = model.model.language_model.layers[-1]
+    handle = block.register_forward_hook(lambda _m, _a, out: last.setdefault("h", out))
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_hidden_states=True)
+    finally:
+        handle.remove()
+    return out, last["h"]

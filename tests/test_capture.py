@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TWO_PROMPTS
+from conftest import TWO_PROMPTS, hf_forward_last
 
 VISIONS = ["clip", "siglip", "dinov2"]
 
@@ -14,30 +14,23 @@ def hf_reference(vlm, batch):
     """Independent path: HF outputs with every hidden state, plus a hook on the last block."""
     model, inner = vlm.model, vlm.model.model
     cfg = model.config
-    last = {}
-    handle = inner.language_model.layers[-1].register_forward_hook(
-        lambda _m, _a, out: last.setdefault("h", out)
+    out, last_block = hf_forward_last(
+        model,
+        input_ids=batch.input_ids,
+        pixel_values=batch.pixel_values,
+        attention_mask=batch.attention_mask,
     )
-    try:
-        with torch.no_grad():
-            out = model(
-                input_ids=batch.input_ids,
-                pixel_values=batch.pixel_values,
-                attention_mask=batch.attention_mask,
-                output_hidden_states=True,
-            )
-            tower = inner.vision_tower(batch.pixel_values, output_hidden_states=True)
-            feats = inner.get_image_features(
-                pixel_values=batch.pixel_values,
-                vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            ).pooler_output
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        tower = inner.vision_tower(batch.pixel_values, output_hidden_states=True)
+        feats = inner.get_image_features(
+            pixel_values=batch.pixel_values,
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        ).pooler_output
     selected = tower.hidden_states[cfg.vision_feature_layer]
     if cfg.vision_feature_select_strategy == "default":
         selected = selected[:, 1:]
-    return out.hidden_states, selected, torch.stack(list(feats)), last["h"], tower.hidden_states
+    return out.hidden_states, selected, torch.stack(list(feats)), last_block, tower.hidden_states
 
 
 def gather(h, positions):

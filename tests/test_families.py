@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import TWO_PROMPTS
+from conftest import TWO_PROMPTS, hf_forward_last
 from seglens.interventions import BidirectionalImage, CausalImage, Knockout, TokenSet, intervene
 
 # Tiny registry names without the "tiny-" prefix.
@@ -60,23 +60,16 @@ def gemma3_reference(vlm, batch) -> dict[str, torch.Tensor]:
     """Every stage from HF's own outputs: hidden_states, get_image_features, the tower's states."""
     model, inner = vlm.model, vlm.model.model
     token_type_ids = (batch.input_ids == model.config.image_token_id).long()  # as the processor
-    last = {}
-    handle = inner.language_model.layers[-1].register_forward_hook(
-        lambda _m, _a, out: last.setdefault("h", out)
+    out, last_block = hf_forward_last(
+        model,
+        input_ids=batch.input_ids,
+        pixel_values=batch.pixel_values,
+        attention_mask=batch.attention_mask,
+        token_type_ids=token_type_ids,
     )
-    try:
-        with torch.no_grad():
-            out = model(
-                input_ids=batch.input_ids,
-                pixel_values=batch.pixel_values,
-                attention_mask=batch.attention_mask,
-                token_type_ids=token_type_ids,
-                output_hidden_states=True,
-            )
-            tower = inner.vision_tower(batch.pixel_values, output_hidden_states=True)
-            adapter = inner.get_image_features(batch.pixel_values).pooler_output
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        tower = inner.vision_tower(batch.pixel_values, output_hidden_states=True)
+        adapter = inner.get_image_features(batch.pixel_values).pooler_output
     patches = model.config.vision_config.image_size // model.config.vision_config.patch_size
     kernel = patches // vlm.grid[0]
 
@@ -92,7 +85,7 @@ def gemma3_reference(vlm, batch) -> dict[str, torch.Tensor]:
     ref["adapter"] = adapter
     ref["llm.0"] = gather(out.hidden_states[0], pos)  # the LLM input embeddings
     ref.update({f"llm.{i}": gather(out.hidden_states[i], pos) for i in range(1, L)})
-    ref[f"llm.{L}"] = gather(last["h"], pos)
+    ref[f"llm.{L}"] = gather(last_block, pos)
     ref["llm.final_norm"] = gather(out.hidden_states[L], pos)
     return ref
 
@@ -141,24 +134,17 @@ def qwen_reference(vlm, batch) -> dict[str, torch.Tensor]:
     """Every stage from HF's own outputs: hidden_states, get_image_features, visual's states."""
     model, inner = vlm.model, vlm.model.model
     inputs = qwen_hf_inputs(vlm, batch)
-    last = {}
-    handle = inner.language_model.layers[-1].register_forward_hook(
-        lambda _m, _a, out: last.setdefault("h", out)
+    out, last_block = hf_forward_last(
+        model,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        **inputs,
     )
-    try:
-        with torch.no_grad():
-            out = model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                output_hidden_states=True,
-                **inputs,
-            )
-            tower = inner.visual(
-                inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], output_hidden_states=True
-            )
-            adapter = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        tower = inner.visual(
+            inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], output_hidden_states=True
+        )
+        adapter = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
     B, pos, L = len(batch), batch.image_positions, vlm.num_llm_layers
     ref = {
         f"vision.{i}": qwen_raster_units(vlm, tower.hidden_states[i], B)
@@ -168,7 +154,7 @@ def qwen_reference(vlm, batch) -> dict[str, torch.Tensor]:
     ref["adapter"] = torch.stack(adapter.pooler_output)
     ref["llm.0"] = gather(out.hidden_states[0], pos)
     ref.update({f"llm.{i}": gather(out.hidden_states[i], pos) for i in range(1, L)})
-    ref[f"llm.{L}"] = gather(last["h"], pos)
+    ref[f"llm.{L}"] = gather(last_block, pos)
     ref["llm.final_norm"] = gather(out.hidden_states[L], pos)
     return ref
 
@@ -186,23 +172,16 @@ def llava_next_reference(vlm, batch) -> dict[str, torch.Tensor]:
     pixels = llava_next_pixels(vlm, batch)
     S, B, n = vlm.geometry.size, len(batch), vlm.num_image_tokens
     sizes = torch.tensor([[S, S]] * B)
-    last = {}
-    handle = inner.language_model.layers[-1].register_forward_hook(
-        lambda _m, _a, out: last.setdefault("h", out)
+    out, last_block = hf_forward_last(
+        model,
+        input_ids=batch.input_ids,
+        pixel_values=pixels,
+        image_sizes=sizes,
+        attention_mask=batch.attention_mask,
     )
-    try:
-        with torch.no_grad():
-            out = model(
-                input_ids=batch.input_ids,
-                pixel_values=pixels,
-                image_sizes=sizes,
-                attention_mask=batch.attention_mask,
-                output_hidden_states=True,
-            )
-            tower = inner.vision_tower(pixels.flatten(0, 1), output_hidden_states=True)
-            adapter = inner.get_image_features(pixels, sizes).pooler_output
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        tower = inner.vision_tower(pixels.flatten(0, 1), output_hidden_states=True)
+        adapter = inner.get_image_features(pixels, sizes).pooler_output
     crops = pixels.shape[1]
 
     def base(h):  # (B * crops, 1 + N, D) -> (B, N, D): crop 0, CLS dropped
@@ -215,7 +194,7 @@ def llava_next_reference(vlm, batch) -> dict[str, torch.Tensor]:
     ref["adapter"] = torch.stack([a[:n] for a in adapter])
     ref["llm.0"] = gather(out.hidden_states[0], pos)
     ref.update({f"llm.{i}": gather(out.hidden_states[i], pos) for i in range(1, L)})
-    ref[f"llm.{L}"] = gather(last["h"], pos)
+    ref[f"llm.{L}"] = gather(last_block, pos)
     ref["llm.final_norm"] = gather(out.hidden_states[L], pos)
     return ref
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from conftest import TWO_PROMPTS
+from conftest import TWO_PROMPTS, hf_forward_last
 from seglens.interventions import (
     BidirectionalImage,
     BidirectionalPrefix,
@@ -70,25 +70,15 @@ def hf_forward(vlm, batch, attention_mask=None, token_type_ids="prefix"):
     ``token_type_ids="prefix"``: zeros, as ``PaliGemmaProcessor`` gives every token of a prompt
     without suffix; ``attention_mask`` defaults to the batch's 2D padding mask.
     """
-    model = vlm.model
     if isinstance(token_type_ids, str):
         token_type_ids = torch.zeros_like(batch.input_ids)
-    last = {}
-    handle = model.model.language_model.layers[-1].register_forward_hook(
-        lambda _m, _a, out: last.setdefault("h", out)
+    return hf_forward_last(
+        vlm.model,
+        input_ids=batch.input_ids,
+        pixel_values=batch.pixel_values,
+        attention_mask=batch.attention_mask if attention_mask is None else attention_mask,
+        token_type_ids=token_type_ids,
     )
-    try:
-        with torch.no_grad():
-            out = model(
-                input_ids=batch.input_ids,
-                pixel_values=batch.pixel_values,
-                attention_mask=batch.attention_mask if attention_mask is None else attention_mask,
-                token_type_ids=token_type_ids,
-                output_hidden_states=True,
-            )
-    finally:
-        handle.remove()
-    return out, last["h"]
 
 
 def paligemma_reference(vlm, batch) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import TWO_PROMPTS
+from conftest import TWO_PROMPTS, hf_forward_last
 
 S, P = 112, 14  # the tiny tower's input side and patch
 K, G = 2, S // P  # tiles per side, tokens per tile side
@@ -91,23 +91,16 @@ def test_stages_equal_independent_paths(tiles_vlm, batch):
     pixels = hf_pixels(batch.pixel_values)
     assert torch.equal(vlm.family.model_inputs(batch.pixel_values)["pixel_values"], pixels)
     sizes = torch.tensor([[K * S, K * S]] * B)
-    last = {}
-    handle = inner.language_model.layers[-1].register_forward_hook(
-        lambda _m, _a, out: last.setdefault("h", out)
+    out, last_block = hf_forward_last(
+        model,
+        input_ids=batch.input_ids,
+        pixel_values=pixels,
+        image_sizes=sizes,
+        attention_mask=batch.attention_mask,
     )
-    try:
-        with torch.no_grad():
-            out = model(
-                input_ids=batch.input_ids,
-                pixel_values=pixels,
-                image_sizes=sizes,
-                attention_mask=batch.attention_mask,
-                output_hidden_states=True,
-            )
-            tower = inner.vision_tower(pixels.flatten(0, 1), output_hidden_states=True)
-            packed = inner.get_image_features(pixels, sizes).pooler_output
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        tower = inner.vision_tower(pixels.flatten(0, 1), output_hidden_states=True)
+        packed = inner.get_image_features(pixels, sizes).pooler_output
     layout = placeholder_layout(vlm, batch.input_ids)
     pos = torch.stack([stitched for _, stitched, _ in layout])
     assert torch.equal(batch.image_positions, pos)
@@ -119,7 +112,7 @@ def test_stages_equal_independent_paths(tiles_vlm, batch):
         [a[G * G :].reshape(KG, KG + 1, a.shape[-1])[:, :KG].flatten(0, 1) for a in packed]
     )
     ref.update({f"llm.{i}": gather(out.hidden_states[i], pos) for i in range(1, L)})
-    ref[f"llm.{L}"] = gather(last["h"], pos)
+    ref[f"llm.{L}"] = gather(last_block, pos)
     ref["llm.final_norm"] = gather(out.hidden_states[L], pos)
     assert torch.equal(got["adapter"], gather(out.hidden_states[0], pos))
     widths = vlm.family.stage_widths()

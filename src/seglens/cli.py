@@ -17,6 +17,9 @@ from collections.abc import Callable, Sequence
 
 log = logging.getLogger("seglens")
 
+#: An on/off option that is None when not given, so it never overrides the YAML (``--no-x`` wins).
+FLAG = {"action": argparse.BooleanOptionalAction, "default": None}
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
 
 
@@ -49,8 +52,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-remote-code",
         dest="model.trust_remote_code",
-        action=argparse.BooleanOptionalAction,
-        default=None,
+        **FLAG,
     )
     parser.add_argument(
         "--dataset",
@@ -75,15 +77,13 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         dest="overwrite",
-        action=argparse.BooleanOptionalAction,
-        default=None,
+        **FLAG,
         help="replace an existing run directory",
     )
     parser.add_argument(
         "--resume",
         dest="resume",
-        action=argparse.BooleanOptionalAction,
-        default=None,
+        **FLAG,
         help="continue a killed run from RUN/checkpoint (ends with the same results)",
     )
     parser.add_argument(

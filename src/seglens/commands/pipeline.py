@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from seglens.cli import add_run_options, command, resolve_config
+from seglens.cli import FLAG, add_run_options, command, resolve_config
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -14,8 +14,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             f"--{name}",
             dest=f"{name}.enabled",
-            action=argparse.BooleanOptionalAction,
-            default=None,
+            **FLAG,
             help=f"run the {name} analysis (default: config)",
         )
 

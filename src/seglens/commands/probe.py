@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from seglens.cli import add_run_options, command, resolve_config
+from seglens.cli import FLAG, add_run_options, command, resolve_config
 
 
 def _probe_args(p: argparse.ArgumentParser) -> None:
     add_run_options(p)
-    flag = dict(action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--solver", dest="probe.solver", choices=["sgd", "lda"])
     p.add_argument("--epochs", dest="probe.epochs", type=int, help="sgd passes over train")
     p.add_argument("--lrs", dest="probe.lrs", type=float, nargs="+", help="sgd learning rates")
     p.add_argument("--holdout-fraction", dest="probe.holdout_fraction", type=float)
     p.add_argument("--warmup-batches", dest="probe.warmup_batches", type=int)
     p.add_argument("--shrinkage", dest="probe.shrinkage", type=float, help="lda shrinkage")
-    p.add_argument("--soft-labels", dest="probe.soft_labels", **flag)
+    p.add_argument("--soft-labels", dest="probe.soft_labels", **FLAG)
     p.add_argument("--stages", dest="probe.stages", nargs="+", help="e.g. encoder adapter llm.8")
-    p.add_argument("--vision-blocks", dest="probe.vision_blocks", **flag)
-    p.add_argument("--final-norm", dest="probe.final_norm", **flag)
-    p.add_argument("--pixel-level", dest="probe.pixel_level", **flag)
+    p.add_argument("--vision-blocks", dest="probe.vision_blocks", **FLAG)
+    p.add_argument("--final-norm", dest="probe.final_norm", **FLAG)
+    p.add_argument("--pixel-level", dest="probe.pixel_level", **FLAG)
     p.add_argument("--bootstrap", dest="probe.bootstrap", type=int, help="resamples (0: off)")
     p.add_argument("--qualitative", dest="probe.qualitative", type=int, help="images drawn")
     p.add_argument("--cache-dir", dest="probe.cache_dir", help="train from a feature cache here")
