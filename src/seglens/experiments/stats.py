@@ -1,17 +1,176 @@
-"""Per-stage statistics of captured features: shapes, scale and massive dimensions.
+"""Statistics: paired bootstrap intervals on differences, and per-stage feature statistics.
 
-A quick look at what each stage carries before training anything (``seglens capture``).
+``paired_bootstrap`` / ``bootstrap_contrast`` put a percentile interval on a difference of
+dataset-level metrics (mIoU or accuracy) by resampling *images*, with the same resample for every
+side of the difference. ``capture_stats`` is a quick look at what each stage carries before
+training anything (``seglens capture``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
-from seglens.capture import check_stages
-from seglens.data import SegDataset, iterate_samples
-from seglens.models import VLM
+from seglens.metrics import PerImageCounts
+
+if TYPE_CHECKING:  # the bootstrap half of this module needs no model code
+    from seglens.data import SegDataset
+    from seglens.models import VLM
+
+STAT_METRICS = ("miou", "accuracy")
+Counts = tuple[np.ndarray, np.ndarray]  # (numerator, denominator) per image, see ``_counts``
+
+
+def _counts(side: Any, metric: str, where: str) -> Counts:
+    """One side of a contrast as float64 (numerator, denominator) arrays with images first.
+
+    ``miou``: (intersection (n, C), union (n, C)); ``accuracy``: (correct (n,), total (n,)).
+    A ``PerImageCounts`` gives either (its pixel accuracy for ``accuracy``).
+    """
+    if isinstance(side, PerImageCounts):
+        side = (side.intersection, side.union) if metric == "miou" else (side.correct, side.total)
+    try:
+        num, den = (np.asarray(v, dtype=np.float64) for v in side)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"{where} must be a PerImageCounts or a (numerator, denominator) pair of arrays"
+        ) from e
+    ndim = 2 if metric == "miou" else 1
+    if num.shape != den.shape or num.ndim != ndim:
+        want = "(n_images, C)" if metric == "miou" else "(n_images,)"
+        raise ValueError(
+            f"{where}: {metric} needs two {want} arrays, got shapes {num.shape} and {den.shape}"
+        )
+    if (num < 0).any() or (num > den).any():
+        raise ValueError(f"{where}: counts must satisfy 0 <= numerator <= denominator")
+    return num, den
+
+
+def _metric(num: np.ndarray, den: np.ndarray, metric: str) -> np.ndarray:
+    """Summed counts (R, C) or (R,) -> (R,) metric values, nan where undefined.
+
+    mIoU averages IoU over the classes with union > 0 (as ``ConfusionMatrix.miou``).
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if metric == "accuracy":
+            return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+        present = den > 0
+        iou = np.where(present, num / np.where(present, den, 1), 0.0)
+        k = present.sum(axis=-1)
+        return np.where(k > 0, iou.sum(axis=-1) / np.maximum(k, 1), np.nan)
+
+
+def resample_weights(n_images: int, n_resamples: int, seed: int = 0) -> np.ndarray:
+    """(R, n) how often each image is drawn in each bootstrap resample.
+
+    Resample r draws the n images ``idx[r]`` of ``default_rng(seed).integers(0, n, (R, n))``
+    (the draws of ``PerImageCounts.bootstrap``), so intervals from the same seed are paired.
+    """
+    idx = np.random.default_rng(seed).integers(0, n_images, size=(n_resamples, n_images))
+    flat = (np.arange(n_resamples)[:, None] * n_images + idx).ravel()
+    weights = np.bincount(flat, minlength=n_resamples * n_images)
+    return weights.reshape(n_resamples, n_images).astype(np.float64)
+
+
+def _none(x: float) -> float | None:
+    return None if not np.isfinite(x) else float(x)
+
+
+def bootstrap_contrast(
+    terms: Sequence[tuple[float, Any]],
+    metric: str = "miou",
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired percentile bootstrap over images of a weighted sum of dataset-level metrics.
+
+    The estimate is ``sum_i w_i * metric(counts_i summed over all images)``; resample r sums
+    every term's counts over the SAME resampled images (``resample_weights``), so all terms of a
+    difference move together. Resamples where any term is undefined are dropped.
+
+    Args:
+        terms: ``[(w_i, counts_i), ...]``; counts are a ``PerImageCounts`` or a
+            (numerator, denominator) pair: ``miou`` (intersection (n, C), union (n, C)),
+            ``accuracy`` (correct (n,), total (n,)). Row j of every term is the same image j.
+        metric: ``miou`` or ``accuracy``.
+        n_resamples: R; 0 gives the estimate with ``low = high = None``.
+        confidence: interval coverage, in (0, 1).
+        seed: seeds the resamples (same seed, same resamples).
+
+    Returns:
+        ``{"estimate", "low", "high", "n_images"}`` (plain floats, None where undefined).
+    """
+    if metric not in STAT_METRICS:
+        raise ValueError(f"metric {metric!r} is not one of {STAT_METRICS}")
+    if not 0 < confidence < 1 or n_resamples < 0:
+        raise ValueError(
+            f"need 0 < confidence < 1 and n_resamples >= 0, got {confidence=}, {n_resamples=}"
+        )
+    if not terms:
+        raise ValueError("bootstrap_contrast needs at least one (weight, counts) term")
+    sides = [(float(w), _counts(c, metric, f"term {i}")) for i, (w, c) in enumerate(terms)]
+    sizes = {num.shape[0] for _, (num, _) in sides}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"paired terms must hold the same images; got image counts {sorted(sizes)}"
+        )
+    n = sizes.pop()
+    out: dict[str, Any] = {"estimate": None, "low": None, "high": None, "n_images": int(n)}
+    if n == 0:
+        return out
+    estimate = sum(w * _metric(num.sum(0), den.sum(0), metric) for w, (num, den) in sides)
+    out["estimate"] = _none(float(estimate))
+    if n_resamples == 0:
+        return out
+    weights = resample_weights(n, n_resamples, seed)
+    values = np.zeros(n_resamples)
+    for w, (num, den) in sides:
+        # Float64 matmul is exact here: sums of integer counts stay far below 2**53.
+        values += w * _metric(weights @ num, weights @ den, metric)
+    values = values[np.isfinite(values)]
+    if values.size:
+        alpha = (1 - confidence) / 2
+        low, high = np.quantile(values, [alpha, 1 - alpha])
+        out["low"], out["high"] = float(low), float(high)
+    return out
+
+
+def paired_bootstrap(
+    a: Any,
+    b: Any,
+    metric: str = "miou",
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Interval on ``metric(a) - metric(b)`` with both sides from the same image resample.
+
+    ``a`` and ``b`` are per-image counts of the same images in the same order (see
+    ``bootstrap_contrast``); e.g. the adapter's and the encoder's ``PerImageCounts``.
+
+    Returns:
+        ``{"estimate", "low", "high", "n_images"}``.
+    """
+    return bootstrap_contrast(
+        [(1.0, a), (-1.0, b)],
+        metric,
+        n_resamples=n_resamples,
+        confidence=confidence,
+        seed=seed,
+    )
+
+
+def significant(interval: dict[str, Any] | None) -> bool | None:
+    """Whether a ``{low, high}`` interval excludes 0 (None when there is no interval)."""
+    if not interval or interval.get("low") is None or interval.get("high") is None:
+        return None
+    return bool(interval["low"] > 0 or interval["high"] < 0)
 
 
 class _Running:
@@ -62,6 +221,9 @@ def capture_stats(
         ``{stage: {"shape": [images, N, D], "mean", "std", "token_norm", "abs_max",
         "massive_dims": [[dim, |max|], ...]}}``.
     """
+    from seglens.capture import check_stages
+    from seglens.data import iterate_samples
+
     stages = vlm.stages if stages is None else check_stages(stages, vlm.stages)
     running: dict[str, _Running] = {}
     images = 0
