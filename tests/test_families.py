@@ -534,7 +534,7 @@ def test_qwen_inputs_match_hf(qwen_vlm, random_images):
 def test_padding_mask_from_a_4d_mask(qwen_vlm, random_images, backend):
     """M-RoPE needs the 2D padding mask: it is recovered exactly from seglens' 4D masks."""
     from seglens.interventions import build_attention_mask
-    from seglens.models.qwen2_vl import padding_mask_from
+    from seglens.models.families.qwen2_vl import padding_mask_from
 
     batch = qwen_vlm.prepare(random_images(2), prompts=TWO_PROMPTS)
     specs = [Knockout(keys=TokenSet.from_slots([0, 1, 2])), BidirectionalImage()]

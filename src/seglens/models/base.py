@@ -3,7 +3,8 @@
 A family knows its HF model class, where the vision blocks, the adapter (projector), the decoder
 blocks and the final norm are, which vision layer feeds the adapter, where the image tokens sit
 in the sequence and how they map onto the (g, g) grid. Code outside ``seglens.models`` only talks
-to this interface, so LLaVA-NeXT or Qwen2-VL style families slot in without touching it.
+to this interface; each family is one module of ``seglens.models.families`` (adapter, tiny
+builder, registration), collected by ``seglens.models.registry``.
 """
 
 from __future__ import annotations
@@ -73,14 +74,26 @@ class ModelFamily:
     """
 
     name: ClassVar[str]
+    # The HF ``config.model_type`` values this adapter serves: the registry is built from them.
     model_types: ClassVar[tuple[str, ...]]
     description: ClassVar[str]
+    # Registry name -> keyword arguments of ``build_tiny`` (and ``family_options``): the seeded
+    # tiny models of this family (``load_model("tiny-...")``). Read from the class's own body.
+    tiny_models: ClassVar[dict[str, dict]] = {}
     # False where the HF processor cannot be built here (Qwen2-VL's needs torchvision):
     # load_model then uses tokenizer + image-processor config (models/processing.py).
     hf_processor: ClassVar[bool] = True
 
     # The vision config's block count (Qwen2-VL calls it ``depth``).
     vision_layers_key: ClassVar[str] = "num_hidden_layers"
+
+    @staticmethod
+    def build_tiny(**kwargs) -> tuple[nn.Module, object]:
+        """A seeded random tiny HF model of this family and its processor (no download).
+
+        Keyword arguments: ``seed``, ``attn_implementation``, ``dtype`` and builder sizes.
+        """
+        raise NotImplementedError
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -17,44 +18,22 @@ from torch import nn
 
 from seglens.data.geometry import Geometry
 from seglens.models.base import ModelFamily
-from seglens.models.gemma3 import Gemma3Family
-from seglens.models.llava import LlavaFamily
-from seglens.models.llava_next import LlavaNextFamily
-from seglens.models.paligemma import PaliGemmaFamily
 from seglens.models.processing import load_text_image_processor
-from seglens.models.qwen2_vl import Qwen2VLFamily, Qwen25VLFamily
-from seglens.models.tiny import CLIP_MEAN, CLIP_STD, tiny_llava_hf
-from seglens.models.tiny_families import TINY_BUILDERS
+from seglens.models.registry import registry
+from seglens.models.tiny import CLIP_MEAN, CLIP_STD
 from seglens.models.vlm import DEFAULT_PROMPT, VLM
 
 log = logging.getLogger(__name__)
 
-FAMILIES: dict[str, type[ModelFamily]] = {
-    "llava": LlavaFamily,
-    "gemma3": Gemma3Family,
-    "llava_next": LlavaNextFamily,
-    "qwen2_vl": Qwen2VLFamily,
-    "qwen2_5_vl": Qwen25VLFamily,
-    "paligemma": PaliGemmaFamily,
-}
+# HF model_type -> adapter, and the seeded tiny models: both declared by the family modules
+# (seglens.models.families), collected by the registry.
+FAMILIES: dict[str, type[ModelFamily]] = registry().model_types
+TINY_MODELS = registry().tiny
 
-# name -> builder arguments; "family" picks the builder (default: LLaVA-1.5 via tiny_llava).
-TINY_MODELS: dict[str, dict] = {
-    "tiny-clip": {"vision": "clip"},
-    "tiny-siglip": {"vision": "siglip"},
-    "tiny-dinov2": {"vision": "dinov2"},
-    "tiny-gemma3": {"family": "gemma3"},
-    "tiny-llava-next": {"family": "llava_next"},
-    # Stitched high-resolution tiles: one 2S x 2S pinpoint, probed on the (2g) x (2g) tile grid.
-    "tiny-llava-next-tiles": {
-        "family": "llava_next",
-        "grid_pinpoints": ((224, 224),),
-        "family_options": {"grid": "tiles"},
-    },
-    "tiny-qwen2-vl": {"family": "qwen2_vl"},
-    "tiny-qwen2.5-vl": {"family": "qwen2_5_vl"},
-    "tiny-paligemma": {"family": "paligemma"},
-}
+# Named checkpoints: name -> a function returning the local folder to load (e.g. a trained model
+# shipped inside the package). ``load_model(name)`` loads that folder and keeps ``name`` as the
+# model's name in results. Register one with ``NAMED_MODELS["name"] = resolve``.
+NAMED_MODELS: dict[str, Callable[[], str | Path]] = {}
 
 DTYPES = {
     "float32": torch.float32,
@@ -76,7 +55,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
 
 
 def supported_families() -> str:
-    return "; ".join(f"{name}: {cls.description}" for name, cls in FAMILIES.items())
+    return "; ".join(f"{name}: {cls.description}" for name, cls in registry().families.items())
 
 
 def family_for(model: nn.Module, name: str, options: dict | None = None) -> ModelFamily:
@@ -86,7 +65,7 @@ def family_for(model: nn.Module, name: str, options: dict | None = None) -> Mode
     if model_type not in FAMILIES:
         raise ValueError(
             f"{name}: model type {model_type!r} is not supported. Supported families: "
-            f"{supported_families()}. Tiny test models: {', '.join(TINY_MODELS)}."
+            f"{supported_families()}. Named models: {_known_names()}."
         )
     cls = FAMILIES[model_type]
     options = dict(options or {})
@@ -209,18 +188,25 @@ def tiny_llava(
         attn_implementation: ``sdpa`` or ``eager``.
         geometry: ``pad``/``crop``/``resize``; default: the processor's (crop; resize for SigLIP).
         family_options: keyword arguments of the family adapter (LLaVA-1.5 has none).
-        sizes: ``vision_width``, ``vision_layers``, ``text_width``, ``text_layers``, ``heads``.
+        sizes: ``vision_width``, ``vision_layers``, ``text_width``, ``text_layers``, ``heads``,
+            ``strategy`` (``vision_feature_select_strategy``; ``full`` keeps CLIP's CLS token).
     """
-    build = partial(
-        tiny_llava_hf,
-        vision,
+    vlm = tiny_model(
+        "llava",
+        vision=vision,
         image_size=image_size,
         patch_size=patch_size,
         seed=seed,
         attn_implementation=attn_implementation,
+        dtype=dtype,
+        device=device,
+        geometry=geometry,
+        prompt=prompt,
+        family_options=family_options,
         **sizes,
     )
-    return _tiny_vlm(build, f"tiny-{vision}", dtype, device, geometry, prompt, family_options)
+    vlm.name = f"tiny-{vision}"
+    return vlm
 
 
 def tiny_model(
@@ -235,22 +221,30 @@ def tiny_model(
     family_options: dict | None = None,
     **sizes,
 ) -> VLM:
-    """A seeded random tiny model of another family (``gemma3``, ...) built from configs.
+    """A seeded random tiny model of a family (``gemma3``, ``llava_next`` ...) built from configs.
 
     Args:
-        family: a key of ``tiny_families.TINY_BUILDERS``.
+        family: a family name (``registry().families``); its ``build_tiny`` builds the model.
         seed: weight seed (the global RNG is left untouched).
         attn_implementation: ``sdpa`` or ``eager``.
         geometry: override the processor's geometry.
         family_options: keyword arguments of the family adapter (``{"grid": "tiles"}``).
-        sizes: builder-specific sizes (see the ``tiny_<family>_hf`` builders).
+        sizes: builder-specific sizes (see the family's ``tiny_*_hf`` builder).
     """
-    if family not in TINY_BUILDERS:
-        raise ValueError(f"no tiny builder for family {family!r}; known: {sorted(TINY_BUILDERS)}")
+    families = registry().families
+    if family not in families:
+        close = difflib.get_close_matches(family, list(families), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"no tiny builder for family {family!r}{hint}; known: {sorted(families)}")
     build = partial(
-        TINY_BUILDERS[family], seed=seed, attn_implementation=attn_implementation, **sizes
+        families[family].build_tiny, seed=seed, attn_implementation=attn_implementation, **sizes
     )
-    return _tiny_vlm(build, f"tiny-{family}", dtype, device, geometry, prompt, family_options)
+    name = f"tiny-{family}"
+    return _tiny_vlm(build, name, dtype, device, geometry, prompt, family_options)
+
+
+def _known_names() -> str:
+    return ", ".join([*NAMED_MODELS, *TINY_MODELS])
 
 
 def load_model(
@@ -268,7 +262,8 @@ def load_model(
     """Load a supported checkpoint (hub id or local folder) or a tiny model by registry name.
 
     Args:
-        name_or_path: a ``TINY_MODELS`` name (``tiny-clip``, ``tiny-gemma3``, ...), a hub id such as
+        name_or_path: a named model (``NAMED_MODELS``), a tiny model name (``TINY_MODELS``:
+            ``tiny-clip``, ``tiny-gemma3``, ...), a hub id such as
             ``llava-hf/llava-1.5-7b-hf``, or a local folder saved with ``save_pretrained``.
         dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
         device: where to put the whole model (ignored with ``device_map``).
@@ -299,25 +294,38 @@ def load_model(
                 "tiny test model: use --device instead"
             )
     if name_or_path in TINY_MODELS:
-        spec = dict(TINY_MODELS[name_or_path])
-        family_options = {**spec.pop("family_options", {}), **(family_options or {})} or None
-        build = partial(tiny_model, spec.pop("family")) if "family" in spec else tiny_llava
-        vlm = build(
-            **spec,
+        spec = TINY_MODELS[name_or_path]
+        vlm = tiny_model(
+            spec.family.name,
+            **spec.kwargs,
             dtype=dtype,
             device=device,
             geometry=geometry,
             attn_implementation=attn_implementation,
             prompt=prompt,
-            family_options=family_options,
+            family_options={**spec.family_options, **(family_options or {})} or None,
         )
         vlm.name = name_or_path  # the registry name, as results and figures should show it
         return vlm
+    if name_or_path in NAMED_MODELS:
+        vlm = load_model(
+            str(NAMED_MODELS[name_or_path]()),
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            geometry=geometry,
+            prompt=prompt,
+            family_options=family_options,
+        )
+        vlm.name = name_or_path
+        return vlm
     if name_or_path.startswith("tiny") and not Path(name_or_path).exists():
-        close = difflib.get_close_matches(name_or_path, list(TINY_MODELS), n=1)
+        close = difflib.get_close_matches(name_or_path, [*NAMED_MODELS, *TINY_MODELS], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(
-            f"unknown model {name_or_path!r}{hint}. Tiny models: {', '.join(TINY_MODELS)}; "
+            f"unknown model {name_or_path!r}{hint}. Named models: {_known_names()}; "
             "or pass a hub id / local checkpoint folder."
         )
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -329,8 +337,8 @@ def load_model(
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
             f"cannot load model {name_or_path!r}: {e}. Pass a local checkpoint folder, or a hub "
-            "id that is cached (set HF_HUB_OFFLINE=0 to allow downloads). Tiny models: "
-            f"{', '.join(TINY_MODELS)}."
+            "id that is cached (set HF_HUB_OFFLINE=0 to allow downloads). Named models: "
+            f"{_known_names()}."
         ) from e
     if config.model_type not in FAMILIES:
         raise ValueError(

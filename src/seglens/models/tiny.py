@@ -1,25 +1,16 @@
-"""Seeded tiny LLaVA models built from configs: random weights, no download, a real HF processor.
+"""What every seeded tiny model shares: a byte-level tokenizer, config sizes, seeded construction.
 
-They exercise exactly the code paths of real checkpoints (a byte-level fast tokenizer with a
-LLaVA-1.5 chat template, a CLIP-style image processor config, ``save_pretrained`` and
-``load_model`` on the saved folder), only small enough for a 2-core CPU. The pieces every tiny
-builder shares (tokenizer, config sizes, seeded construction) live here too.
+The tiny builders (one per family, next to the family's adapter in ``models/families/``) build a
+random HF model from configs and a real HF processor (no download), so that ``save_pretrained``
+and ``load_model`` on the saved folder exercise the code paths of real checkpoints, only small
+enough for a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import (
-    CLIPVisionConfig,
-    Dinov2Config,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    PreTrainedTokenizerFast,
-    SiglipVisionConfig,
-)
+from transformers import PreTrainedTokenizerFast
 
-VISIONS = ("clip", "siglip", "dinov2")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_TOKEN = "<image>"
@@ -140,73 +131,3 @@ def llava_processor(
         chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=extra,
     )
-
-
-def tiny_llava_hf(
-    vision: str = "clip",
-    *,
-    image_size: int = 224,
-    patch_size: int = 14,
-    vision_width: int = 48,
-    vision_layers: int = 4,
-    text_width: int = 64,
-    text_layers: int = 4,
-    heads: int = 4,
-    seed: int = 0,
-    attn_implementation: str = "sdpa",
-    dtype: torch.dtype = torch.float32,
-):
-    """Build a random LlavaForConditionalGeneration and its processor (no download).
-
-    Returns:
-        (model, processor): the HF model in eval mode and a ``LlavaProcessor``.
-    """
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    if vision not in VISIONS:
-        raise ValueError(f"tiny vision tower {vision!r} is not one of {VISIONS}")
-    if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
-    tokenizer = byte_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    common = vision_kwargs(vision_width, vision_layers, heads, image_size, patch_size)
-    if vision == "clip":
-        vision_config, strategy, extra = CLIPVisionConfig(**common), "default", 1
-    elif vision == "siglip":
-        vision_config, strategy, extra = SiglipVisionConfig(**common), "full", 0
-    else:
-        common.pop("intermediate_size")
-        vision_config, strategy, extra = Dinov2Config(mlp_ratio=2, **common), "default", 1
-    text_config = LlamaConfig(**text_kwargs(len(tokenizer) + 8, text_width, text_layers, heads))
-    grid = image_size // patch_size
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=image_token_id,
-        image_seq_length=grid * grid,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy=strategy,
-        projector_hidden_act="gelu",
-    )
-    config._attn_implementation = attn_implementation
-    model = build_seeded(LlavaForConditionalGeneration, config, seed, dtype)
-    if vision == "siglip":
-        image_processor = CLIPImageProcessorPil(
-            size={"height": image_size, "width": image_size},
-            do_center_crop=False,
-            image_mean=(0.5, 0.5, 0.5),
-            image_std=(0.5, 0.5, 0.5),
-        )
-    else:
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-            do_center_crop=True,
-            image_mean=CLIP_MEAN,
-            image_std=CLIP_STD,
-        )
-    processor = llava_processor(
-        LlavaProcessor, image_processor, tokenizer, patch_size, strategy, extra
-    )
-    return model, processor

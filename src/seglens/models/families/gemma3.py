@@ -10,11 +10,14 @@ other bidirectionally in the unmodified model (HF builds that block from ``token
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from seglens.models.base import ModelFamily, Tap, vision_blocks
+from seglens.models.tiny import build_seeded, special_byte_tokenizer, text_kwargs, vision_kwargs
 
 
 class Gemma3Family(ModelFamily):
@@ -23,6 +26,11 @@ class Gemma3Family(ModelFamily):
     description = (
         "Gemma3 (Gemma3ForConditionalGeneration; SigLIP, pooled tokens, bidirectional image block)"
     )
+    tiny_models: ClassVar[dict[str, dict]] = {"tiny-gemma3": {}}
+
+    @staticmethod
+    def build_tiny(**kwargs):
+        return tiny_gemma3_hf(**kwargs)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)  # _inner: Gemma3Model (vision_tower, projector, language_model)
@@ -84,3 +92,103 @@ class Gemma3Family(ModelFamily):
             use_cache=False,
             **kwargs,
         )
+
+
+GEMMA3_TEMPLATE = (
+    "{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<start_of_image>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+GEMMA3_TOKENS = {
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+}
+
+
+def _init_gemma3_projector(model) -> None:
+    # HF initialises the projection to zeros (checkpoints overwrite it): images would vanish.
+    weight = model.model.multi_modal_projector.mm_input_projection_weight
+    weight.normal_(0.0, weight.shape[0] ** -0.5)
+
+
+def tiny_gemma3_hf(
+    *,
+    image_size: int = 224,
+    patch_size: int = 14,
+    tokens_per_side: int = 8,
+    vision_width: int = 48,
+    vision_layers: int = 4,
+    text_width: int = 64,
+    text_layers: int = 4,
+    heads: int = 4,
+    sliding_window: int = 512,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """Build a random ``Gemma3ForConditionalGeneration`` and its ``Gemma3Processor``.
+
+    The SigLIP tower sees (S/p)^2 patches; the projector average-pools them to
+    ``tokens_per_side``^2 image tokens, as Gemma3 pools 64x64 patches to 16x16 tokens. Layers
+    alternate sliding-window and full attention (the window exceeds any tiny sequence).
+
+    Returns:
+        (model, processor): the HF model in eval mode and its processor.
+    """
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    patches = image_size // patch_size
+    if image_size % patch_size or patches % tokens_per_side:
+        raise ValueError(
+            f"image_size {image_size} must be a multiple of patch_size {patch_size}, and the "
+            f"{patches} patches per side a multiple of tokens_per_side {tokens_per_side}"
+        )
+    tokenizer = special_byte_tokenizer(
+        GEMMA3_TOKENS, GEMMA3_TEMPLATE, others=("<start_of_turn>", "<end_of_turn>")
+    )
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in GEMMA3_TOKENS.items()}
+    head_dim = text_width // heads
+    text_config = Gemma3TextConfig(
+        **text_kwargs(len(tokenizer) + 8, text_width, text_layers, heads),
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=sliding_window,
+        sliding_window_pattern=2,
+    )
+    vision_config = SiglipVisionConfig(
+        **vision_kwargs(vision_width, vision_layers, heads, image_size, patch_size)
+    )
+    config = Gemma3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        mm_tokens_per_image=tokens_per_side**2,
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+    )
+    config._attn_implementation = attn_implementation
+    model = build_seeded(
+        Gemma3ForConditionalGeneration, config, seed, dtype, init=_init_gemma3_projector
+    )
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_TEMPLATE,
+        image_seq_length=tokens_per_side**2,
+    )
+    return model, processor

@@ -24,12 +24,24 @@ embeddings at the probed positions.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from seglens.models.base import Tap, contiguous_image_positions, vision_blocks
-from seglens.models.llava import LlavaFamily
+from seglens.models.families.llava import LlavaFamily
+from seglens.models.tiny import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGE_TOKEN,
+    build_seeded,
+    byte_tokenizer,
+    llava_processor,
+    text_kwargs,
+    vision_kwargs,
+)
 
 
 def anyres_pixels(
@@ -141,6 +153,19 @@ class LlavaNextFamily(LlavaFamily):
         "LLaVA-NeXT (LlavaNextForConditionalGeneration; anyres tiles + newlines, base grid probed "
         "or grid='tiles': the stitched tiles)"
     )
+    tiny_models: ClassVar[dict[str, dict]] = {
+        "tiny-llava-next": {},
+        # Stitched high-resolution tiles: one 2S x 2S pinpoint, probed on the (2g) x (2g) grid.
+        "tiny-llava-next-tiles": {
+            "grid_pinpoints": ((224, 224),),
+            "family_options": {"grid": "tiles"},
+        },
+    }
+
+    @staticmethod
+    def build_tiny(**kwargs):
+        return tiny_llava_next_hf(**kwargs)
+
     GRIDS = ("base", "tiles")
 
     def __init__(self, model: nn.Module, *, grid: str = "base"):
@@ -259,3 +284,68 @@ class LlavaNextFamily(LlavaFamily):
             **self.model_inputs(pixel_values),
             **kwargs,
         )
+
+
+def tiny_llava_next_hf(
+    *,
+    image_size: int = 112,
+    patch_size: int = 14,
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None,
+    vision_width: int = 48,
+    vision_layers: int = 4,
+    text_width: int = 64,
+    text_layers: int = 4,
+    heads: int = 4,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """Build a random ``LlavaNextForConditionalGeneration`` (CLIP tower) and its processor.
+
+    ``grid_pinpoints`` defaults to the one resolution (S, S): an S x S input then has one tile, so
+    the sequence is the base g x g tokens, then g rows of g tile tokens each closed by a newline.
+
+    Returns:
+        (model, processor): the HF model in eval mode and a ``LlavaNextProcessor``.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+    pinpoints = [list(p) for p in (grid_pinpoints or ((image_size, image_size),))]
+    tokenizer = byte_tokenizer()
+    vision_config = CLIPVisionConfig(
+        **vision_kwargs(vision_width, vision_layers, heads, image_size, patch_size)
+    )
+    text_config = LlamaConfig(**text_kwargs(len(tokenizer) + 8, text_width, text_layers, heads))
+    config = LlavaNextConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    config._attn_implementation = attn_implementation
+    model = build_seeded(LlavaNextForConditionalGeneration, config, seed, dtype)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    processor = llava_processor(
+        LlavaNextProcessor, image_processor, tokenizer, patch_size, "default", 1
+    )
+    return model, processor

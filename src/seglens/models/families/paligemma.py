@@ -17,9 +17,13 @@ its batch.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+import torch
 from torch import nn
 
 from seglens.models.base import ModelFamily, Tap, vision_blocks
+from seglens.models.tiny import build_seeded, special_byte_tokenizer, text_kwargs, vision_kwargs
 
 
 class PaliGemmaFamily(ModelFamily):
@@ -29,6 +33,11 @@ class PaliGemmaFamily(ModelFamily):
         "PaliGemma 1/2 (PaliGemmaForConditionalGeneration; SigLIP, linear projector, Gemma; "
         "bidirectional prefix: image + prompt)"
     )
+    tiny_models: ClassVar[dict[str, dict]] = {"tiny-paligemma": {}}
+
+    @staticmethod
+    def build_tiny(**kwargs):
+        return tiny_paligemma_hf(**kwargs)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)  # _inner: PaliGemmaModel (vision_tower, projector, language_model)
@@ -94,3 +103,75 @@ class PaliGemmaFamily(ModelFamily):
             use_cache=False,
             **kwargs,
         )
+
+
+def tiny_paligemma_hf(
+    *,
+    image_size: int = 112,
+    patch_size: int = 14,
+    vision_width: int = 48,
+    vision_layers: int = 4,
+    text_width: int = 64,
+    text_layers: int = 4,
+    heads: int = 4,
+    text: str = "gemma",
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """Build a random ``PaliGemmaForConditionalGeneration`` and its ``PaliGemmaProcessor``.
+
+    SigLIP (no head) sees (S/p)^2 patches, one image token each; a linear projector feeds a Gemma
+    LLM (``text="gemma2"``: PaliGemma 2's Gemma2, sliding window beyond any tiny sequence). The
+    tokenizer adds no BOS itself: the processor places it after the image tokens. The processor
+    adds PaliGemma's 1024 ``<loc>`` and 128 ``<seg>`` tokens, so the vocabulary is sized after it.
+
+    Returns:
+        (model, processor): the HF model in eval mode and its processor.
+    """
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipVisionConfig,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+    if text not in ("gemma", "gemma2"):
+        raise ValueError(f"text={text!r}: PaliGemma's LLM is 'gemma' (PaliGemma) or 'gemma2'")
+    tokenizer = special_byte_tokenizer({"image_token": "<image>"}, "", add_bos=False)
+    image_processor = SiglipImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+    )
+    image_processor.image_seq_length = (image_size // patch_size) ** 2
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    vocab = len(tokenizer) + 8
+    sizes = dict(text_kwargs(vocab, text_width, text_layers, heads), head_dim=text_width // heads)
+    if text == "gemma2":
+        from transformers import Gemma2Config
+
+        text_config = Gemma2Config(
+            **sizes, sliding_window=512, query_pre_attn_scalar=text_width // heads
+        )
+    else:
+        text_config = GemmaConfig(**sizes)
+    vision_config = SiglipVisionConfig(
+        **vision_kwargs(vision_width, vision_layers, heads, image_size, patch_size),
+        vision_use_head=False,
+    )
+    config = PaliGemmaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=processor.image_token_id,
+        projection_dim=text_width,
+        hidden_size=text_width,
+        vocab_size=vocab,
+    )
+    config._attn_implementation = attn_implementation
+    model = build_seeded(PaliGemmaForConditionalGeneration, config, seed, dtype)
+    return model, processor
