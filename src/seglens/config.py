@@ -60,7 +60,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _help("ade20k, voc, cityscapes, coco-stuff, folder or synthetic", "synthetic")
+    dataset: str = _help(
+        "ade20k, voc, cityscapes, coco-stuff, folder, synthetic or organism", "synthetic"
+    )
     root: str | None = _help("dataset root folder (not needed for synthetic)", None)
     train_split: str = _help("split the probes are trained on", "train")
     eval_split: str = _help("split the metrics are computed on", "val")
@@ -70,7 +72,7 @@ class DataConfig:
     num_workers: int = _help("loader worker processes (decode + geometry)", 0)
     on_bad_sample: str = _help("error: stop at a bad file; skip: skip and count it", "error")
     min_valid: float = _help("labelled fraction below which a token is ignore", 0.5)
-    synthetic_images: int = _help("synthetic dataset: images per split", 96)
+    synthetic_images: int = _help("synthetic and organism datasets: images per split", 96)
     synthetic_classes: int = _help("synthetic dataset: number of classes", 6)
 
     def __post_init__(self):

@@ -18,6 +18,7 @@ import numpy as np
 
 from seglens.data.base import IGNORE_INDEX, BadSampleError, Sample, SegDataset
 from seglens.data.io import read_image, read_mask
+from seglens.data.organism import OrganismDataset
 from seglens.data.synthetic import SyntheticDataset
 
 logger = logging.getLogger(__name__)
@@ -439,7 +440,10 @@ DATASETS: dict[str, type[SegDataset]] = {
     "coco-stuff": COCOStuff,
     "folder": FolderDataset,
     "synthetic": SyntheticDataset,
+    "organism": OrganismDataset,
 }
+#: Datasets generated on the fly from a seed: they take no root folder.
+GENERATED = (SyntheticDataset, OrganismDataset)
 
 
 def load_dataset(
@@ -449,7 +453,7 @@ def load_dataset(
 
     Args:
         name: a key of ``DATASETS`` (case and ``_``/``-`` insensitive).
-        root: the dataset folder; must be None for ``synthetic``.
+        root: the dataset folder; must be None for the generated ``synthetic`` and ``organism``.
         split: ``train``/``val`` (dataset-specific aliases such as ``validation`` work too).
         **options: passed to the dataset class (e.g. ``num_images`` for ``synthetic``).
 
@@ -466,12 +470,12 @@ def load_dataset(
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown dataset {name!r}{hint}. Known datasets: {', '.join(DATASETS)}.")
     cls = DATASETS[key]
-    if cls is SyntheticDataset:
+    if cls in GENERATED:
         if root is not None:
             raise ValueError(
-                f"dataset 'synthetic' is generated on the fly and takes no root (got {root!r})"
+                f"dataset {key!r} is generated on the fly and takes no root (got {root!r})"
             )
-        return SyntheticDataset(split=split, **options)
+        return cls(split=split, **options)
     if root is None:
         raise ValueError(f"dataset {key!r} needs a root folder. Expected layout: {cls.layout}")
     root = Path(root).expanduser()

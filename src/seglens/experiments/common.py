@@ -42,6 +42,8 @@ def build_dataset(config: DataConfig, split: str, limit: int | None, seed: int =
             "num_classes": config.synthetic_classes,
             "seed": seed,
         }
+    elif config.dataset == "organism":
+        options = {"num_images": config.synthetic_images, "seed": seed}
     dataset = load_dataset(config.dataset, config.root, split, **options)
     if len(dataset) == 0:
         raise ValueError(f"dataset {config.dataset!r} split {split!r} is empty")

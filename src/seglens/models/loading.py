@@ -33,7 +33,15 @@ TINY_MODELS = registry().tiny
 # Named checkpoints: name -> a function returning the local folder to load (e.g. a trained model
 # shipped inside the package). ``load_model(name)`` loads that folder and keeps ``name`` as the
 # model's name in results. Register one with ``NAMED_MODELS["name"] = resolve``.
-NAMED_MODELS: dict[str, Callable[[], str | Path]] = {}
+def _organism() -> Path:
+    from seglens.organism import checkpoint_path
+
+    return checkpoint_path()
+
+
+NAMED_MODELS: dict[str, Callable[[], str | Path]] = {
+    "organism": _organism,  # the tiny LLaVA trained on synthetic scenes (seglens.organism)
+}
 
 DTYPES = {
     "float32": torch.float32,

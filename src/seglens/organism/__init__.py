@@ -1,0 +1,23 @@
+"""The model organism: a tiny LLaVA trained here on synthetic scenes, on which the paper's
+findings can be measured without a GPU or a download.
+
+``train_organism`` trains one from scratch; a trained checkpoint ships inside the package and loads
+as ``--model organism`` with its scenes as ``--dataset organism``.
+"""
+
+from pathlib import Path
+
+from seglens.organism.train import Recipe, train_organism
+
+__all__ = ["Recipe", "checkpoint_path", "train_organism"]
+
+
+def checkpoint_path() -> Path:
+    """The folder of the shipped organism checkpoint (``--model organism``)."""
+    path = Path(__file__).parent / "weights"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the shipped organism checkpoint is missing from {path}; rebuild it with "
+            "'make organism' (or seglens organism train --out ... and pass that folder)"
+        )
+    return path
