@@ -106,6 +106,11 @@ class ProbeConfig:
     shrinkage: float = _help("lda covariance shrinkage toward the scaled identity", 0.1)
     pixel_level: bool = _help("also score at pixel level (upsampled to the original image)", True)
     bootstrap: int = _help("bootstrap resamples over images for 95% intervals (0: off)", 1000)
+    position_band: float = _help(
+        "share of token positions in the early and in the late band of the per-position "
+        "bidirectional-minus-causal interval",
+        0.25,
+    )
     qualitative: int = _help("evaluation images drawn as qualitative panels", 4)
     qualitative_stages: tuple[str, ...] | None = _help(
         "stages drawn in the panels; default encoder, adapter and 3 LLM layers", None
@@ -135,6 +140,10 @@ class ProbeConfig:
             raise ValueError(f"probe.holdout_fraction={self.holdout_fraction} must be in [0, 1)")
         if not 0.0 <= self.shrinkage <= 1.0:
             raise ValueError(f"probe.shrinkage={self.shrinkage} must be in [0, 1]")
+        if not 0.0 < self.position_band <= 0.5:
+            raise ValueError(f"probe.position_band={self.position_band} must be in (0, 0.5]")
+        if self.bootstrap < 0:
+            raise ValueError(f"probe.bootstrap={self.bootstrap} must be >= 0 (0: off)")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from seglens.config import load_config
+from seglens.experiments.differences import bidirectional_differences, count_arrays
 from seglens.experiments.probing import evaluate_probes, train_probes, write_condition
 from seglens.interventions import BidirectionalImage, CausalImage, intervene
 from seglens.models import VLM
@@ -128,8 +129,9 @@ def run_bidirectional(
             progress=progress,
         )
     other = write_condition(run_dir, trained, scored, bank)  # rank 0 writes
+    clean_arrays = load_arrays(run_dir / causal["arrays"])
     positions = {
-        clean: load_arrays(run_dir / causal["arrays"])[f"position_accuracy__{stage}"],
+        clean: clean_arrays[f"position_accuracy__{stage}"],
         trained: scored.positions[stage].accuracy(),
     }
     positions["difference"] = positions["bidirectional_image"] - positions["causal"]
@@ -147,6 +149,18 @@ def run_bidirectional(
         "position_accuracy_file": POSITIONS_FILE,
         "seed": config.seed,
     }
+    tables = dict(patch=scored.patch_images, pixel=scored.pixel_images)
+    tables |= dict(early=scored.early_images, late=scored.late_images)
+    arrays = {clean: clean_arrays, trained: count_arrays(tables)}
+    section["differences"] = bidirectional_differences(
+        arrays["bidirectional_image"],
+        arrays["causal"],
+        stages,
+        level=level,
+        position_stage=stage,
+        n_resamples=config.probe.bootstrap,
+        seed=config.seed,
+    )
     diff = positions["difference"]
     log.info(
         "%s: per-position accuracy changes by %+.4f on average (bidirectional - causal)",

@@ -46,6 +46,8 @@ class StageResults:
         patch: per stage, (C, C) token confusion (prediction vs majority label).
         pixel: per stage, (C, C) confusion on original pixels, or None when pixel level is off.
         patch_images, pixel_images: per stage, per-image counts for bootstrap intervals.
+        early_images, late_images: per stage, per-image patch counts over the first / last
+            ``band`` token positions (the early-minus-late interval of ``seglens bidir``).
         positions: per stage, accuracy per token position (patch level).
         qualitative: ``image__<i>``, ``mask__<i>``, ``pred__<stage>__<i>`` arrays (rank 0).
         qualitative_stages, qualitative_names: what ``qualitative`` holds.
@@ -60,6 +62,9 @@ class StageResults:
     patch_images: dict[str, PerImageCounts]
     pixel_images: dict[str, PerImageCounts] | None
     positions: dict[str, PositionAccuracy]
+    early_images: dict[str, PerImageCounts] = field(default_factory=dict)
+    late_images: dict[str, PerImageCounts] = field(default_factory=dict)
+    band: int = 1
     qualitative: dict[str, np.ndarray] = field(default_factory=dict)
     qualitative_stages: list[str] = field(default_factory=list)
     qualitative_names: list[str] = field(default_factory=list)
@@ -97,6 +102,7 @@ class StageResults:
     def _tables(self) -> dict[str, dict]:
         tables = dict(patch=self.patch, pixel=self.pixel, patch_images=self.patch_images)
         tables |= dict(pixel_images=self.pixel_images, positions=self.positions)
+        tables |= dict(early_images=self.early_images, late_images=self.late_images)
         return {name: table for name, table in tables.items() if table is not None}
 
     def state_dict(self) -> dict[str, Any]:
@@ -123,7 +129,8 @@ class StageResults:
             tensors = [self.patch[s].matrix, self.positions[s].correct, self.positions[s].total]
             for tensor in tensors + ([self.pixel[s].matrix] if pixel else []):
                 _sum_over_ranks(tensor)
-            for table in [self.patch_images] + ([self.pixel_images] if pixel else []):
+            per_image = [self.patch_images, self.early_images, self.late_images]
+            for table in per_image + ([self.pixel_images] if pixel else []):
                 states = _gather(table[s].state_dict())
                 # Back in the unsharded image order: bootstrap intervals equal one process's.
                 states[0]["counts"] = interleave([state["counts"] for state in states])
@@ -179,6 +186,9 @@ def evaluate_probes(
         patch_images={s: PerImageCounts(C) for s in stages},
         pixel_images={s: PerImageCounts(C) for s in stages} if cfg.pixel_level else None,
         positions={s: PositionAccuracy(vlm.num_image_tokens, device=dev) for s in stages},
+        early_images={s: PerImageCounts(C) for s in stages},
+        late_images={s: PerImageCounts(C) for s in stages},
+        band=max(1, round(cfg.position_band * vlm.num_image_tokens)),
         qualitative_stages=qual if n_qual else [],
         bootstrap=cfg.bootstrap,
         seed=seed,
@@ -215,6 +225,8 @@ def evaluate_probes(
             res.patch[s].update(pred, labels)
             res.patch_images[s].add_batch(pred, labels)
             res.positions[s].update(pred, labels)
+            res.early_images[s].add_batch(pred[:, : res.band], labels[:, : res.band])
+            res.late_images[s].add_batch(pred[:, -res.band :], labels[:, -res.band :])
             keep_qual = s in res.qualitative_stages
             for b in range(len(batch)):
                 i = res.images + b

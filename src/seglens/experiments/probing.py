@@ -24,6 +24,7 @@ from seglens.config import RunConfig
 from seglens.distributed import barrier
 from seglens.distributed import gather_object as _gather
 from seglens.distributed import rank_world as _rank_world
+from seglens.experiments.differences import count_arrays, probing_differences
 from seglens.experiments.evaluation import StageResults, evaluate_probes
 from seglens.experiments.streaming import qualitative_stages, resolve_stages, split_holdout
 from seglens.experiments.training import train_probes
@@ -83,17 +84,24 @@ def write_condition(
     for stage, probe in bank.probes.items():
         lr = float(probe.lr_) if bank.solver == "sgd" else None
         metrics[stage]["probe"] = {"file": f"probes/{condition}/{stage}", "lr": lr}
+    level = "pixel" if results.pixel is not None else "patch"
+    per_image = results.pixel_images if level == "pixel" else results.patch_images
     section = {
         "stages": list(results.stages),
         "solver": bank.solver,
         "metrics": metrics,
-        "summary": _summary(metrics, "pixel" if results.pixel is not None else "patch"),
+        "summary": _summary(metrics, level),
+        "differences": probing_differences(
+            per_image, results.stages, level=level, n_resamples=results.bootstrap, seed=results.seed
+        ),
         "arrays": f"arrays/probing_{condition}.npz",
     }
     if _rank_world()[0] != 0:
         return section
     bank.save(run_dir / "probes" / condition)
-    save_arrays(run_dir / section["arrays"], **results.arrays())
+    tables = dict(patch=results.patch_images, pixel=results.pixel_images)
+    tables |= dict(early=results.early_images, late=results.late_images)
+    save_arrays(run_dir / section["arrays"], **results.arrays(), **count_arrays(tables))
     data = read_json(run_dir / RESULTS)
     data.setdefault("probing", {})[condition] = section
     write_json(run_dir / RESULTS, data)

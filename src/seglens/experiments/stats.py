@@ -75,6 +75,38 @@ def resample_weights(n_images: int, n_resamples: int, seed: int = 0) -> np.ndarr
     return weights.reshape(n_resamples, n_images).astype(np.float64)
 
 
+def metric_of(counts: Any, metric: str) -> float | None:
+    """The dataset-level metric of per-image counts summed over all images (None: undefined)."""
+    num, den = _counts(counts, metric, "counts")
+    return _none(float(_metric(num.sum(0), den.sum(0), metric)))
+
+
+def resampled_metric(counts: Any, metric: str, weights: np.ndarray) -> np.ndarray:
+    """(R,) the metric of each resample (``weights`` from ``resample_weights``), nan if undefined.
+
+    Lets a caller build any statistic of several stages on the same resamples (e.g. the best of
+    several layers minus a baseline, with the best one re-chosen in every resample).
+    """
+    num, den = _counts(counts, metric, "counts")
+    if weights.shape[1] != num.shape[0]:
+        raise ValueError(f"weights cover {weights.shape[1]} images, the counts {num.shape[0]}")
+    # Float64 matmul is exact here: sums of integer counts stay far below 2**53.
+    return _metric(weights @ num, weights @ den, metric)
+
+
+def percentile_interval(
+    values: np.ndarray, confidence: float = 0.95
+) -> tuple[float | None, float | None]:
+    """(low, high) percentile interval of the finite resample values; (None, None) if none."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return None, None
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(values, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
 def _none(x: float) -> float | None:
     return None if not np.isfinite(x) else float(x)
 
@@ -128,15 +160,8 @@ def bootstrap_contrast(
     if n_resamples == 0:
         return out
     weights = resample_weights(n, n_resamples, seed)
-    values = np.zeros(n_resamples)
-    for w, (num, den) in sides:
-        # Float64 matmul is exact here: sums of integer counts stay far below 2**53.
-        values += w * _metric(weights @ num, weights @ den, metric)
-    values = values[np.isfinite(values)]
-    if values.size:
-        alpha = (1 - confidence) / 2
-        low, high = np.quantile(values, [alpha, 1 - alpha])
-        out["low"], out["high"] = float(low), float(high)
+    values = sum(w * resampled_metric(c, metric, weights) for w, c in sides)
+    out["low"], out["high"] = percentile_interval(values, confidence)
     return out
 
 

@@ -1,0 +1,186 @@
+"""Paired intervals on the differences a probing run is read for.
+
+The claims are differences between stages or conditions measured on the same evaluation images:
+the change at the adapter, the gain across LLM layers, bidirectional minus causal attention, and
+whether bidirectional attention helps early token positions more than late ones. Each gets a paired
+percentile bootstrap over images (``seglens.experiments.stats``) from the per-image counts that the
+evaluation keeps; those counts are saved in the run's arrays (``image_counts__<stage>__<level>``)
+so that a later analysis (``seglens bidir``) can pair its condition with the saved one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from seglens.experiments.stats import (
+    bootstrap_contrast,
+    metric_of,
+    paired_bootstrap,
+    percentile_interval,
+    resample_weights,
+    resampled_metric,
+)
+from seglens.metrics import PerImageCounts
+
+__all__ = ["COUNT_LEVELS", "bidirectional_differences", "count_arrays", "counts_from_arrays"]
+__all__ += ["probing_differences"]
+
+# patch / pixel: mIoU per image counts; early / late: the first / last band of token positions.
+COUNT_LEVELS = ("patch", "pixel", "early", "late")
+Counts = tuple[np.ndarray, np.ndarray]
+
+
+def _key(stage: str, level: str) -> str:
+    return f"image_counts__{stage}__{level}"
+
+
+def count_arrays(tables: Mapping[str, Mapping[str, PerImageCounts] | None]) -> dict:
+    """``{level: {stage: PerImageCounts}}`` -> ``{"image_counts__<stage>__<level>": (n, 2C + 2)}``.
+
+    The table's columns are per-class intersection (C), union (C), correct and total; rows are
+    the evaluation images in dataset order (the same for every condition of a run).
+    """
+    out = {}
+    for level, per_stage in tables.items():
+        for stage, counts in (per_stage or {}).items():
+            out[_key(stage, level)] = counts.state_dict()["counts"]
+    return out
+
+
+def counts_from_arrays(
+    arrays: Mapping[str, np.ndarray], stage: str, level: str, metric: str
+) -> Counts | None:
+    """One stage's saved per-image counts as (intersection, union) for ``miou`` or (correct,
+    total) for ``accuracy``; None when the run did not save them (an older run)."""
+    table = arrays.get(_key(stage, level))
+    if table is None:
+        return None
+    C = (table.shape[1] - 2) // 2
+    if metric == "miou":
+        return table[:, :C], table[:, C : 2 * C]
+    return table[:, -2], table[:, -1]
+
+
+def _counts(per_stage: Mapping[str, Any], stage: str, metric: str) -> Counts:
+    counts = per_stage[stage]
+    if isinstance(counts, PerImageCounts):
+        if metric == "miou":
+            return counts.intersection, counts.union
+        return counts.correct, counts.total
+    return counts
+
+
+def probing_differences(
+    per_stage: Mapping[str, Any],
+    stages: Sequence[str],
+    *,
+    level: str,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired mIoU intervals on the encoder -> adapter change and the adapter -> LLM gains.
+
+    Args:
+        per_stage: {stage: PerImageCounts or (intersection (n, C), union (n, C))}, same images.
+        stages: probed stages, forward order.
+        level: ``patch`` or ``pixel`` (recorded).
+        n_resamples, confidence, seed: of the bootstrap (0 resamples: estimates only).
+
+    Returns:
+        ``{"level", "metric": "miou", "confidence", "n_resamples", "seed",
+        "adapter_minus_encoder": I or None, "llm_minus_adapter": {stage: I},
+        "best_llm_minus_adapter": {"stage", **I} or None}`` with I = ``{estimate, low, high,
+        n_images}``. The best LLM layer is the one with the highest mIoU; in each resample the
+        best layer is chosen again, so its interval includes the choice.
+    """
+    options = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
+    out: dict[str, Any] = {"level": level, "metric": "miou", **options}
+    out |= {"adapter_minus_encoder": None, "llm_minus_adapter": {}, "best_llm_minus_adapter": None}
+    if "adapter" not in per_stage:
+        return out
+    adapter = _counts(per_stage, "adapter", "miou")
+    if "encoder" in per_stage:
+        encoder = _counts(per_stage, "encoder", "miou")
+        out["adapter_minus_encoder"] = paired_bootstrap(adapter, encoder, "miou", **options)
+    llm = [s for s in stages if s.startswith("llm.") and s in per_stage]
+    for s in llm:
+        out["llm_minus_adapter"][s] = paired_bootstrap(
+            _counts(per_stage, s, "miou"), adapter, "miou", **options
+        )
+    scored = {s: metric_of(_counts(per_stage, s, "miou"), "miou") for s in llm}
+    scored = {s: v for s, v in scored.items() if v is not None}
+    base = metric_of(adapter, "miou")
+    if not scored or base is None:
+        return out
+    best = max(scored, key=scored.get)
+    n = len(adapter[0])
+    best_gain = {"stage": best, "estimate": scored[best] - base, "low": None, "high": None}
+    best_gain["n_images"] = n
+    if n_resamples > 0 and n > 0:
+        weights = resample_weights(n, n_resamples, seed)
+        per_layer = np.stack(
+            [resampled_metric(_counts(per_stage, s, "miou"), "miou", weights) for s in scored]
+        )  # (L, R)
+        with np.errstate(all="ignore"):
+            gain = np.nanmax(np.where(np.isnan(per_layer), -np.inf, per_layer), axis=0)
+        gain = gain - resampled_metric(adapter, "miou", weights)
+        best_gain["low"], best_gain["high"] = percentile_interval(gain, confidence)
+    out["best_llm_minus_adapter"] = best_gain
+    return out
+
+
+def bidirectional_differences(
+    bidirectional: Mapping[str, np.ndarray],
+    causal: Mapping[str, np.ndarray],
+    stages: Sequence[str],
+    *,
+    level: str,
+    position_stage: str,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired intervals on bidirectional minus causal: mIoU per stage, and the early-minus-late
+    band difference of the per-position accuracy gain at ``position_stage``.
+
+    Args:
+        bidirectional, causal: the two conditions' saved arrays (``count_arrays`` keys), rows
+            the same evaluation images.
+        stages: stages of both conditions.
+        level: ``patch`` or ``pixel`` for the per-stage mIoU.
+        position_stage: the ``llm.k`` of the per-position accuracy.
+        n_resamples, confidence, seed: of the bootstrap.
+
+    Returns:
+        ``{"level", "metric", "confidence", "n_resamples", "seed", "bidirectional_minus_causal":
+        {stage: I}, "early_minus_late_gain": {"stage", **I} or None, "missing": [...]}`` with I =
+        ``{estimate, low, high, n_images}``. The band gain is ``(acc_b(early) - acc_c(early)) -
+        (acc_b(late) - acc_c(late))``, band accuracy pooled over the band's tokens; ``missing``
+        names the counts a run did not save (older runs).
+    """
+    options = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
+    out: dict[str, Any] = {"level": level, "metric": "miou", **options}
+    out |= {"bidirectional_minus_causal": {}, "early_minus_late_gain": None, "missing": []}
+    for s in stages:
+        b, c = (counts_from_arrays(x, s, level, "miou") for x in (bidirectional, causal))
+        if b is None or c is None:
+            out["missing"].append(f"{s} {level}")
+            continue
+        out["bidirectional_minus_causal"][s] = paired_bootstrap(b, c, "miou", **options)
+    bands = {
+        (name, band): counts_from_arrays(x, position_stage, band, "accuracy")
+        for name, x in (("b", bidirectional), ("c", causal))
+        for band in ("early", "late")
+    }
+    if any(v is None for v in bands.values()):
+        out["missing"].append(f"{position_stage} early/late")
+        return out
+    contrast = [(1.0, bands["b", "early"]), (-1.0, bands["c", "early"])]
+    contrast += [(-1.0, bands["b", "late"]), (1.0, bands["c", "late"])]
+    interval = bootstrap_contrast(contrast, "accuracy", **options)
+    out["early_minus_late_gain"] = {"stage": position_stage, **interval}
+    return out
