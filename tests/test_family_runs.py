@@ -62,7 +62,12 @@ def test_knockout_queries_after_vs_all(model, differs, tiny_models, random_image
     states = {}
     for later_only in (True, False):
         with intervene(vlm, [Knockout(keys=keys, later_only=later_only)]):
-            states[later_only] = vlm.capture(batch, ["llm.2"])["llm.2"]
+            states[later_only] = vlm.capture(batch, ["llm.1", "llm.2"])
     after, every = states[True], states[False]
-    assert torch.equal(after[:, j:], every[:, j:]) or differs
-    assert (not torch.equal(after[:, :j], every[:, :j])) == differs
+    # Block 1: slots j.. read the same keys under both (j keeps itself); only earlier ones differ.
+    assert torch.equal(after["llm.1"][:, j:], every["llm.1"][:, j:])
+    assert (not torch.equal(after["llm.1"][:, :j], every["llm.1"][:, :j])) == differs
+    # Block 2: under causal attention nothing differs; in a bidirectional image block the
+    # changed early slots are read by the later ones.
+    assert torch.equal(after["llm.2"], every["llm.2"]) == (not differs)
+    assert (not torch.equal(after["llm.2"][:, j + 1 :], every["llm.2"][:, j + 1 :])) == differs

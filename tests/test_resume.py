@@ -221,7 +221,7 @@ def test_resume_with_a_config_that_changes_results_is_refused(tmp_path, small_vl
 def test_an_interrupted_run_is_refused_without_resume_or_overwrite(tmp_path, small_vlm, capsys):
     vlm, out = small_vlm, tmp_path / "run"
     with _crash_after(vlm, 2), pytest.raises(Crash):
-        run_probing(_config(out, "--solver", "lda"), vlm=vlm, progress=False)
+        run_probing(_config(out, "--solver", "lda", checkpoint_every=1), vlm=vlm, progress=False)
     assert main(["probe", *ARGS, "--limit", "12", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "already holds a run (checkpoint exists); pass --resume to continue it" in err
@@ -229,6 +229,58 @@ def test_an_interrupted_run_is_refused_without_resume_or_overwrite(tmp_path, sma
         load_config(None, resume=True, overwrite=True)
     with pytest.raises(ValueError, match="checkpoint_every=-1 must be >= 0"):
         load_config(None, checkpoint_every=-1)
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_a_rerun(tmp_path, capsys):
+    """A bad mask stops the run at once; once the mask is fixed, the very same command runs."""
+    from PIL import Image
+
+    from test_bad_input import RUN, _folder
+
+    root = _folder(tmp_path / "data")
+    mask = root / "masks" / "img2.png"
+    good = mask.read_bytes()
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(mask)
+    argv = ["probe", *RUN, "--data-root", str(root), "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert "img2.png: mask is 12x10" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "results.json").exists()
+    mask.write_bytes(good)
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "results.json").is_file()
+
+
+def test_one_training_image_cannot_hold_a_holdout_out():
+    from seglens.data import SyntheticDataset
+    from seglens.experiments.streaming import split_holdout
+
+    one = SyntheticDataset(num_images=1, num_classes=3, split="train")
+    with pytest.raises(ValueError, match=r"needs at least two training images .* got 1"):
+        split_holdout(one, 0.5, seed=0)
+    assert split_holdout(one, 0.0, seed=0) == (one, None)
+
+
+def test_run_files_respect_the_umask(tmp_path, small_vlm):
+    """Under umask 022 every file of a run is 0644 and every folder 0755 (temp + rename used to
+    leave 0600 files nobody else could read)."""
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        run_probing(
+            _config(out, "--solver", "lda", checkpoint_every=1), vlm=small_vlm, progress=False
+        )
+        from seglens.report import write_report
+
+        write_report(out)
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {"results.json", "config.yaml", "report.html", "rank0.json"} <= {p.name for p in files}
+    assert any(p.suffix == ".safetensors" for p in files) and any(p.suffix == ".png" for p in files)
+    modes = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {"0o644"}, modes
+    folders = {oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_dir()}
+    assert folders == {"0o755"}
 
 
 def test_resume_without_a_checkpoint_starts_from_the_beginning(

@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from seglens import distributed
 from seglens.config import DataConfig, ProbeConfig
 from seglens.data import SegDataset
 from seglens.models import VLM
 from seglens.probes import ProbeBank
-from seglens.results import atomic_write
+from seglens.rundir.files import atomic_write, save_tensors
 
 __all__ = ["FeatureCache", "estimate_bytes", "iterate_cache", "train_probes_cached"]
 __all__ += ["train_probes_from_cache", "write_cache"]
@@ -123,7 +122,7 @@ def write_cache(
             return
         tensors = {k: torch.cat(v).contiguous() for k, v in pending.items()}
         name = f"shard-r{rank}-{len(shards):05d}.safetensors"
-        save_file(tensors, str(out / name))
+        save_tensors(out / name, tensors)
         shards.append({"file": name, "index": tensors["index"].tolist()})
         pending.clear()
 

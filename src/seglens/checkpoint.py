@@ -157,8 +157,8 @@ class Checkpointer:
         self.resumed_ = False
         if not enabled:
             return
-        # At once, so that the run folder counts as holding a run from its first batch on.
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # The folder appears with the first checkpoint: a start that fails before it leaves
+        # nothing behind that would make the run folder look like a run to resume.
         if resume:
             self._load()
         else:

@@ -6,19 +6,21 @@ then ``os.replace``, so a crash never leaves a half-written result, probe or fig
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import platform
 import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from seglens.rundir.files import (  # noqa: F401  (the names this module has always exported)
+    atomic_write,
+    git_hash,
+    load_arrays,
+    read_json,
+    save_arrays,
+    save_tensors,
+    versions,
+    write_json,
+)
+from seglens.rundir.files import provenance as _provenance
 
 SCHEMA_VERSION = 1
 RESULTS = "results.json"
@@ -26,132 +28,9 @@ CONFIG = "config.yaml"
 CHECKPOINT = "checkpoint"  # folder of a run's resumable state (seglens.checkpoint)
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        value = float(value)
-        return None if value != value or value in (float("inf"), float("-inf")) else value
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Atomically write JSON (NaN and inf become null; numpy types become Python)."""
-    with atomic_write(path) as handle:
-        json.dump(_jsonable(data), handle, indent=2, allow_nan=False)
-        handle.write("\n")
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is this a seglens run directory?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); rerun or restore the run") from e
-
-
-def save_arrays(path: str | Path, **arrays: np.ndarray) -> None:
-    """Atomically write numeric arrays as ``.npz`` (loaded later with ``allow_pickle=False``)."""
-    with atomic_write(path, "wb") as handle:
-        np.savez_compressed(handle, **{k: np.asarray(v) for k, v in arrays.items()})
-
-
-def save_tensors(path: str | Path, tensors: dict[str, Any]) -> None:
-    """Atomically write torch tensors as safetensors (``safetensors.torch.save_file`` streams
-    them to a temporary sibling, which is synced and renamed over ``path``)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
-
-
-def git_hash() -> str | None:
-    """The commit of the seglens source tree, when it is a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def versions() -> dict[str, str]:
-    import sklearn
-    import torch
-    import transformers
-
-    import seglens
-
-    return {
-        "seglens": seglens.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__,
-        "platform": platform.platform(),
-    }
-
-
 def provenance(seed: int) -> dict[str, Any]:
     """Schema version, software versions, git hash, seed and time for ``results.json``."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "versions": versions(),
-        "git_hash": git_hash(),
-        "seed": seed,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    return _provenance(seed, SCHEMA_VERSION)
 
 
 def clean_condition(results: dict[str, Any]) -> str:
@@ -168,11 +47,20 @@ def clean_condition(results: dict[str, Any]) -> str:
 RUN_OUTPUTS = (RESULTS, CONFIG, "report.html", CHECKPOINT, "probes", "arrays", "figures")
 
 
+def _holds(path: Path) -> bool:
+    """Whether ``path`` is part of a run: ``results.json``, or a ``checkpoint/`` that holds a
+    checkpoint (a start that failed before its first checkpoint leaves none, and must not block
+    running the same command again)."""
+    if path.name == CHECKPOINT:
+        return path.is_dir() and any(path.glob("rank*.json"))
+    return path.exists()
+
+
 def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
     """Create the run directory; refuse one that already holds a run (``results.json`` or a
     ``checkpoint/`` of an interrupted one) unless ``overwrite`` or ``resume`` is given."""
     path = Path(path)
-    held = [name for name in (RESULTS, CHECKPOINT) if (path / name).exists()]
+    held = [name for name in (RESULTS, CHECKPOINT) if _holds(path / name)]
     if held and not (overwrite or resume):
         raise FileExistsError(
             f"{path} already holds a run ({held[0]} exists); pass --resume to continue it, "

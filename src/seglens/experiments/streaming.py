@@ -63,6 +63,12 @@ def split_holdout(
     n_hold = 0 if fraction <= 0 else max(1, round(fraction * n))
     if n_hold == 0:
         return dataset, None
+    if n < 2:
+        raise ValueError(
+            f"probe.holdout_fraction={fraction} needs at least two training images (one to "
+            f"train on, one held out to choose the learning rate), got {n}; use more training "
+            "images, or set probe.holdout_fraction=0 with a single learning rate"
+        )
     if n_hold >= n:
         raise ValueError(
             f"holdout_fraction={fraction} leaves no training images out of {n}; lower it or use "
