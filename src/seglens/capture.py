@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from seglens.stages import summarise
+
 if TYPE_CHECKING:  # models import capture; keep the import one-way at run time
     from seglens.models.base import ModelFamily, Tap
 
@@ -31,25 +33,11 @@ def check_stages(requested: Sequence[str], available: Sequence[str]) -> list[str
             close = difflib.get_close_matches(s, available, n=1)
             hints.append(f"{s!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(
-            f"unknown stage {', '.join(hints)}. This model has: {_summarise(available)}."
+            f"unknown stage {', '.join(hints)}. This model has: {summarise(available)}."
         )
     if not requested:
         raise ValueError("no stages requested; ask for e.g. ['encoder', 'adapter', 'llm.1']")
     return [s for s in available if s in set(requested)]
-
-
-def _summarise(stages: Sequence[str]) -> str:
-    vision = [s for s in stages if s.startswith("vision.")]
-    llm = [s for s in stages if s.startswith("llm.") and s != "llm.final_norm"]
-    parts = []
-    if vision:
-        parts.append(f"vision.1..vision.{len(vision)}")
-    parts += [s for s in ("encoder", "adapter") if s in stages]
-    if llm:
-        parts.append(f"llm.1..llm.{len(llm)}")
-    if "llm.final_norm" in stages:
-        parts.append("llm.final_norm")
-    return ", ".join(parts)
 
 
 def _selector(tap: Tap, num_tokens: int, positions: torch.Tensor) -> Callable:

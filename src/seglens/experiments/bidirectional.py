@@ -9,7 +9,6 @@ which are reused as they are. ``run_bidirectional`` is the public API behind ``s
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from seglens.results import (
     save_arrays,
     write_json,
 )
+from seglens.stages import middle_layer
 
 __all__ = ["CONDITIONS", "POSITIONS_FILE", "default_layer", "run_bidirectional"]
 
@@ -39,9 +39,7 @@ CONDITIONS = ("causal", "bidirectional_image")
 POSITIONS_FILE = "arrays/bidirectional.npz"
 
 
-def default_layer(num_layers: int) -> int:
-    """The middle LLM layer, ``ceil(L / 2)`` (1-based)."""
-    return math.ceil(num_layers / 2)
+default_layer = middle_layer  # the middle LLM layer, ``ceil(L / 2)`` (1-based)
 
 
 def _rank() -> int:

@@ -18,6 +18,7 @@ from seglens.config import DataConfig, ProbeConfig
 from seglens.data import SegDataset, iterate_samples
 from seglens.distributed import rank_world as _rank_world
 from seglens.models import VLM, Batch
+from seglens.stages import spread, vision_block
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def resolve_stages(vlm: VLM, config: ProbeConfig) -> list[str]:
     llm.1..L), plus vision.1..Lv with ``vision_blocks`` and llm.final_norm with ``final_norm``."""
     stages = list(config.stages) if config.stages else list(vlm.default_stages)
     if config.vision_blocks:
-        stages += [s for s in vlm.stages if s.startswith("vision.")]
+        stages += [s for s in vlm.stages if vision_block(s) is not None]
     if config.final_norm:
         stages.append("llm.final_norm")
     return check_stages(stages, vlm.stages)
@@ -45,8 +46,7 @@ def qualitative_stages(vlm: VLM, stages: Sequence[str], config: ProbeConfig) -> 
                 f"probe.qualitative_stages {missing} are not probed; probed stages: {list(stages)}"
             )
     else:
-        L = vlm.num_llm_layers
-        layers = sorted({max(1, round(L * k / 3)) for k in (1, 2, 3)})
+        layers = spread(vlm.num_llm_layers, 3)
         wanted = ["encoder", "adapter"] + [f"llm.{layer}" for layer in layers]
     return [s for s in stages if s in wanted]
 

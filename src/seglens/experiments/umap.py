@@ -22,6 +22,7 @@ from seglens.config import RunConfig, load_config
 from seglens.data import IGNORE_INDEX, SegDataset, iterate_samples
 from seglens.models import VLM
 from seglens.results import CONFIG, RESULTS, read_json, save_arrays, write_json
+from seglens.stages import spread
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,7 @@ def umap_stages(num_llm_layers: int) -> list[str]:
         ``["encoder", "adapter", "llm.{round(L/4)}", ..., "llm.{L}"]``, deduplicated (a shallow
         LLM gives fewer than 4 layers).
     """
-    layers = [max(1, round(num_llm_layers * q)) for q in (0.25, 0.5, 0.75, 1.0)]
-    return ["encoder", "adapter"] + [f"llm.{layer}" for layer in dict.fromkeys(layers)]
+    return ["encoder", "adapter"] + [f"llm.{layer}" for layer in spread(num_llm_layers, 4)]
 
 
 # --- sampling ---------------------------------------------------------------------------------

@@ -7,20 +7,20 @@ figure and the HTML report agree on them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from seglens.results import atomic_write, load_arrays
+from seglens.rundir.files import atomic_write, load_arrays
+from seglens.stages import llm_layer, relative_depth  # noqa: F401  (the figures' names)
+from seglens.stages import order as order_stages  # noqa: F401
+from seglens.stages import sort_key as stage_key  # noqa: F401
 
 IGNORE = 255
 GREY = (0.72, 0.72, 0.72)
 DPI = 110
-
-_STAGE = re.compile(r"^(vision|llm)\.(\d+)$")
 
 
 def new_figure(width: float, height: float) -> Any:
@@ -53,42 +53,6 @@ def run_arrays(run_dir: str | Path, relative: str) -> dict[str, np.ndarray]:
 
 
 # --- stages -----------------------------------------------------------------------------------
-def stage_key(stage: str) -> tuple[int, int]:
-    """Sort key giving the pipeline order: vision.i, encoder, adapter, llm.1..L, llm.final_norm."""
-    match = _STAGE.match(stage)
-    if match:
-        group = 0 if match.group(1) == "vision" else 3
-        return group, int(match.group(2))
-    return {"encoder": (1, 0), "adapter": (2, 0), "llm.final_norm": (4, 0)}.get(stage, (5, 0))
-
-
-def order_stages(stages: Iterable[str]) -> list[str]:
-    """The distinct stages of ``stages`` in pipeline order (stable for unknown names)."""
-    unique = list(dict.fromkeys(stages))
-    return sorted(unique, key=stage_key)
-
-
-def llm_layer(stage: str) -> int | None:
-    """``llm.7`` -> 7; any other stage -> None."""
-    match = _STAGE.match(stage)
-    return int(match.group(2)) if match and match.group(1) == "llm" else None
-
-
-def relative_depth(stage: str, num_llm_layers: int, num_vision_layers: int = 1) -> float:
-    """x position on a depth axis shared by runs of different depth.
-
-    LLM block ``l`` of ``L`` sits at ``l / L`` (so the last block is at 1 for every model), the
-    adapter at 0, the encoder just before it, vision blocks before that and the final norm just
-    after 1.
-    """
-    match = _STAGE.match(stage)
-    if match and match.group(1) == "llm":
-        return int(match.group(2)) / max(num_llm_layers, 1)
-    if match:
-        return -0.45 + 0.2 * int(match.group(2)) / max(num_vision_layers, 1)
-    return {"encoder": -0.15, "adapter": 0.0, "llm.final_norm": 1.06}.get(stage, 1.12)
-
-
 def label_stage_axis(ax: Any, stages: Sequence[str], fontsize: float = 7.0) -> None:
     """Categorical x ticks at 0..len-1 named by stage, rotated when there are many."""
     ax.set_xticks(range(len(stages)))
