@@ -218,6 +218,23 @@ class PerImageCounts:
         self._chunks.append(table.cpu().numpy())
         return self
 
+    def add_confusion(self, confusion: torch.Tensor) -> PerImageCounts:
+        """Add B images from their (B, C, C) (or one image's (C, C)) confusion counts, rows true
+        and columns predicted: the same counts ``add_batch`` derives from the predictions."""
+        m = confusion.long()
+        m = m[None] if m.dim() == 2 else m
+        C = self.num_classes
+        if m.dim() != 3 or m.shape[1:] != (C, C):
+            raise ValueError(
+                f"confusion has shape {tuple(confusion.shape)}; expected (B, {C}, {C})"
+            )
+        inter = m.diagonal(dim1=1, dim2=2)
+        union = m.sum(dim=2) + m.sum(dim=1) - inter
+        total = m.sum(dim=(1, 2))[:, None]
+        table = torch.cat([inter, union, inter.sum(dim=1, keepdim=True), total], dim=1)
+        self._chunks.append(table.cpu().numpy())
+        return self
+
     def _table(self) -> np.ndarray:
         if len(self._chunks) != 1:
             width = 2 * self.num_classes + 2
@@ -358,6 +375,35 @@ class PositionAccuracy(_Counter):
     def accuracy(self) -> np.ndarray:
         """(N,) float64 accuracy per position, nan where no target was scored."""
         return _ratio(self.correct.cpu().numpy(), self.total.cpu().numpy())
+
+
+def score_target(
+    target: ArrayLike, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a target once for scoring many predictions of it with ``confusion_of``.
+
+    Returns:
+        (valid, offset): the bool mask of scored elements (target != ``ignore_index``) and, for
+        those, ``target * num_classes`` (int64), both on the target's device.
+
+    Raises:
+        ValueError: a target value outside 0..C-1 that is not the ignore index.
+    """
+    _, t, valid = _scored_pairs(target, target, num_classes, ignore_index)
+    return valid, t * num_classes
+
+
+def confusion_of(
+    pred: torch.Tensor, valid: torch.Tensor, offset: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """(C, C) int64 confusion (rows true) of ``pred`` against a target from ``score_target``.
+
+    One ``bincount``: equal to ``ConfusionMatrix(C).update(pred, target).matrix``. ``pred`` must
+    hold class ids in 0..C-1 (e.g. an argmax; not re-checked) and have the target's shape.
+    """
+    C = num_classes
+    counts = torch.bincount(offset + pred.to(offset.device)[valid], minlength=C * C)
+    return counts.reshape(C, C)
 
 
 def pixel_predictions(

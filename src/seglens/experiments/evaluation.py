@@ -25,8 +25,10 @@ from seglens.metrics import (
     ConfusionMatrix,
     PerImageCounts,
     PositionAccuracy,
+    confusion_of,
     pixel_predictions,
     pixel_target,
+    score_target,
 )
 from seglens.models import VLM, Batch
 from seglens.probes import ProbeBank
@@ -210,9 +212,10 @@ def evaluate_probes(
         del states
         labels = batch.labels.to(dev)
         targets = []  # per image: (H, W) original mask, outside the scored region ignored
-        if cfg.pixel_level:
+        if cfg.pixel_level:  # checked once per image, scored per stage with one bincount
             pairs = zip(batch.masks, batch.transforms, strict=True)
             targets = [torch.from_numpy(pixel_target(m, t)).to(dev) for m, t in pairs]
+            targets = [score_target(t, C) for t in targets]
         first_new = len(res.qualitative_names)
         for b in range(min(len(batch), n_qual - first_new)):
             i = first_new + b
@@ -235,8 +238,9 @@ def evaluate_probes(
                 grid = z[b].T.reshape(C, *g)  # (C, g, g): tokens are raster order
                 pix = pixel_predictions(grid, batch.transforms[b])  # (H, W)
                 if cfg.pixel_level:
-                    res.pixel[s].update(pix, targets[b])
-                    res.pixel_images[s].add(pix, targets[b])
+                    confusion = confusion_of(pix, *targets[b], C)
+                    res.pixel[s].matrix += confusion.to(res.pixel[s].matrix.device)
+                    res.pixel_images[s].add_confusion(confusion)
                 if keep_qual and i < n_qual:
                     region = torch.from_numpy(batch.transforms[b].scored_region())
                     outside = pix.cpu().masked_fill(~region, IGNORE_INDEX)
