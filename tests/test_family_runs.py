@@ -12,18 +12,27 @@ import yaml
 
 from seglens.cli import main
 
+# Expected native image attention per family; every other family is causal.
+NATIVE = {"gemma3": "bidirectional", "paligemma": "prefix"}
 
-@pytest.mark.parametrize(
-    ("model", "native"),
-    [
-        ("tiny-gemma3", "bidirectional"),
-        ("tiny-qwen2-vl", "causal"),
-        ("tiny-qwen2.5-vl", "causal"),
-        ("tiny-llava-next", "causal"),
-        ("tiny-paligemma", "prefix"),
-        ("tiny-llava-next-tiles", "causal"),
-    ],
-)
+
+def run_models() -> list[tuple[str, str]]:
+    """(tiny model, expected native attention) for the registered tiny models: the first of each
+    family and every other one that differs from it in more than its vision tower (``vision``:
+    the same pipeline, their stages checked in test_capture.py), e.g. a tile grid or a kept CLS."""
+    from seglens.models import registry
+
+    first, out = {}, []
+    for name, spec in registry().tiny.items():
+        base = first.setdefault(spec.family.name, spec)
+        strip = {k: v for k, v in spec.kwargs.items() if k != "vision"}
+        same = {k: v for k, v in base.kwargs.items() if k != "vision"} == strip
+        if spec is base or not same or spec.family_options != base.family_options:
+            out.append((name, NATIVE.get(spec.family.name, "causal")))
+    return out
+
+
+@pytest.mark.parametrize(("model", "native"), run_models())
 def test_run_end_to_end(model, native, tmp_path):
     config = {
         "out": str(tmp_path / "run"),

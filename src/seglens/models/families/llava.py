@@ -69,6 +69,8 @@ class LlavaFamily(ModelFamily):
         "tiny-clip": {"vision": "clip"},
         "tiny-siglip": {"vision": "siglip"},
         "tiny-dinov2": {"vision": "dinov2"},
+        # vision_feature_select_strategy "full" on CLIP: the CLS token is projected too.
+        "tiny-clip-cls": {"vision": "clip", "strategy": "full"},
     }
 
     @staticmethod
@@ -79,12 +81,8 @@ class LlavaFamily(ModelFamily):
         super().__init__(model)  # _inner: LlavaModel (vision_tower, projector, language_model)
         side = self._vision_cfg.image_size // self._vision_cfg.patch_size
         self._grid = (side, side)
-        strategy = getattr(model.config, "vision_feature_select_strategy", "default")
-        if strategy not in ("default", "full"):
-            raise ValueError(
-                f"vision_feature_select_strategy {strategy!r} is not supported; LLaVA knows "
-                "'default' (CLS dropped) and 'full' (every tower token)"
-            )
+        # HF's config admits only 'default' (CLS dropped) and 'full' (every tower token).
+        strategy = model.config.vision_feature_select_strategy
         # 'full' projects the tower's CLS (and register) tokens too: they precede the patches.
         self._extra = prefix_tokens(self._vision_cfg) if strategy == "full" else 0
 
