@@ -54,7 +54,7 @@ def test_scenes_have_exact_masks_and_consistent_captions():
 def test_flip_maps_each_texture_to_its_flipped_class():
     """A horizontally flipped diagonal is an antidiagonal: the tower's flip augmentation relabels
     with FLIPPED. Checked on the deterministic patterns over all phases."""
-    for k in (0, 1, 2, 3, 4, 5):
+    for k in (0, 1, 2, 3, 4, 5, 6):
         flipped = pattern(k, np.random.default_rng(1))[:, ::-1]
         candidates = [pattern(FLIPPED[k], np.random.default_rng(s)) for s in range(64)]
         assert any(np.allclose(flipped, c) for c in candidates), CLASS_NAMES[k]

@@ -25,7 +25,7 @@ CLASS_NAMES = (
     "checker",
     "diagonal",
     "antidiagonal",
-    "spots",
+    "grid",
     "blobs",
 )
 NUM_CLASSES = len(CLASS_NAMES)
@@ -44,7 +44,7 @@ class SceneStyle:
     """Nuisance of one scene distribution (defaults: the organism's evaluation domain)."""
 
     contrast: float = 0.12  # texture amplitude relative to the colour
-    noise: float = 0.16  # Gaussian pixel noise (image in [0, 1])
+    noise: float = 0.22  # Gaussian pixel noise (image in [0, 1])
     gain: float = 0.15  # global illumination gain, uniform +-
     region_gain: float = 0.08  # per-region brightness, uniform +-
     hue_jitter: float = 0.03  # per-region hue shift, uniform +-
@@ -80,7 +80,7 @@ def pattern(k: int, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
     elif k == 5:
         p = ((x - y) // 2) % 2
     elif k == 6:
-        p = rng.random((size, size)) < 0.25
+        p = (y % 4 == 0) | (x % 4 == 0)
     else:
         blocks = rng.random((size // 2 + 1, size // 2 + 1)) < 0.25
         p = np.kron(blocks, np.ones((2, 2), dtype=bool))[py % 2 :][:size, px % 2 :][:, :size]

@@ -9,7 +9,20 @@ from pathlib import Path
 
 from seglens.organism.train import Recipe, train_organism
 
-__all__ = ["Recipe", "checkpoint_path", "train_organism"]
+__all__ = ["ANALYSIS", "Recipe", "checkpoint_path", "train_organism"]
+
+#: How the organism is analysed (the demo, the golden tests and bench/organism.py): 800 training
+#: and 800 evaluation scenes, sgd probes with a learning-rate grid that brackets the best rates.
+ANALYSIS = {
+    "model.name": "organism",
+    "model.device": "cpu",
+    "data.dataset": "organism",
+    "data.synthetic_images": 800,
+    "data.batch_size": 64,
+    "probe.lrs": (0.001, 0.003, 0.01),
+    "probe.epochs": 30,
+    "knockout.top_k": 8,
+}
 
 
 def checkpoint_path() -> Path:

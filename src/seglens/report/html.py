@@ -37,6 +37,7 @@ QUESTION = (
 
 SECTIONS = {
     "question": "Question",
+    "findings": "Findings",
     "facts": "Model and dataset",
     "provenance": "Provenance",
     "config": "Configuration",
@@ -100,6 +101,7 @@ def render(results: dict[str, Any], run_dir: str | Path) -> str:
     body = [
         f"<h1>{_e(title)}</h1>",
         _section("question", f"<p>{_e(QUESTION)}</p>"),
+        _section("findings", _findings(results)),
         _section("facts", _facts(results)),
         _section("provenance", _provenance(results)),
         _section("config", _config(results, run_dir)),
@@ -195,6 +197,32 @@ class _Page:
 
 # --- sections ---------------------------------------------------------------------------------
 def _facts(results: dict[str, Any]) -> str:
+FINDING_NAMES = {
+    "drop": "(a) Drop at the adapter",
+    "recovery": "(b) Recovery in the LLM",
+    "anchors": "(c) Semantic anchors",
+    "early_positions": "(d) Causal attention starves early image tokens",
+}
+
+
+def _findings(results: dict[str, Any]) -> str:
+    findings = results.get("findings")
+    if not findings:
+        return _not_run("findings")
+    verdict = {True: "holds", False: "does not hold", None: "not measured"}
+    items = "".join(
+        f"<li><b>{_e(FINDING_NAMES[key])}: {verdict[found.get('holds')]}.</b> "
+        f"{_e(found.get('text', ''))}</li>"
+        for key, found in findings.items()
+        if key in FINDING_NAMES
+    )
+    return (
+        f"<ul>{items}</ul><p class='muted'>Each verdict is a paired 95% bootstrap interval over "
+        "evaluation images (both sides of a difference resampled together): a finding holds "
+        "when its interval excludes zero in the stated direction.</p>"
+    )
+
+
     model = results.get("model") or {}
     dataset = results.get("dataset") or {}
     model_rows = [(k, v) for k, v in model.items() if not isinstance(v, dict)]

@@ -1,0 +1,180 @@
+"""The paper's four findings, read off a finished run: each a verdict on paired 95% intervals.
+
+(a) *drop*: the adapter's patch mIoU is below the encoder's; (b) *recovery*: the best LLM layer is
+above the adapter; (c) *anchors*: at the last LLM layer, blocking attention to the tokens the
+reference probe gets right hurts more than a size-matched random set, and blocking the wrong ones
+hurts no more than theirs; (d) *early positions*: under causal attention the first image rows gain
+less over the adapter than the last rows, and bidirectional image attention raises the first rows'
+gain. Every verdict comes from a paired bootstrap over evaluation images (both sides of each
+difference resampled together) on the counts the analyses saved; a finding whose analysis did not
+run is ``None``, never guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from seglens.experiments.differences import counts_from_arrays
+from seglens.experiments.stats import bootstrap_contrast, paired_bootstrap
+
+__all__ = ["FINDINGS", "read_findings"]
+
+FINDINGS = ("drop", "recovery", "anchors", "early_positions")
+Interval = dict[str, Any]
+
+
+def _fmt(interval: Interval | None) -> str:
+    if not interval or interval.get("low") is None:
+        return "n/a"
+    return f"{interval['estimate']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
+
+
+def _below(interval: Interval | None) -> bool | None:
+    """True when the whole interval is below zero (None when there is no interval)."""
+    return None if not interval or interval.get("high") is None else interval["high"] < 0
+
+
+def _above(interval: Interval | None) -> bool | None:
+    return None if not interval or interval.get("low") is None else interval["low"] > 0
+
+
+def _all(*verdicts: bool | None) -> bool | None:
+    return None if any(v is None for v in verdicts) else all(verdicts)
+
+
+def _drop(probing: Mapping, n: int) -> dict:
+    metrics, diff = probing["metrics"], probing.get("differences") or {}
+    interval = diff.get("adapter_minus_encoder")
+    enc, ada = (metrics.get(s, {}).get("patch", {}).get("miou") for s in ("encoder", "adapter"))
+    holds = _below(interval)
+    text = (
+        f"encoder {enc:.3f} -> adapter {ada:.3f} patch mIoU, change {_fmt(interval)} "
+        f"(paired 95% interval over {n} images)"
+        if enc is not None and ada is not None
+        else "encoder or adapter was not probed"
+    )
+    return {"holds": holds, "adapter_minus_encoder": interval, "text": text}
+
+
+def _recovery(probing: Mapping, n: int) -> dict:
+    best = (probing.get("differences") or {}).get("best_llm_minus_adapter")
+    if not best:
+        return {"holds": None, "best_llm_minus_adapter": None, "text": "no LLM layer was probed"}
+    stage = best["stage"]
+    miou = probing["metrics"][stage]["patch"]["miou"]
+    text = f"best LLM layer {stage} at {miou:.3f}, gain over the adapter {_fmt(best)} ({n} images)"
+    return {"holds": _above(best), "best_llm_minus_adapter": best, "text": text}
+
+
+def _anchors(knockout: Mapping | None) -> dict:
+    """(c) under every control pool the run used (a finding must survive the fairest control)."""
+    none = {"holds": None, "text": "the knockout analysis did not run or found no pair to test"}
+    if not knockout or not (knockout.get("differences") or {}).get("pools"):
+        return none
+    stage = knockout.get("summary_layer")
+    pools, verdicts, parts = {}, [], []
+    for pool, per_stage in knockout["differences"]["pools"].items():
+        diff = per_stage.get(stage) or {}
+        correct = diff.get("block_correct_minus_control")
+        incorrect = diff.get("block_incorrect_minus_control")
+        not_below = None if (incorrect or {}).get("high") is None else incorrect["high"] >= 0
+        verdicts.append(_all(_below(correct), not_below))
+        pools[pool] = {
+            "block_correct_minus_control": correct,
+            "block_incorrect_minus_control": incorrect,
+        }
+        parts.append(f"{pool}: correct {_fmt(correct)}, incorrect {_fmt(incorrect)}")
+    text = (
+        f"at {stage}, pair-token accuracy of blocking the reference-correct (incorrect) tokens "
+        f"minus a size-matched random control, per control pool: " + "; ".join(parts)
+    )
+    return {"holds": _all(*verdicts), "stage": stage, "pools": pools, "text": text}
+
+
+def _early_positions(
+    results: Mapping, arrays: Callable[[str], Mapping[str, np.ndarray] | None], clean: str
+) -> dict:
+    bidir = results.get("bidirectional")
+    none = {"holds": None, "text": "the bidirectional analysis did not run"}
+    if not bidir:
+        return none
+    stage = bidir["layer"]
+    causal, full = arrays("causal"), arrays("bidirectional_image")
+    if causal is None or full is None:
+        return none
+
+    def band(table, s, which):
+        return counts_from_arrays(table, s, which, "accuracy")
+
+    sides = [band(causal, stage, "early"), band(causal, "adapter", "early")]
+    sides += [band(causal, stage, "late"), band(causal, "adapter", "late")]
+    sides += [band(full, stage, "early")]
+    if any(s is None for s in sides):
+        return none
+    options = dict(n_resamples=1000, seed=int(results.get("seed", 0)))
+    share = (results.get("config") or {}).get("probe", {}).get("position_band", 0.25)
+    causal_gap = bootstrap_contrast(
+        [(1, sides[0]), (-1, sides[1]), (-1, sides[2]), (1, sides[3])], "accuracy", **options
+    )
+    raised = paired_bootstrap(sides[4], sides[0], "accuracy", **options)
+    text = (
+        f"at {stage}, causal: first-rows gain minus last-rows gain over the adapter "
+        f"{_fmt(causal_gap)}; bidirectional minus causal on the first rows {_fmt(raised)} "
+        f"(token accuracy on the first / last {share:.0%} of image positions)"
+    )
+    return {
+        "holds": _all(_below(causal_gap), _above(raised)),
+        "stage": stage,
+        "causal_early_minus_late_gain": causal_gap,
+        "bidirectional_minus_causal_early": raised,
+        "clean_condition": clean,
+        "text": text,
+    }
+
+
+def read_findings(
+    results: Mapping[str, Any], arrays: Callable[[str], Mapping[str, np.ndarray] | None]
+) -> dict[str, dict]:
+    """The four findings of a run.
+
+    Args:
+        results: the run's ``results.json``.
+        arrays: condition name -> that condition's saved probing arrays (``probing_<cond>.npz``),
+            or None when it was not saved.
+
+    Returns:
+        ``{finding: {"holds": bool | None, "text": str, <intervals>...}}`` for ``FINDINGS``.
+    """
+    from seglens.results import clean_condition
+
+    clean = clean_condition(results)
+    probing = results["probing"][clean]
+    n = (probing.get("differences") or {}).get("adapter_minus_encoder") or {}
+    n = n.get("n_images", 0)
+    return {
+        "drop": _drop(probing, n),
+        "recovery": _recovery(probing, n),
+        "anchors": _anchors(results.get("knockout")),
+        "early_positions": _early_positions(results, arrays, clean),
+    }
+
+
+def write_findings(run_dir) -> dict[str, dict]:
+    """Read the four findings off ``run_dir`` and store them as its ``findings`` section."""
+    from pathlib import Path
+
+    from seglens.results import RESULTS, load_arrays, read_json, write_json
+
+    run_dir = Path(run_dir)
+    results = read_json(run_dir / RESULTS)
+
+    def arrays(condition: str):
+        path = run_dir / "arrays" / f"probing_{condition}.npz"
+        return load_arrays(path) if path.is_file() else None
+
+    results["findings"] = read_findings(results, arrays)
+    write_json(run_dir / RESULTS, results)
+    return results["findings"]
