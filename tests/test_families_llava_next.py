@@ -21,7 +21,10 @@ def llava_next_pixels(vlm, batch) -> torch.Tensor:
 
 
 def llava_next_reference(vlm, batch) -> dict[str, torch.Tensor]:
-    """Every stage from HF's outputs; the base image is crop 0 and the first N placeholders."""
+    """Every stage from HF's outputs; the base image is crop 0 and the first N placeholders.
+
+    Also LLaVA-OneVision's (the same packing; a SigLIP tower without CLS).
+    """
     model, inner = vlm.model, vlm.model.model
     pixels = llava_next_pixels(vlm, batch)
     S, B, n = vlm.geometry.size, len(batch), vlm.num_image_tokens
@@ -38,9 +41,10 @@ def llava_next_reference(vlm, batch) -> dict[str, torch.Tensor]:
         tower = inner.vision_tower(pixels.flatten(0, 1), output_hidden_states=True)
         adapter = inner.get_image_features(pixels, sizes).pooler_output
     crops = pixels.shape[1]
+    cls = int(model.config.vision_config.model_type == "clip_vision_model")  # SigLIP: no CLS
 
-    def base(h):  # (B * crops, 1 + N, D) -> (B, N, D): crop 0, CLS dropped
-        return h[::crops, 1:]
+    def base(h):  # (B * crops, cls + N, D) -> (B, N, D): crop 0, CLS dropped
+        return h[::crops, cls:]
 
     hidden = tower.hidden_states
     ref.update({f"vision.{i}": base(hidden[i]) for i in range(1, len(hidden))})
@@ -116,3 +120,17 @@ def test_llava_next_sequence_layout(pinpoints, random_images):
     with torch.no_grad():
         feats = vlm.model.model.get_image_features(**vlm.family.model_inputs(batch.pixel_values))
     assert torch.equal(torch.stack([f[:n] for f in feats.pooler_output]), got["adapter"])
+
+
+def test_full_strategy_with_cls_is_refused_for_tiles():
+    """A CLS per tile crop has no place in the packed layout: refused, naming the option."""
+    from family_checks import cached_model
+    from seglens.models.families.llava_next import LlavaNextFamily
+
+    model = cached_model("tiny-llava-next").model
+    model.config.vision_feature_select_strategy = "full"
+    try:
+        with pytest.raises(ValueError, match=r"vision_feature_select_strategy='full' with a CLS"):
+            LlavaNextFamily(model)
+    finally:
+        model.config.vision_feature_select_strategy = "default"

@@ -176,6 +176,13 @@ class LlavaNextFamily(LlavaFamily):
         if grid not in self.GRIDS:
             raise ValueError(f"llava_next grid {grid!r} is not one of {self.GRIDS}")
         super().__init__(model)
+        if self._extra:
+            raise ValueError(
+                f"{self.name}: vision_feature_select_strategy='full' with a CLS-keeping "
+                f"{self._vision_cfg.model_type!r} tower puts a CLS token into every tile; seglens "
+                "supports anyres tiles only with vision_feature_select_strategy='default' (CLS "
+                "dropped) or a tower without CLS (SigLIP)"
+            )
         cfg = model.config
         S = int(self._vision_cfg.image_size)
         self.grid_mode = grid
