@@ -288,6 +288,9 @@ def embed(features: np.ndarray, *, neighbors: int = 15, seed: int = 0) -> np.nda
     import umap  # slow to import (numba); only when needed
 
     x = _standardise(features)
+    from seglens.experiments.numba_cache import cache_umap_compilation
+
+    cache_umap_compilation()  # numba compiles umap's layout once per machine, not per run
     if len(x) < 4:
         raise ValueError(f"UMAP needs at least 4 tokens, got {len(x)}; sample more tokens")
     reducer = umap.UMAP(
