@@ -26,6 +26,7 @@ from seglens.experiments.knockout import (
     run_knockout,
     select_pairs,
 )
+from seglens.experiments.knockout_sets import CONTROL_POOLS, blocked_keys, knockout_differences
 from seglens.probes import ProbeBank, load_probe
 
 LLM = [f"llm.{i}" for i in range(1, 5)]
@@ -190,13 +191,45 @@ def test_select_pairs_is_the_top_k_of_symmetric_confusion():
     keep = (sym[i, j] > 0) & (rows[i] + rows[j] >= 150)
     order = np.lexsort((j[keep], i[keep], -sym[i, j][keep]))[:5]
     expected = [[int(a), int(b)] for a, b in zip(i[keep][order], j[keep][order], strict=True)]
-    got = select_pairs(cm, top_k=5, min_support=150)
+    # One image per class's token count, every class in it: support = the confusion's rows.
+    labels = np.concatenate([np.full(int(r), c) for c, r in enumerate(rows)])[None]
+    got = select_pairs(cm, labels, top_k=5, min_support=150)
     assert [p["classes"] for p in got] == expected
     assert [p["classes"] for p in got[:3]] == [[2, 4], [0, 3], [1, 3]]
     assert got[0]["confusion"] == 500 and got[0]["selection_support"] == rows[2] + rows[4]
-    assert len(select_pairs(cm, top_k=5, min_support=100)) == 5
-    assert [5, 6] in [p["classes"] for p in select_pairs(cm, top_k=2, min_support=100)]
-    assert select_pairs(np.eye(3, dtype=int) * 50, top_k=3, min_support=0) == []
+    assert len(select_pairs(cm, labels, top_k=5, min_support=100)) == 5
+    assert [5, 6] in [p["classes"] for p in select_pairs(cm, labels, top_k=2, min_support=100)]
+    assert select_pairs(np.eye(3, dtype=int) * 50, labels, top_k=3, min_support=0) == []
+
+
+def test_only_pairs_that_co_occur_with_support_compete():
+    """The most confused pair never shares an image: it is not ranked, and the top-K is filled
+    by the next pairs (the old rule picked it first and then found nothing to test)."""
+    cm = np.zeros((4, 4), dtype=int)
+    cm[0, 1], cm[2, 3], cm[0, 2] = 90, 50, 10
+    labels = np.array(
+        [
+            [0] * 6 + [2] * 6 + [3] * 4,  # 0, 2 and 3 co-occur here
+            [1] * 16,  # class 1 lives alone
+            [2] * 3 + [3] * 3 + [255] * 10,  # another image of 2 and 3
+        ]
+    )
+    excluded = []
+    got = select_pairs(cm, labels, top_k=1, min_support=5, excluded=excluded)
+    assert [p["classes"] for p in got] == [[2, 3]]
+    assert got[0]["selection_support"] == 16 and got[0]["cooccurring_images"] == 2
+    assert excluded == [
+        {
+            "classes": [0, 1],
+            "confusion": 90,
+            "selection_support": 0,
+            "cooccurring_images": 0,
+            "reason": "no evaluation image holds both classes",
+        }
+    ]
+    # max_images: the support counts only the images the knockout will run on.
+    capped = select_pairs(cm, labels, top_k=3, min_support=11, max_images=1)
+    assert [p["classes"] for p in capped] == [[0, 2]]  # (2, 3): 10 tokens in its first image
 
 
 def test_random_controls_match_their_set_in_size():
@@ -228,7 +261,7 @@ def test_pair_scores_by_hand():
     labels = np.array([[5, 5, 5, 9, 9, 0]])
     pred = np.array([[[5, 9, 2, 9, 9, 0]]])
     ref = np.array([[True, False, False, True, True, True]])
-    counts = pair_counts(pred, labels, ref, (5, 9))[0]
+    counts = pair_counts(pred, labels, ref, (5, 9))[0, 0]  # stage 0, image 0
     n = dict(zip(COUNT_FIELDS, counts.tolist(), strict=True))
     assert n["tokens"] == 5 and n["correct"] == 3 and n["recovered"] == 0
     scores = pair_scores(counts)
@@ -246,7 +279,9 @@ def test_pair_scores_by_hand():
         ({"layers": (3, 9)}, "goes past the last LLM layer"),
         ({"random_controls": -1}, "knockout.random_controls=-1 must be >= 0"),
         ({"top_kk": 3}, "did you mean 'knockout.top_k'"),
-        ({"min_support": 10**9}, "lower knockout.min_support"),
+        ({"control_pool": ("pair", "inside")}, r"control_pool=\['pair', 'inside'\] must be"),
+        ({"control_pool": ("pair", "pair")}, "repeats a pool"),
+        ({"mode": "keep"}, r"knockout.mode='keep' is not one of \('block', 'keep_only'\)"),
     ],
 )
 def test_bad_settings_are_refused(probe_run, tiny_models, overrides, message):
@@ -258,3 +293,173 @@ def test_a_directory_without_probing_is_refused(tmp_path):
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(ValueError, match="run `seglens probe` first"):
         run_knockout(tmp_path)
+
+
+# --- control pools, keep_only, per-image counts, intervals ---------------------------------------
+def test_each_control_pool_draws_only_from_its_pool_with_the_matched_count():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 5, (8, 64))
+    labels[7] = np.where(np.arange(64) < 60, 0, 4)  # few tokens outside the pair
+    ref_correct = rng.random((8, 64)) < 0.6
+    sets = key_sets(labels, ref_correct, (0, 1))
+    pair_tokens = np.isin(labels, (0, 1))
+    drawn = {}
+    for pool in CONTROL_POOLS:
+        for name, matched in sets.items():
+            rngs = [np.random.default_rng([3, i]) for i in range(8)]
+            control = random_control(matched, pair_tokens, rngs, pool)
+            np.testing.assert_array_equal(control.sum(1), matched.sum(1), err_msg=(pool, name))
+            drawn[pool, name] = control
+            if pool == "pair":
+                assert not (control & ~pair_tokens).any()
+            if pool == "outside_pair":
+                room = matched.sum(1) <= (~pair_tokens).sum(1)
+                assert not (control[room] & pair_tokens[room]).any()
+    # Over many images, the image pool lands inside and outside the pair.
+    image = drawn["image", "block_correct"]
+    assert (image & pair_tokens).any() and (image & ~pair_tokens).any()
+    # The pair pool removes the pair's tokens whatever their reference status.
+    inside = drawn["pair", "block_correct"]
+    assert (inside & ~ref_correct).any() and (inside & ref_correct).any()
+    with pytest.raises(ValueError, match="control pool 'inside' is not one of"):
+        random_control(sets["block_correct"], pair_tokens, rngs, "inside")
+
+
+def test_keep_only_with_all_keys_equals_the_plain_model(probe_run, tiny_models, random_images):
+    """keep_only of every image token blocks nothing (bit for bit the plain model); keep_only of
+    all but slot j is the same edge set as blocking j alone."""
+    vlm = tiny_models("clip")
+    probes = {s: load_probe(probe_run / f"probes/causal/{s}") for s in LLM}
+    batch = vlm.prepare(random_images(2))
+    N = vlm.num_image_tokens
+    clean = predict_stages(vlm, batch, probes)
+    every = np.ones((2, N), dtype=bool)
+    keep_all = blocked_keys(every, "keep_only")
+    assert not keep_all.any()
+    np.testing.assert_array_equal(predict_stages(vlm, batch, probes, keep_all), clean)
+    features = vlm.capture(batch, LLM)
+    from seglens.interventions import Knockout, TokenSet, intervene
+
+    with intervene(vlm, [Knockout(keys=TokenSet.from_mask(keep_all), later_only=True)]):
+        inside = vlm.capture(batch, LLM)
+    for s in LLM:
+        assert torch_equal(inside[s], features[s])
+    but_one = every.copy()
+    but_one[:, 5] = False
+    single = ~but_one
+    np.testing.assert_array_equal(
+        predict_stages(vlm, batch, probes, blocked_keys(but_one, "keep_only")),
+        predict_stages(vlm, batch, probes, blocked_keys(single, "block")),
+    )
+    with pytest.raises(ValueError, match=r"knockout\.mode='keep' is not one of"):
+        blocked_keys(every, "keep")
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_per_image_counts_sum_to_the_batch_counts():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 4, (5, 40))
+    pred = rng.integers(0, 4, (3, 5, 40))
+    ref = rng.random((5, 40)) < 0.5
+    per_image = pair_counts(pred, labels, ref, (1, 2))
+    assert per_image.shape == (3, 5, 10)
+    for i in range(5):
+        np.testing.assert_array_equal(
+            per_image[:, i],
+            pair_counts(pred[:, i : i + 1], labels[i : i + 1], ref[i : i + 1], (1, 2))[:, 0],
+        )
+    tokens = np.isin(labels, (1, 2))
+    np.testing.assert_array_equal(per_image[0, :, 0], tokens.sum(1))
+    np.testing.assert_array_equal(per_image[1, :, 1], ((pred[1] == labels) & tokens).sum(1))
+
+
+def test_knockout_intervals_equal_a_naive_resampling_loop():
+    """Two pairs sharing image 11; two draws of a control: resample the union of the images,
+    recompute each pair's draw-mean accuracy and the pair mean, take percentiles."""
+    rng = np.random.default_rng(9)
+    S = 2
+    pairs = []
+    for images in ([10, 11, 12], [11, 13]):
+        n = len(images)
+        tokens = rng.integers(3, 9, (n, S))
+        table = {}
+        for cond, draws in (("none", 1), ("block_correct", 1), ("random_correct", 2)):
+            t = np.zeros((draws, n, S, 10), dtype=np.int64)
+            t[..., 0] = tokens
+            t[..., 1] = rng.integers(0, tokens + 1, (draws, n, S))
+            table[cond] = t
+        pairs.append({"images": images, "counts": table})
+    contrasts = {"g": {"gap": ("block_correct", "random_correct"), "d": ("block_correct", "none")}}
+    got = knockout_differences(pairs, ["llm.1", "llm.2"], contrasts, n_resamples=80, seed=4)
+    union = [10, 11, 12, 13]
+    idx = np.random.default_rng(4).integers(0, 4, (80, 4))
+
+    def statistic(rows, c1, c2, s):
+        per_pair = []
+        for p in pairs:
+            drawn = [union[r] for r in rows]
+            take = [p["images"].index(i) for i in drawn if i in p["images"]]
+            if not take:
+                continue
+
+            t1, t2 = (p["counts"][c][:, take, s] for c in (c1, c2))  # (D, k, 10)
+            acc1 = np.mean(t1[..., 1].sum(1) / t1[..., 0].sum(1))  # mean over draws
+            acc2 = np.mean(t2[..., 1].sum(1) / t2[..., 0].sum(1))
+            per_pair.append(acc1 - acc2)
+        return np.mean(per_pair)
+
+    for s, stage in enumerate(["llm.1", "llm.2"]):
+        for name, (c1, c2) in contrasts["g"].items():
+            cell = got["g"][stage][name]
+            assert cell["estimate"] == pytest.approx(statistic(range(4), c1, c2, s), abs=1e-12)
+            values = [statistic(r, c1, c2, s) for r in idx]
+            low, high = np.quantile(values, [0.025, 0.975])
+            assert (cell["low"], cell["high"]) == pytest.approx((low, high), abs=1e-12)
+            assert cell["n_images"] == 4
+
+
+@pytest.fixture(scope="module")
+def pools_run(probe_run, tiny_models):
+    run = copy_run(probe_run, "pools")
+    section = run_knockout(run, vlm=tiny_models("clip"), progress=False, random_controls=2, **SMALL)
+    return run, section
+
+
+def test_intervals_of_every_pool_match_the_curves(pools_run):
+    _, ko = pools_run
+    assert ko["status"] == "tested" and ko["mode"] == "block"
+    assert ko["control_pools"] == list(CONTROL_POOLS)
+    diff = ko["differences"]
+    assert set(diff["pools"]) == set(CONTROL_POOLS) and diff["metric"] == "accuracy"
+    curves = ko["curves"]
+    for pool, per_stage in diff["pools"].items():
+        control = ko["controls"]
+        ctrl = {m["matches"]: c for c, m in control.items() if m["pool"] == pool}
+        for stage in LLM:
+            cells = per_stage[stage]
+            gap = curves["block_correct"][stage]["accuracy"]
+            gap -= curves[ctrl["block_correct"]][stage]["accuracy"]
+            assert cells["block_correct_minus_control"]["estimate"] == pytest.approx(gap)
+            drop = curves["block_incorrect"][stage]["accuracy"]
+            drop -= curves["none"][stage]["accuracy"]
+            assert cells["block_incorrect_minus_none"]["estimate"] == pytest.approx(drop)
+            for cell in cells.values():
+                assert set(cell) == {"estimate", "low", "high", "n_images"}
+    assert (
+        diff["minus_none"]["llm.4"]["block_correct"]
+        == (diff["pools"]["pair"]["llm.4"]["block_correct_minus_none"])
+    )
+
+
+def test_nothing_to_test_is_recorded_not_raised(probe_run, tiny_models):
+    run = copy_run(probe_run, "nothing")
+    ko = run_knockout(run, vlm=tiny_models("clip"), progress=False, min_support=10**9)
+    assert ko["status"] == "nothing_to_test" and "knockout.min_support" in ko["reason"]
+    assert ko["pairs"] == [] and ko["curves"] == {} and ko["differences"] is None
+    assert results_of(run)["knockout"]["status"] == "nothing_to_test"
+    assert ko["skipped_pairs"] and all("reason" in p for p in ko["skipped_pairs"])

@@ -353,3 +353,109 @@ def test_standardizer_freezes_after_warmup_tokens_and_floors_constant_dims():
     z = st.transform(x)
     assert z.dtype == torch.float32 and torch.all(z[:, 2] == 0)
     torch.testing.assert_close(z.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+
+
+# --- early stopping on held-out loss ---------------------------------------------------------
+def test_held_out_loss_equals_cross_entropy_per_candidate(data):
+    x, y = data["train"]
+    xv, yv = data["test"]
+    probe = LinearProbe(C, lrs=(1e-3, 1e-1), epochs=1, early_stopping=True, batch_size=512)
+    probe.fit(x, y, X_val=xv, y_val=yv)
+    logits = probe._candidate_logits(xv.reshape(-1, D))  # weights of the (only) epoch
+    target = yv.reshape(-1)
+    for k in range(2):
+        expected = torch.nn.functional.cross_entropy(
+            logits[:, k].double(), target, ignore_index=255
+        )
+        assert probe.stopping.trace[0][k] == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_stopping_rule_by_hand():
+    from seglens.probes.convergence import EarlyStopping
+
+    rule = EarlyStopping(patience=2, min_delta=0.005)
+    W, b = torch.zeros(3, 1, 2), torch.zeros(1, 2)
+    for epoch, loss in enumerate([1.0, 0.9, 0.899, 0.8995]):
+        rule._sum, rule._count = torch.tensor([loss], dtype=torch.float64), torch.tensor(1)
+        rule.end_epoch(W + epoch, b, None)
+        # 0.899 improves on 0.9 by only 0.1% (< 0.5%): epochs 3 and 4 count as no improvement.
+        assert rule.stopped == (epoch == 3)
+    assert rule.best["epoch"].tolist() == [2]  # weights kept from the lowest loss (epoch 3)
+    assert torch.equal(rule.best["W"], W + 2)
+    with pytest.raises(ValueError, match="no held-out tokens were scored"):
+        rule.end_epoch(W, b, None)
+
+
+def test_early_stopping_keeps_the_best_epoch_and_converges(data):
+    """The probe stops before the epoch limit, and its weights equal a plain run of exactly its
+    best epoch count (same seed, same order): the best-epoch snapshot is what is kept. Classes
+    overlap, so the held-out loss levels off (on separable data it falls for ever)."""
+    x, y = planted(80, 0, spread=0.4)
+    xv, yv = planted(16, 1, spread=0.4)
+    kwargs = dict(lrs=(3e-2,), batch_size=512, seed=0)
+    probe = LinearProbe(C, epochs=60, early_stopping=True, patience=2, **kwargs)
+    probe.fit(x, y, X_val=xv, y_val=yv)
+    record = probe.convergence()
+    assert record["converged"] is True and record["epochs"] < 60
+    assert record["epochs"] == len(record["val_loss"]) == len(probe.stopping.trace)
+    best = record["best_epoch"]
+    assert record["val_loss"][best - 1] == min(record["val_loss"])
+    plain = LinearProbe(C, epochs=best, **kwargs).fit(x, y)
+    assert torch.equal(plain.coef_, probe.coef_) and torch.equal(plain.intercept_, probe.intercept_)
+    assert record["lr_at_grid_edge"] is False  # one lr: no grid
+    reloaded = json.loads(json.dumps(record))  # plain JSON
+    assert reloaded == record
+
+
+def test_a_probe_at_the_epoch_limit_has_not_converged_and_flags_the_grid_edge(data):
+    from seglens.probes.convergence import convergence_warnings
+
+    x, y = data["train"]
+    xv, yv = data["test"]
+    probe = LinearProbe(C, lrs=(1e-4, 1e-3, 1e-2), epochs=2, early_stopping=True, batch_size=512)
+    probe.fit(x, y, X_val=xv, y_val=yv)
+    record = probe.convergence()
+    assert record["converged"] is False and record["epochs"] == 2
+    assert probe.lr_ == 1e-2 and record["lr_at_grid_edge"] is True
+    k = probe._fitted[0]
+    assert k == probe.stopping.selected()  # lowest held-out loss wins
+    assert record["val_loss"] == [row[k] for row in probe.stopping.trace]
+    assert set(record["val_loss_by_lr"]) == {"0.0001", "0.001", "0.01"}
+    messages = convergence_warnings({"llm.2": record}, probe.lrs)
+    assert "llm.2 did not converge in 2 epochs" in messages[0]
+    assert "edge of probe.lrs=[0.0001, 0.001, 0.01]" in messages[1]
+    with pytest.raises(ValueError, match="validate"):
+        LinearProbe(C, lrs=(1e-3, 1e-2)).convergence()
+
+
+def test_early_stopping_state_resumes_exactly(data):
+    """A bank checkpointed between epochs and restored ends with the same probes and record."""
+    x, y = data["train"]
+    xv, yv = data["test"]
+
+    def new_bank():
+        kwargs = dict(lrs=(1e-2, 1e-1), early_stopping=True, patience=1, warmup_batches=1)
+        return ProbeBank(["a"], C, **kwargs)
+
+    def epoch(bank, e):
+        for xb, yb in batches(x, y):
+            bank.partial_fit({"a": xb}, yb)
+        bank.validate({"a": xv}, yv)
+        bank.end_epoch(e)
+
+    full = new_bank()
+    for e in range(4):
+        epoch(full, e)
+    full.select()
+    part = new_bank()
+    for e in range(2):
+        epoch(part, e)
+    blob = st_save(part.state_dict())
+    resumed = new_bank()
+    resumed.load_state_dict(st_load(blob))
+    resumed.end_epoch(1)  # already closed before the checkpoint: a no-op
+    for e in range(2, 4):
+        epoch(resumed, e)
+    resumed.select()
+    assert resumed.convergence() == full.convergence()
+    assert torch.equal(resumed.probes["a"].coef_, full.probes["a"].coef_)

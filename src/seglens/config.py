@@ -97,7 +97,14 @@ class ProbeConfig:
     solver: str = _help("sgd (AdamW, cross-entropy) or lda (closed form)", "sgd")
     lrs: tuple[float, ...] = _help("sgd learning rates trained side by side", (1e-3, 1e-2, 1e-1))
     weight_decay: float = _help("sgd AdamW weight decay", 0.0)
-    epochs: int = _help("sgd passes over the training split", 1)
+    epochs: int = _help("sgd passes over the training split (the limit under early stopping)", 10)
+    early_stopping: bool = _help(
+        "sgd: score the held-out loss after every epoch and stop once it stops improving", True
+    )
+    patience: int = _help("sgd early stopping: epochs without improvement before stopping", 2)
+    min_delta: float = _help(
+        "sgd early stopping: relative held-out loss improvement that counts", 0.005
+    )
     holdout_fraction: float = _help(
         "share of training images held out to pick the learning rate", 0.1
     )
@@ -134,6 +141,10 @@ class ProbeConfig:
             )
         if self.epochs < 1:
             raise ValueError(f"probe.epochs={self.epochs} must be >= 1")
+        if self.patience < 1:
+            raise ValueError(f"probe.patience={self.patience} must be >= 1 epochs")
+        if not 0.0 <= self.min_delta < 1.0:
+            raise ValueError(f"probe.min_delta={self.min_delta} must be in [0, 1)")
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
             raise ValueError(f"probe.lrs={self.lrs} must be positive learning rates")
         if not 0.0 <= self.holdout_fraction < 1.0:
@@ -163,8 +174,27 @@ class KnockoutConfig:
         "after",
     )
     max_images: int | None = _help("cap on evaluation images per pair", None)
+    control_pool: tuple[str, ...] = _help(
+        "pools of the random controls, one control per pool: outside_pair (image tokens outside "
+        "the pair first), pair (the pair's own tokens), image (any image token)",
+        ("outside_pair", "pair", "image"),
+    )
+    mode: str = _help(
+        "block: the condition's tokens become unreadable; keep_only: only they stay readable "
+        "among the image tokens",
+        "block",
+    )
 
     def __post_init__(self):
+        pools = ("outside_pair", "pair", "image")
+        if not self.control_pool or any(p not in pools for p in self.control_pool):
+            raise ValueError(
+                f"knockout.control_pool={list(self.control_pool)} must be a non-empty list of "
+                f"{pools}"
+            )
+        if len(set(self.control_pool)) != len(self.control_pool):
+            raise ValueError(f"knockout.control_pool={list(self.control_pool)} repeats a pool")
+        _check_choice("knockout.mode", self.mode, ("block", "keep_only"))
         if self.top_k < 1:
             raise ValueError(f"knockout.top_k={self.top_k} must be >= 1")
         if self.layers is not None and (
@@ -257,6 +287,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ValueError(f"config key {where!r} must be a mapping, got {value!r}")
         return from_dict(annotation, value, prefix=f"{where}.")
     if origin is tuple:
+        if isinstance(value, str) and args and args[0] is str:
+            value = [value]  # one name for a list of names: `knockout.control_pool: pair`
         if not isinstance(value, list | tuple):
             raise ValueError(f"config key {where!r} must be a list, got {value!r}")
         item = args[0] if args else Any

@@ -19,6 +19,15 @@ def _knockout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-sweep", type=int, help="also sweep windows of this many layers")
     p.add_argument("--random-controls", type=int, help="random key sets of matched size")
     p.add_argument("--max-images", type=int, help="cap on evaluation images per pair")
+    p.add_argument(
+        "--control-pool",
+        nargs="+",
+        choices=("outside_pair", "pair", "image"),
+        help="pools the random controls are drawn from (one control per pool)",
+    )
+    p.add_argument(
+        "--mode", choices=("block", "keep_only"), help="block the sets, or keep only them readable"
+    )
 
 
 @command("knockout", "block attention to correct / incorrect / random image tokens per class pair")(
@@ -36,7 +45,12 @@ def _knockout(args: argparse.Namespace) -> int:
         window_sweep=args.window_sweep,
         random_controls=args.random_controls,
         max_images=args.max_images,
+        control_pool=None if args.control_pool is None else tuple(args.control_pool),
+        mode=args.mode,
     )
+    if section["status"] == "nothing_to_test":
+        print(f"knockout: nothing to test: {section['reason']}")
+        return 0
     layer = section["summary_layer"]
     print(f"{len(section['pairs'])} pairs; pair-token scores at {layer}:")
     print(f"{'condition':<18} {'accuracy':>9} {'iou':>9} {'recovery':>9}")

@@ -24,6 +24,7 @@ from seglens.experiments.stats import (
     resampled_metric,
 )
 from seglens.metrics import PerImageCounts
+from seglens.stages import llm_layer
 
 __all__ = ["COUNT_LEVELS", "bidirectional_differences", "count_arrays", "counts_from_arrays"]
 __all__ += ["probing_differences"]
@@ -106,7 +107,7 @@ def probing_differences(
     if "encoder" in per_stage:
         encoder = _counts(per_stage, "encoder", "miou")
         out["adapter_minus_encoder"] = paired_bootstrap(adapter, encoder, "miou", **options)
-    llm = [s for s in stages if s.startswith("llm.") and s in per_stage]
+    llm = [s for s in stages if llm_layer(s) is not None and s in per_stage]
     for s in llm:
         out["llm_minus_adapter"][s] = paired_bootstrap(
             _counts(per_stage, s, "miou"), adapter, "miou", **options

@@ -2,18 +2,20 @@
 
 The clean probes of a probing run (no retraining) define, at a reference stage (default
 ``adapter``), which image tokens are *correct* (the probe there predicts their label). For the
-top-K class pairs the reference probe confuses most, every evaluation image holding both classes
-runs once clean and once per knockout condition: keys at the pair's correct tokens, at its
-incorrect tokens, or at seeded random tokens of matched size per image are made unreadable (all
-queries, all LLM layers or a window). The clean probes then score every LLM stage on the pair's
-tokens: accuracy, 2-class IoU and the recovery of tokens the reference stage got wrong.
-``run_knockout`` is the public API behind ``seglens knockout``.
+top-K class pairs the reference probe confuses most among those that co-occur in evaluation
+images, every evaluation image holding both classes runs once clean and once per condition: the
+pair's correct tokens, its incorrect tokens, or seeded random tokens of matched size per image
+(one control per ``knockout.control_pool``) are made unreadable (``knockout.mode="block"``) or
+left as the only readable image tokens (``"keep_only"``), for all queries, all LLM layers or a
+window. The clean probes then score every LLM stage on the pair's tokens: accuracy, 2-class IoU
+and the recovery of tokens the reference stage got wrong, with paired bootstrap intervals over
+images on every condition minus ``none`` and minus its matched control. ``run_knockout`` is the
+public API behind ``seglens knockout``; the pieces without a model live in ``knockout_sets``.
 
-Choices the protocol leaves open: random controls are drawn among the image tokens outside the
-pair first (``random_control``). ``knockout.queries="after"`` (default) blocks a key for the
-tokens after it (``Knockout(later_only=True)``); ``"all"`` also for the tokens before it. Under
-causal attention the two are the same edge set; they differ in natively bidirectional image
-blocks (Gemma3, PaliGemma), where earlier image tokens read later ones.
+``knockout.queries="after"`` (default) blocks a key for the tokens after it
+(``Knockout(later_only=True)``); ``"all"`` also for the tokens before it. Under causal attention
+the two are the same edge set; they differ in natively bidirectional image blocks (Gemma3,
+PaliGemma), where earlier image tokens read later ones.
 """
 
 from __future__ import annotations
@@ -31,196 +33,50 @@ import torch
 from seglens.config import KnockoutConfig, RunConfig, load_config
 from seglens.data import SegDataset, iterate_samples
 from seglens.distributed import gather_object, rank_world
+from seglens.experiments.knockout_sets import (
+    CONTROL_POOLS,
+    COUNT_FIELDS,
+    blocked_keys,
+    control_name,
+    key_sets,
+    knockout_differences,
+    layer_windows,
+    pair_counts,
+    pair_images,
+    pair_scores,
+    random_control,
+    select_pairs,
+)
 from seglens.interventions import Knockout, TokenSet, intervene
 from seglens.models import VLM, Batch
 from seglens.probes import load_probe
 from seglens.results import CONFIG, RESULTS, clean_condition, load_arrays, read_json, write_json
 
-__all__ = ["CONDITIONS", "COUNT_FIELDS", "key_sets", "layer_windows", "pair_counts", "pair_images"]
-__all__ += ["pair_scores", "predict_stages", "random_control", "run_knockout", "select_pairs"]
+__all__ = ["CONDITIONS", "CONTROL_POOLS", "COUNT_FIELDS", "conditions_of", "key_sets"]
+__all__ += ["layer_windows", "pair_counts", "pair_images", "pair_scores", "predict_stages"]
+__all__ += ["random_control", "run_knockout", "select_pairs"]
 
 log = logging.getLogger(__name__)
 
-CONDITIONS = ("none", "block_correct", "block_incorrect", "random_correct", "random_incorrect")
-RANDOM = {"random_correct": "block_correct", "random_incorrect": "block_incorrect"}
-# Columns of the (S, 10) count table ``pair_counts`` returns, per stage.
-COUNT_FIELDS = (
-    "tokens",  # pair tokens scored
-    "correct",  # of them predicted as their label
-    "inter_a",  # label a and predicted a
-    "pred_a",  # predicted a (among the pair's tokens)
-    "label_a",  # labelled a
-    "inter_b",
-    "pred_b",
-    "label_b",
-    "ref_incorrect",  # pair tokens the reference stage gets wrong
-    "recovered",  # of them predicted as their label at this stage
-)
+TREATMENTS = ("block_correct", "block_incorrect")
+# The conditions of the default settings (controls from every pool).
+_CONTROLS = tuple(control_name(t, pool) for pool in CONTROL_POOLS for t in TREATMENTS)
+CONDITIONS = ("none", *TREATMENTS, *_CONTROLS)
 
 
-# --- selection ----------------------------------------------------------------------------------
-def select_pairs(confusion: np.ndarray, *, top_k: int, min_support: int) -> list[dict[str, Any]]:
-    """The top-K conflicting class pairs of a confusion matrix.
-
-    A pair {a, b} (a < b) conflicts by ``C[a, b] + C[b, a]`` (tokens of one class predicted as
-    the other). Pairs with no conflict, or fewer than ``min_support`` tokens labelled a or b
-    (``C[a].sum() + C[b].sum()``), are left out; ties go to the smaller (a, b).
-
-    Args:
-        confusion: (C, C) counts, rows true classes, columns predictions.
-        top_k: K, pairs to return at most.
-        min_support: minimum tokens labelled a or b.
-
-    Returns:
-        Up to K ``{"classes": [a, b], "confusion": int, "selection_support": int}``, most
-        conflicting first.
-    """
-    cm = np.asarray(confusion, dtype=np.int64)
-    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
-        raise ValueError(f"confusion must be a (C, C) matrix, got shape {cm.shape}")
-    rows = cm.sum(1)
-    candidates = []
-    for a in range(len(cm)):
-        for b in range(a + 1, len(cm)):
-            conflict, support = int(cm[a, b] + cm[b, a]), int(rows[a] + rows[b])
-            if conflict > 0 and support >= min_support:
-                candidates.append((-conflict, a, b, support))
-    return [
-        {"classes": [a, b], "confusion": -neg, "selection_support": support}
-        for neg, a, b, support in sorted(candidates)[:top_k]
-    ]
-
-
-def pair_images(labels: np.ndarray, pair: Sequence[int], max_images: int | None) -> np.ndarray:
-    """Indices of the images whose token labels hold both classes of ``pair``, first ones first.
-
-    Args:
-        labels: (M, N) token labels of the M evaluation images (255 = ignore).
-        pair: (a, b).
-        max_images: keep at most this many (None: all).
-
-    Returns:
-        (I,) int64 row indices into ``labels``, ascending.
-    """
-    a, b = pair
-    both = np.flatnonzero((labels == a).any(1) & (labels == b).any(1))
-    return both if max_images is None else both[:max_images]
-
-
-def layer_windows(num_layers: int, size: int) -> list[tuple[int, int]]:
-    """Consecutive windows of ``size`` layers over 1..L, stride ``size`` (the last may be short).
-
-    Returns:
-        ``[(1, size), (size + 1, 2 * size), ..., (.., L)]``, 1-based and inclusive.
-    """
-    if size < 1:
-        raise ValueError(f"knockout.window_sweep={size} must be >= 1 layers per window")
-    return [(lo, min(lo + size - 1, num_layers)) for lo in range(1, num_layers + 1, size)]
-
-
-# --- key sets -----------------------------------------------------------------------------------
-def key_sets(labels: np.ndarray, ref_correct: np.ndarray, pair: Sequence[int]) -> dict:
-    """The blocked keys of one pair, per image.
-
-    Args:
-        labels: (B, N) token labels.
-        ref_correct: (B, N) bool, the reference-stage probe predicts the token's label.
-        pair: (a, b).
-
-    Returns:
-        ``{"block_correct": (B, N) bool, "block_incorrect": (B, N) bool}``: the pair's tokens
-        (labelled a or b) that are correct, resp. incorrect, at the reference stage.
-    """
-    tokens = np.isin(labels, pair)
-    return {"block_correct": tokens & ref_correct, "block_incorrect": tokens & ~ref_correct}
-
-
-def random_control(
-    matched: np.ndarray, pair_tokens: np.ndarray, rngs: Sequence[np.random.Generator]
-) -> np.ndarray:
-    """Seeded random image tokens, exactly as many per image as ``matched`` holds.
-
-    Tokens are drawn first among the image tokens outside the pair (so that a control never
-    blocks the pair's own evidence); only when an image has too few of those, the rest come from
-    the pair's tokens outside ``matched``, and last from ``matched`` itself.
-
-    Args:
-        matched: (B, N) bool, the set to match in size (e.g. the pair's correct tokens).
-        pair_tokens: (B, N) bool, tokens labelled a or b.
-        rngs: one generator per image.
-
-    Returns:
-        (B, N) bool with ``out[i].sum() == matched[i].sum()`` for every image i.
-    """
-    out = np.zeros_like(matched, dtype=bool)
-    for i, rng in enumerate(rngs):
-        need = int(matched[i].sum())
-        pools = (~pair_tokens[i], pair_tokens[i] & ~matched[i], matched[i])
-        for pool in pools:
-            if need == 0:
-                break
-            idx = np.flatnonzero(pool)
-            take = rng.choice(idx, size=min(need, len(idx)), replace=False)
-            out[i, take] = True
-            need -= len(take)
-    return out
-
-
-# --- scoring ------------------------------------------------------------------------------------
-def pair_counts(
-    pred: np.ndarray, labels: np.ndarray, ref_correct: np.ndarray, pair: Sequence[int]
-) -> np.ndarray:
-    """Count what ``pair_scores`` needs, per stage, over the pair's tokens of a batch.
-
-    Args:
-        pred: (S, B, N) predicted class per stage.
-        labels: (B, N) token labels.
-        ref_correct: (B, N) bool, correct at the reference stage (clean model).
-        pair: (a, b).
-
-    Returns:
-        (S, 10) int64 counts, columns ``COUNT_FIELDS``.
-    """
-    a, b = pair
-    tokens = np.isin(labels, pair)
-    lab = labels[tokens]  # (M,)
-    p = pred[:, tokens]  # (S, M)
-    hit = p == lab
-    missed = ~ref_correct[tokens]
-    S, M = p.shape
-    columns = [np.full(S, M), hit.sum(1)]
-    for c in (a, b):
-        columns += [(hit & (lab == c)).sum(1), (p == c).sum(1), np.full(S, (lab == c).sum())]
-    columns += [np.full(S, missed.sum()), (hit & missed).sum(1)]
-    return np.stack(columns, axis=1).astype(np.int64)
+def conditions_of(settings: KnockoutConfig) -> tuple[list[str], dict[str, tuple[str, str]]]:
+    """The conditions a setting runs, and {control: (matched treatment, pool)}."""
+    controls = {}
+    if settings.random_controls:
+        for pool in settings.control_pool:
+            for t in TREATMENTS:
+                controls[control_name(t, pool)] = (t, pool)
+    return ["none", *TREATMENTS, *controls], controls
 
 
 def _span(window: Sequence[int] | None) -> tuple[int, ...] | None:
     """(first, last) inclusive -> the layer numbers; None (all layers) stays None."""
     return None if window is None else tuple(range(window[0], window[1] + 1))
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return float(num / den) if den > 0 else None
-
-
-def pair_scores(counts: np.ndarray) -> dict[str, float | None]:
-    """(10,) counts -> accuracy, 2-class IoU and recovery (None where undefined).
-
-    The IoU of class c counts only the pair's tokens (a prediction outside {a, b} is wrong);
-    it is averaged over the classes of the pair with a non-empty union.
-    """
-    n = dict(zip(COUNT_FIELDS, np.asarray(counts).tolist(), strict=True))
-    ious = []
-    for c in "ab":
-        inter, union = n[f"inter_{c}"], n[f"label_{c}"] + n[f"pred_{c}"] - n[f"inter_{c}"]
-        if union > 0:
-            ious.append(inter / union)
-    return {
-        "accuracy": _ratio(n["correct"], n["tokens"]),
-        "iou": float(np.mean(ious)) if ious else None,
-        "recovery": _ratio(n["recovered"], n["ref_incorrect"]),
-    }
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -324,20 +180,24 @@ def _run_pair(
     settings: KnockoutConfig,
     windows: Sequence[tuple[int, int]],
     seed: int,
-) -> tuple[dict, dict]:
-    """Counts of every condition (and random draw) of one pair over its images.
+) -> tuple[list[int], dict, dict]:
+    """Per-image counts of every condition (and random draw) of one pair over its images.
 
     Per batch: one clean forward (reference stage and LLM stages), then one forward per knocked
-    out key set (skipped when no image of the batch has a key in it) and per sweep window.
+    out key set (skipped when no image of the batch has a key to block) and per sweep window.
 
     Returns:
-        ``({(condition, draw): (S, 10)}, {(window, condition, draw): (10,)})`` with S =
-        ``len(llm_stages)``; the sweep counts are those of the last of ``llm_stages``.
+        ``(image ids (I,), {(condition, draw): (S, I, 10)}, {(window, condition, draw): (10,)})``
+        with S = ``len(llm_stages)``; the sweep counts are summed and are those of the last of
+        ``llm_stages``.
     """
     stages = list(probes)
     ref_row = stages.index(reference)
     rows = [stages.index(s) for s in llm_stages]
     llm = {s: probes[s] for s in llm_stages}
+    _, controls = conditions_of(settings)
+    pool_index = {pool: i for i, pool in enumerate(CONTROL_POOLS)}
+    ids: list[int] = []
     counts: dict = {}
     sweep: dict = {}
 
@@ -345,21 +205,26 @@ def _run_pair(
         table[key] = table.get(key, 0) + value
 
     for batch, image_ids in batches:
+        ids += image_ids
         labels = batch.labels.numpy()
         clean = predict_stages(vlm, batch, probes)  # (S_all, B, N)
         ref_correct = clean[ref_row] == labels
         clean = clean[rows]
-        none = pair_counts(clean, labels, ref_correct, pair)
-        add(counts, ("none", 0), none)
+        none = pair_counts(clean, labels, ref_correct, pair)  # (S, B, 10)
+        counts.setdefault(("none", 0), []).append(none)
         for w in range(len(windows)):
-            add(sweep, (w, "none", 0), none[-1])
+            add(sweep, (w, "none", 0), none[-1].sum(0))
         sets = {(c, 0): m for c, m in key_sets(labels, ref_correct, pair).items()}
         pair_tokens = np.isin(labels, pair)
         for draw in range(settings.random_controls):
-            for k, (cond, matched) in enumerate(RANDOM.items()):
-                rngs = [np.random.default_rng([seed, *pair, draw, k, i]) for i in image_ids]
-                sets[cond, draw] = random_control(sets[matched, 0], pair_tokens, rngs)
-        for (cond, draw), keys in sets.items():
+            for name, (matched, pool) in controls.items():
+                k = TREATMENTS.index(matched)
+                # outside_pair keeps the seeds it always had, so old runs reproduce.
+                extra = [] if pool == "outside_pair" else [pool_index[pool]]
+                rngs = [np.random.default_rng([seed, *pair, draw, k, i, *extra]) for i in image_ids]
+                sets[name, draw] = random_control(sets[matched, 0], pair_tokens, rngs, pool)
+        for (cond, draw), named in sets.items():
+            keys = blocked_keys(named, settings.mode)
             for w, window in [(None, settings.layers), *enumerate(windows)]:
                 if keys.any():  # an empty set blocks nothing: the clean predictions stand
                     pred = predict_stages(
@@ -374,20 +239,32 @@ def _run_pair(
                     pred = clean
                 found = pair_counts(pred, labels, ref_correct, pair)
                 if w is None:
-                    add(counts, (cond, draw), found)
+                    counts.setdefault((cond, draw), []).append(found)
                 else:
-                    add(sweep, (w, cond, draw), found[-1])
-    return counts, sweep
+                    add(sweep, (w, cond, draw), found[-1].sum(0))
+    n_stages = len(llm_stages)
+    per_image = {
+        key: np.concatenate(parts, axis=1) if parts else np.zeros((n_stages, 0, 10), np.int64)
+        for key, parts in counts.items()
+    }
+    return ids, per_image, sweep
 
 
-def _sum_over_ranks(counts: dict, sweep: dict) -> tuple[dict, dict]:
-    """Every rank's count tables summed key by key (each rank ran a shard of the images)."""
-    total: tuple[dict, dict] = ({}, {})
-    for part in gather_object((counts, sweep)):
-        for table, local in zip(total, part, strict=True):
-            for key, value in local.items():
-                table[key] = table.get(key, 0) + value
-    return total
+def _gather_ranks(ids: list[int], counts: dict, sweep: dict) -> tuple[list[int], dict, dict]:
+    """Every rank's images and per-image counts joined in image order; sweep counts summed."""
+    parts = gather_object((ids, counts, sweep))
+    all_ids = [i for part in parts for i in part[0]]
+    order = np.argsort(all_ids, kind="stable")
+    keys = dict.fromkeys(k for part in parts for k in part[1])
+    joined = {
+        k: np.concatenate([part[1][k] for part in parts if k in part[1]], axis=1)[:, order]
+        for k in keys
+    }
+    total: dict = {}
+    for part in parts:
+        for key, value in part[2].items():
+            total[key] = total.get(key, 0) + value
+    return [all_ids[j] for j in order], joined, total
 
 
 def _score_pair(
@@ -502,52 +379,54 @@ def run_knockout(
     arrays = load_arrays(run_dir / causal["arrays"])
     if confusion_key not in arrays:
         raise ValueError(f"{run_dir / causal['arrays']} has no {confusion_key}; rerun the probing")
-    candidates = select_pairs(
-        arrays[confusion_key], top_k=settings.top_k, min_support=settings.min_support
-    )
-    if not candidates:
-        raise ValueError(
-            f"no class pair is confused at {reference} with >= {settings.min_support} tokens; "
-            "lower knockout.min_support"
-        )
     dataset = build_dataset(
         config.data, config.data.eval_split, config.data.limit_eval, config.seed
     )
     names = list(dataset.class_names)
     rank, world = rank_world()
     image_ids, labels = _scan_labels(vlm, dataset, config, progress)
+    candidates = select_pairs(
+        arrays[confusion_key],
+        labels,
+        top_k=settings.top_k,
+        min_support=settings.min_support,
+        max_images=settings.max_images,
+        excluded=(skipped := []),
+    )
     windows = (
         layer_windows(vlm.num_llm_layers, settings.window_sweep) if settings.window_sweep else []
     )
-    conditions = list(CONDITIONS if settings.random_controls else CONDITIONS[:3])
-    draws = {c: settings.random_controls if c in RANDOM else 1 for c in conditions}
-    pairs, skipped, per_pair, sweeps = [], [], [], []
+    conditions, controls = conditions_of(settings)
+    draws = {c: settings.random_controls if c in controls else 1 for c in conditions}
+    pairs, per_pair, sweeps, tested = [], [], [], []
     for cand in candidates:
         pair = tuple(cand["classes"])
         entry = {"classes": list(pair), "names": [names[c] for c in pair]}
-        found = pair_images(labels, pair, settings.max_images)
-        if len(found) == 0:
-            log.warning("pair %s: no evaluation image holds both classes; skipped", entry["names"])
-            skipped.append({**entry, **cand, "reason": "no evaluation image holds both classes"})
-            continue
-        indices = [image_ids[r] for r in found]
+        indices = [image_ids[r] for r in pair_images(labels, pair, settings.max_images)]
         desc = f"knockout {entry['names'][0]}/{entry['names'][1]}"
-        # Under torchrun each rank runs every W-th image of the pair; counts are summed.
+        # Under torchrun each rank runs every W-th image of the pair; counts are joined.
         local = indices[rank::world]
         batches = stream_batches(vlm, dataset, local, config, desc, progress)
-        counts, sweep = _run_pair(
+        ids, counts, sweep = _run_pair(
             vlm, batches, probes, reference, llm_stages, pair, settings, windows, config.seed
         )
         if world > 1:
-            counts, sweep = _sum_over_ranks(counts, sweep)
-        none = counts["none", 0][0]
+            ids, counts, sweep = _gather_ranks(ids, counts, sweep)
+        summed = {key: value.sum(axis=1) for key, value in counts.items()}  # (S, 10)
+        none = summed["none", 0][0]
         incorrect = int(none[COUNT_FIELDS.index("ref_incorrect")])
         support = int(none[COUNT_FIELDS.index("tokens")])
         entry.update(images=len(indices), support=support, correct=support - incorrect)
         pairs.append({**entry, "incorrect": incorrect, **cand})
-        scores, rows = _score_pair(counts, sweep, conditions, draws, llm_stages, len(windows))
+        scores, rows = _score_pair(summed, sweep, conditions, draws, llm_stages, len(windows))
         per_pair.append({"classes": list(pair), **scores})
         sweeps.append(rows)
+        # (D, I, S, 10) per condition, for the intervals over images.
+        stacked = {
+            c: np.stack([counts[c, d].transpose(1, 0, 2) for d in range(draws[c])])
+            for c in conditions
+        }
+        tested.append({"images": ids, "counts": stacked})
         log.info(
             "pair %s: %d images, %d tokens (%d incorrect at %s)",
             entry["names"],
@@ -556,34 +435,44 @@ def run_knockout(
             incorrect,
             reference,
         )
-    if not pairs:
-        raise ValueError(
-            f"none of the {len(candidates)} selected pairs co-occurs in an evaluation image; "
-            "raise knockout.top_k or use more evaluation images"
-        )
-    curves = {c: {s: _average([p[c][s] for p in per_pair]) for s in llm_stages} for c in conditions}
-    window_sweep = None
-    if windows:
-        window_sweep = [
-            {"layers": list(window)}
-            | {c: _average([rows[w][c] for rows in sweeps]) for c in conditions}
-            for w, window in enumerate(windows)
-        ]
     section = {
+        "status": "tested" if pairs else "nothing_to_test",
+        "reason": None,
         "reference_stage": reference,
         "layers": None if settings.layers is None else list(settings.layers),
+        "mode": settings.mode,
+        "control_pools": list(settings.control_pool) if settings.random_controls else [],
         "pairs": pairs,
-        "skipped_pairs": skipped,
+        "skipped_pairs": skipped[:20],
         "conditions": conditions,
-        "curves": curves,
+        "controls": {c: {"matches": m, "pool": pool} for c, (m, pool) in controls.items()},
+        "curves": {},
         "per_pair": per_pair,
         "summary_layer": llm_stages[-1],
-        "window_sweep": window_sweep,
-        "random_controls_from": "image tokens outside the pair first, then the pair's others",
+        "window_sweep": None,
+        "differences": None,
         "settings": asdict(settings),
         "seed": config.seed,
     }
-    if rank != 0:  # every rank holds the summed counts; one writes
+    if not pairs:
+        section["reason"] = (
+            f"no class pair confused at {reference} co-occurs in an evaluation image with >= "
+            f"{settings.min_support} of its tokens (knockout.min_support); use more evaluation "
+            "images or lower knockout.min_support"
+        )
+        log.warning("knockout: nothing to test: %s", section["reason"])
+    else:
+        section["curves"] = {
+            c: {s: _average([p[c][s] for p in per_pair]) for s in llm_stages} for c in conditions
+        }
+        if windows:
+            section["window_sweep"] = [
+                {"layers": list(window)}
+                | {c: _average([rows[w][c] for rows in sweeps]) for c in conditions}
+                for w, window in enumerate(windows)
+            ]
+        section["differences"] = _differences(tested, llm_stages, controls, config)
+    if rank != 0:  # every rank holds the joined counts; one writes
         return section
     # Read again right before writing: other analyses may have added sections meanwhile.
     results = read_json(run_dir / RESULTS)
@@ -594,3 +483,30 @@ def run_knockout(
 
         draw_all(run_dir)
     return section
+
+
+def _differences(
+    tested: Sequence[Mapping[str, Any]],
+    stages: Sequence[str],
+    controls: Mapping[str, tuple[str, str]],
+    config: RunConfig,
+) -> dict[str, Any]:
+    """The ``differences`` section: every treatment minus ``none``, and per control pool the
+    treatments minus their matched control and the controls minus ``none``."""
+    groups = {"minus_none": {t: (t, "none") for t in TREATMENTS}}
+    for pool in dict.fromkeys(pool for _, pool in controls.values()):
+        ctrl = {m: c for c, (m, p) in controls.items() if p == pool}
+        groups[pool] = {
+            "block_correct_minus_control": ("block_correct", ctrl["block_correct"]),
+            "block_incorrect_minus_control": ("block_incorrect", ctrl["block_incorrect"]),
+            "block_correct_minus_none": ("block_correct", "none"),
+            "block_incorrect_minus_none": ("block_incorrect", "none"),
+            "control_correct_minus_none": (ctrl["block_correct"], "none"),
+            "control_incorrect_minus_none": (ctrl["block_incorrect"], "none"),
+        }
+    out = knockout_differences(
+        tested, stages, groups, n_resamples=config.probe.bootstrap, seed=config.seed
+    )
+    out["minus_none"] = out.pop("minus_none")
+    out["pools"] = {pool: out.pop(pool) for pool in list(groups)[1:]}
+    return out

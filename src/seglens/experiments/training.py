@@ -61,6 +61,12 @@ def train_probes(
     """
     cfg, C = probe_config, train_dataset.num_classes
     if cfg.cache_dir is not None:  # multi-epoch training from an on-disk feature cache
+        if cfg.solver == "sgd" and cfg.early_stopping:
+            log.warning(
+                "probe.early_stopping is not applied when training from probe.cache_dir: "
+                "%d epochs are trained and convergence is recorded as not checked",
+                cfg.epochs,
+            )
         from seglens.cache import train_probes_cached
 
         kwargs = dict(data_config=data_config, seed=seed, holdout=holdout, progress=progress)
@@ -85,6 +91,16 @@ def train_probes(
     warmup = min(cfg.warmup_batches, n_batches)
     if cfg.solver == "sgd":
         options = dict(lrs=cfg.lrs, weight_decay=cfg.weight_decay, warmup_batches=warmup)
+        early = cfg.early_stopping and hold is not None
+        options |= dict(early_stopping=early, patience=cfg.patience, min_delta=cfg.min_delta)
+        options |= dict(epochs=cfg.epochs)
+        if cfg.early_stopping and hold is None:
+            log.warning(
+                "probe.early_stopping needs a holdout (probe.holdout_fraction=%s): training "
+                "%d epochs without it; convergence is not checked",
+                cfg.holdout_fraction,
+                cfg.epochs,
+            )
     else:
         options = dict(shrinkage=cfg.shrinkage)
     names = train_dataset.class_names
@@ -114,15 +130,24 @@ def train_probes(
         for probe in bank.probes.values():
             if not probe.standardizer.frozen:  # a warm-up batch had no valid token
                 probe.standardizer.freeze()
+
+        def score_holdout(phase: str) -> int:
+            args = (data_config, C, skipped, progress, "holdout", ckpt, phase)
+            for batch in stream_batches(vlm, hold, *args):
+                bank.validate(vlm.capture(batch, stages), batch.labels)
+            return ckpt.seen(phase)
+
         for epoch in range(cfg.epochs):
             desc = f"probe train {epoch + 1}/{cfg.epochs}"
             n = fit(epoch_shard(epoch), desc, f"train.epoch{epoch}")
             n_train = n if epoch == 0 else n_train
-        if hold is not None:
-            args = (data_config, C, skipped, progress, "holdout", ckpt, "train.holdout")
-            for batch in stream_batches(vlm, hold, *args):
-                bank.validate(vlm.capture(batch, stages), batch.labels)
-            n_hold = ckpt.seen("train.holdout")
+            if early:  # held-out loss after every epoch; stop once every stage has converged
+                n_hold = score_holdout(f"train.holdout{epoch}")
+                bank.end_epoch(epoch)
+                if bank.stopped:
+                    break
+        if hold is not None and not early:
+            n_hold = score_holdout("train.holdout")
     else:
         n_train = fit(train, "probe train (lda)", "train.lda")
     bank.select()

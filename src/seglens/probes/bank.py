@@ -111,6 +111,28 @@ class ProbeBank:
             self.probes[stage]._validate(x, y)
         return self
 
+    def end_epoch(self, epoch: int | None = None) -> ProbeBank:
+        """sgd early stopping: close epoch ``epoch`` (0-based) of held-out scoring (``validate``
+        on the holdout first) for every probe that is still training."""
+        for probe in self.probes.values():
+            probe.end_epoch(epoch)
+        return self
+
+    @property
+    def stopped(self) -> bool:
+        """Every probe has stopped early (the trainer can end the epochs)."""
+        return all(getattr(p, "stopped", False) for p in self.probes.values())
+
+    def convergence(self) -> dict[str, dict]:
+        """{stage: plain-JSON convergence record} (lda: closed form, always converged)."""
+        out = {}
+        for stage, probe in self.probes.items():
+            if isinstance(probe, LDAProbe):
+                out[stage] = {"early_stopping": False, "converged": True, "closed_form": True}
+            else:
+                out[stage] = probe.convergence()
+        return out
+
     def select(self) -> ProbeBank:
         """Select every probe's candidate (sgd: the lr with the best val mIoU; lda: finalize)."""
         for probe in self.probes.values():

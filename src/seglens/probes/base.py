@@ -131,14 +131,16 @@ class _Probe:
 
         Args:
             X: (B, N, D) or (M, D); y: (B, N) or (M,); hist: (..., C) if ``soft_labels``.
-            X_val, y_val: held-out part of the training split to select a candidate. Without
-                them and with several candidates, ``validation_fraction`` of X is held out.
+            X_val, y_val: held-out part of the training split to select a candidate (and, with
+                early stopping, to score the loss after every epoch). Without them and with
+                several candidates or early stopping, ``validation_fraction`` of X is held out.
         """
         self._need_hist(hist)
         _, (x2, y2, h2) = self._checked(X, y, hist)
         gen = torch.Generator().manual_seed(self.seed)
         order = torch.arange(x2.shape[0])
-        if X_val is None and self.n_candidates > 1:
+        early = getattr(self, "stopping", None) is not None
+        if X_val is None and (self.n_candidates > 1 or early):
             order = torch.randperm(x2.shape[0], generator=gen)
             n_val = max(1, int(self.validation_fraction * x2.shape[0]))
             val, order = order[:n_val].to(x2.device), order[n_val:]
@@ -149,7 +151,12 @@ class _Probe:
             for idx in shuffled.split(self.batch_size):
                 h = None if h2 is None else h2[idx]
                 self._update(x2[idx], *targets(y2[idx], h, self.n_classes))
-        if X_val is not None:
+            if early:  # score the held-out loss after every epoch; stop on it
+                self.validate(X_val, y_val)
+                self.end_epoch()
+                if self.stopped:
+                    break
+        if X_val is not None and not early:
             self.validate(X_val, y_val)
         return self.select()
 

@@ -2,7 +2,9 @@
 
 The K candidates share one (D, K, C) weight tensor, so a batch costs two GEMMs whatever K is;
 AdamW is written out by hand because ``torch.optim.AdamW`` cannot give slices of one tensor
-different learning rates. The best rate is picked on held-out training tokens (``base``).
+different learning rates. The best rate is picked on held-out training tokens (``base``); with
+``early_stopping`` the held-out loss is scored after every epoch and the probe stops on it
+(``convergence``).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from seglens.data.base import IGNORE_INDEX
 from seglens.distributed import world
-from seglens.probes._common import Tensor, all_reduce_sum
+from seglens.probes._common import Tensor, all_reduce_sum, confusion, miou, prefixed, unprefixed
 from seglens.probes.base import _Probe
+from seglens.probes.convergence import EarlyStopping, lr_at_edge
 from seglens.probes.standardize import Standardizer
 
 
@@ -42,6 +46,10 @@ class LinearProbe(_Probe):
         warmup_batches, warmup_tokens: standardiser warmup (see ``Standardizer``).
         epochs, batch_size, seed, validation_fraction: used by ``fit`` only (in-memory data).
         soft_labels: train on per-token class histograms instead of hard labels.
+        early_stopping: score the held-out loss after every epoch (``end_epoch``), stop once it
+            stops improving, keep each candidate's best-epoch weights and select the candidate
+            with the lowest held-out loss (without it: the best validation mIoU after training).
+        patience, min_delta: the stopping rule (see ``EarlyStopping``).
         class_names, name: metadata (the name appears in errors).
     """
 
@@ -63,6 +71,9 @@ class LinearProbe(_Probe):
         seed: int = 0,
         validation_fraction: float = 0.1,
         soft_labels: bool = False,
+        early_stopping: bool = False,
+        patience: int = 2,
+        min_delta: float = 0.005,
         class_names: Sequence[str] | None = None,
         name: str | None = None,
     ):
@@ -80,6 +91,8 @@ class LinearProbe(_Probe):
         self.validation_fraction = validation_fraction
         self.warmup_batches, self.warmup_tokens = warmup_batches, warmup_tokens
         self.standardizer = Standardizer(warmup_batches, warmup_tokens)
+        self.early_stopping, self.patience, self.min_delta = early_stopping, patience, min_delta
+        self.stopping = EarlyStopping(patience, min_delta) if early_stopping else None
         self._params: dict[str, Tensor] = {}  # W (D, K, C), b (K, C), AdamW moments m*, v*; lr
         self._step = 0
 
@@ -102,9 +115,16 @@ class LinearProbe(_Probe):
         D, K, C = p["W"].shape
         return torch.addmm(p["b"].view(-1), z, p["W"].view(D, K * C)).view(-1, K, C)
 
+    @property
+    def stopped(self) -> bool:
+        """Early stopping has ended this probe's training (further batches are ignored)."""
+        return self.stopping is not None and self.stopping.stopped
+
     def _update(self, x: Tensor, T: Tensor, valid: Tensor) -> None:
         if not self.standardizer.frozen:
             self.standardizer.partial_fit(x)
+            return
+        if self.stopped:
             return
         self._fitted, self._conf = None, None  # new weights: old selection and scores are stale
         p = self._params
@@ -149,6 +169,65 @@ class LinearProbe(_Probe):
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             param.sub_(m / (v.sqrt() / bc2_sqrt + self.eps) * (lr / bc1))
 
+    # --- held-out loss, early stopping ----------------------------------------------------------
+    def _validate(self, x: Tensor, y: Tensor) -> None:
+        logits = self._candidate_logits(x)  # (M, K, C)
+        conf = confusion(logits.argmax(-1), y, self.n_classes)  # (K, C, C)
+        self._conf = conf if self._conf is None else self._conf + conf
+        if self.stopping is not None:
+            self.stopping.accumulate(logits, y, y != IGNORE_INDEX)
+
+    def end_epoch(self, epoch: int | None = None) -> None:
+        """Close an epoch of held-out scoring (``validate`` on the holdout first): record the
+        held-out loss and apply the stopping rule. A stopped probe ignores the call, and so
+        does a resumed one for an ``epoch`` (0-based) it had already closed."""
+        if self.stopping is None:
+            raise ValueError(f"{self.name}: end_epoch() needs early_stopping=True")
+        if epoch is not None and epoch < self.stopping.closed:
+            return
+        self.stopping.closed += 1
+        if self.stopping.stopped:
+            self.stopping._sum = self.stopping._count = None
+        else:
+            p = self._trained()
+            self.stopping.end_epoch(p["W"], p["b"], self._conf, self.name)
+        self._conf = None
+
+    def select(self) -> LinearProbe:
+        """Without early stopping: the best validation mIoU (``_Probe.select``). With it: every
+        candidate goes back to its lowest-held-out-loss weights and the lowest loss wins."""
+        if self.stopping is None or not self.stopping.trace:
+            return super().select()
+        best, p = self.stopping.best, self._trained()
+        p["W"].copy_(best["W"])
+        p["b"].copy_(best["b"])
+        self._conf = best.get("conf")
+        if self._conf is not None:
+            self.val_miou_ = miou(*all_reduce_sum([self._conf])).cpu()
+        k = self.stopping.selected()
+        coef, intercept = self._candidate_weights(k)
+        self._fitted = (k, coef.contiguous().clone(), intercept.clone())
+        return self
+
+    def convergence(self) -> dict:
+        """Plain-JSON record of the selected candidate's training: ``converged`` (True: stopped
+        by the rule; False: hit the epoch limit still improving; None: not checked), the
+        held-out loss trace and whether the selected lr is at the edge of the grid."""
+        self._weights()
+        k = self._fitted[0]
+        if self.stopping is not None and self.stopping.trace:
+            return self.stopping.summary(self.lrs, k, self.epochs)
+        return {
+            "early_stopping": False,
+            "converged": None,
+            "epochs": None,
+            "max_epochs": self.epochs,
+            "best_epoch": None,
+            "val_loss": [],
+            "val_loss_by_lr": {},
+            "lr_at_grid_edge": lr_at_edge(k, self.n_candidates),
+        }
+
     def _trained(self) -> dict[str, Tensor]:
         if not self._params:
             raise ValueError(
@@ -168,15 +247,19 @@ class LinearProbe(_Probe):
     def _hyperparameters(self) -> dict:
         keys = ("lrs", "weight_decay", "betas", "eps", "warmup_batches", "warmup_tokens")
         keys += ("epochs", "batch_size", "seed", "validation_fraction", "soft_labels")
+        keys += ("early_stopping", "patience", "min_delta")
         return {k: getattr(self, k) for k in keys}
 
     def _fit_info(self) -> dict:
         n = int(self._params["n_tokens"]) if self._params else None
-        return {"lr": self.lrs[self._fitted[0]], "n_steps": self._step, "n_train_tokens": n}
+        info = {"lr": self.lrs[self._fitted[0]], "n_steps": self._step, "n_train_tokens": n}
+        return info | {"convergence": self.convergence()}
 
     def state_dict(self) -> dict[str, Tensor]:
         """Copies of all running state: standardiser, weights, AdamW moments and step."""
         sd = super().state_dict() | {"step": torch.tensor(self._step)}
+        if self.stopping is not None:
+            sd |= prefixed("stopping.", self.stopping.state_dict())
         return sd | {k: v.clone() for k, v in self._params.items()}
 
     def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
@@ -187,3 +270,5 @@ class LinearProbe(_Probe):
         self._step = int(sd["step"])
         keys = ("W", "b", "mW", "vW", "mb", "vb", "lr", "n_tokens")
         self._params = {k: sd[k].clone() for k in keys if k in sd}
+        if self.stopping is not None and "stopping.trace" in sd:
+            self.stopping.load_state_dict(unprefixed("stopping.", sd))

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from seglens.report import mechanisms
+from seglens.report import evidence, mechanisms
 from seglens.report.canvas import (
     IGNORE,
     class_legend,
@@ -334,6 +334,8 @@ def qualitative_figure(results: dict[str, Any], run_dir: str | Path) -> Any:
     cols = 2 + len(stages)
     height, width = arrays["mask__0"].shape[:2]
     fig = new_figure(1.8 * cols, 1.8 * count * min(height / width, 1.5) + 1.0)
+    "differences": evidence.differences_figure,
+    "knockout_gaps": evidence.knockout_gaps_figure,
     axes = fig.subplots(count, cols, squeeze=False)
     counts: dict[int, int] = {}
     for row in range(count):

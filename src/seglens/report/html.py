@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from seglens.report import readings
+from seglens.report import evidence, readings
 from seglens.report.canvas import order_stages
 from seglens.report.figures import draw_all, level_values, probing_summary
 from seglens.report.mechanisms import knockout_conditions
@@ -305,6 +305,9 @@ def _probing(results: dict[str, Any], page: _Page) -> str:
         parts.append(f"<h3>Per-stage scores: {_e(condition)}{_e(note)}</h3>")
         parts.append(_stage_table(block))
     parts.append(
+        for text in (evidence.convergence_text(block), evidence.probing_text(block)):
+            parts.append(f"<p>{_e(text)}</p>" if text else "")
+    parts.append(page.figure("differences"))
         '<p class="muted">Intervals are 95% bootstrap intervals over images; the best stage is '
         "highlighted. Accuracies are at pixel level when it was scored, else at patch level.</p>"
     )
@@ -326,6 +329,10 @@ def _knockout(results: dict[str, Any], page: _Page) -> str:
         page.figure("knockout_summary", readings.knockout(knockout)),
         page.figure("knockout_window_sweep", readings.window_sweep(knockout)),
         _pair_table(knockout),
+        page.figure("knockout_gaps", evidence.knockout_text(knockout)),
+        f"<p>{_e(evidence.knockout_text(knockout))}</p>"
+        if "knockout_gaps" not in page.figures
+        else "",
     ]
     return "\n".join(p for p in parts if p)
 
@@ -365,6 +372,7 @@ def _bidirectional(results: dict[str, Any], page: _Page) -> str:
         ),
         page.figure("bidirectional_heatmaps", readings.heatmaps(results)),
     ]
+        f"<p>{_e(evidence.bidirectional_text(section))}</p>",
     return "\n".join(p for p in parts if p)
 
 

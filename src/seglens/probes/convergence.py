@@ -1,0 +1,169 @@
+"""Early stopping of the sgd probes on held-out loss, and the record of whether they converged.
+
+After every epoch the K learning-rate candidates are scored on held-out *training* tokens
+(cross-entropy, mean over valid tokens). Each candidate keeps a copy of its weights at its lowest
+held-out loss; a probe stops once its best loss over all candidates has not improved by more than
+``min_delta`` (relative) for ``patience`` epochs, and it then counts as converged. A probe that
+reaches the epoch limit still improving has not converged: it measures its optimiser, not the
+representation, and the report says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from seglens.probes._common import Tensor, all_reduce_sum
+
+log = logging.getLogger(__name__)
+
+
+class EarlyStopping:
+    """Held-out loss trace, best-epoch snapshots and the stopping rule of one sgd probe.
+
+    Args:
+        patience: epochs without improvement before the probe stops (>= 1).
+        min_delta: relative improvement of the best held-out loss that counts (>= 0).
+    """
+
+    def __init__(self, patience: int = 2, min_delta: float = 0.005):
+        if patience < 1 or not min_delta >= 0:
+            raise ValueError(f"need patience >= 1 and min_delta >= 0, got {patience}, {min_delta}")
+        self.patience, self.min_delta = patience, float(min_delta)
+        self.trace: list[list[float]] = []  # per epoch: (K,) mean held-out loss
+        self.stopped = False
+        self.closed = 0  # epochs closed by the trainer (recorded or, once stopped, ignored)
+        self.since_best = 0  # epochs since the best loss last improved by > min_delta
+        self.overall_best = math.inf
+        self.best: dict[str, Tensor] = {}  # W (D, K, C), b (K, C), loss (K,), epoch (K,), conf
+        self._sum: Tensor | None = None  # (K,) float64 summed held-out loss of this epoch
+        self._count: Tensor | None = None  # () int64 valid held-out tokens of this epoch
+
+    @property
+    def epochs(self) -> int:
+        """Epochs whose held-out loss was recorded."""
+        return len(self.trace)
+
+    def accumulate(self, logits: Tensor, y: Tensor, valid: Tensor) -> None:
+        """Add held-out tokens: (M, K, C) logits of the K candidates, (M,) labels, (M,) valid."""
+        logp = logits.double().log_softmax(-1)
+        picked = logp.gather(
+            -1, y.masked_fill(~valid, 0)[:, None, None].expand(-1, logp.shape[1], 1)
+        )
+        loss = -(picked.squeeze(-1) * valid[:, None]).sum(0)  # (K,)
+        n = valid.sum()
+        self._sum = loss if self._sum is None else self._sum + loss
+        self._count = n if self._count is None else self._count + n
+
+    def end_epoch(self, W: Tensor, b: Tensor, conf: Tensor | None, name: str = "probe") -> None:
+        """Close an epoch: record the mean held-out loss (summed over ranks), keep improved
+        candidates' weights (and their local validation confusion), apply the stopping rule."""
+        if self._sum is None:
+            raise ValueError(
+                f"{name}: no held-out tokens were scored this epoch; early stopping needs a "
+                "holdout (probe.holdout_fraction > 0)"
+            )
+        total, count = all_reduce_sum([self._sum, self._count])
+        self._sum = self._count = None
+        if int(count) == 0:
+            raise ValueError(f"{name}: the holdout has no labelled token to score the loss on")
+        mean = (total / count).cpu()
+        epoch = self.epochs
+        self.trace.append(mean.tolist())
+        if not self.best:
+            K = mean.shape[0]
+            self.best = {"W": W.clone(), "b": b.clone(), "loss": torch.full((K,), math.inf)}
+            self.best["epoch"] = torch.zeros(K, dtype=torch.int64)
+            if conf is not None:
+                self.best["conf"] = conf.clone()
+        better = mean < self.best["loss"]
+        if better.any():
+            k = better.nonzero().flatten().to(W.device)
+            self.best["W"][:, k] = W[:, k]
+            self.best["b"][k] = b[k]
+            if conf is not None:
+                self.best["conf"][k] = conf[k]
+            self.best["loss"] = torch.where(better, mean, self.best["loss"])
+            self.best["epoch"] = torch.where(better, epoch, self.best["epoch"])
+        lowest = float(mean.min())
+        if lowest < self.overall_best - self.min_delta * abs(self.overall_best):
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        self.overall_best = min(self.overall_best, lowest)
+        if self.since_best >= self.patience:
+            self.stopped = True
+            log.debug("%s: stopped after epoch %d (held-out loss %.5f)", name, epoch + 1, lowest)
+
+    def selected(self) -> int:
+        """The candidate with the lowest held-out loss (the first on ties)."""
+        return int(torch.argmin(self.best["loss"]))
+
+    def summary(self, lrs: Sequence[float], k: int, max_epochs: int | None) -> dict:
+        """Plain-JSON record: converged, epochs, best epoch, the selected lr's loss trace, all
+        candidates' traces, and whether the selected lr sits at the edge of the grid."""
+        return {
+            "early_stopping": True,
+            "converged": bool(self.stopped),
+            "epochs": self.epochs,
+            "max_epochs": max_epochs,
+            "best_epoch": int(self.best["epoch"][k]) + 1 if self.best else None,
+            "val_loss": [row[k] for row in self.trace],
+            "val_loss_by_lr": {
+                repr(float(lr)): [row[i] for row in self.trace] for i, lr in enumerate(lrs)
+            },
+            "lr_at_grid_edge": lr_at_edge(k, len(lrs)),
+        }
+
+    def state_dict(self) -> dict[str, Tensor]:
+        sd = {f"best.{k}": v.clone() for k, v in self.best.items()}
+        K = len(self.trace[0]) if self.trace else 0
+        sd["trace"] = torch.tensor(self.trace, dtype=torch.float64).reshape(len(self.trace), K)
+        sd["flags"] = torch.tensor([int(self.stopped), self.since_best, self.closed])
+        sd["overall_best"] = torch.tensor(self.overall_best, dtype=torch.float64)
+        for key, value in (("sum", self._sum), ("count", self._count)):
+            if value is not None:
+                sd[key] = value.clone()
+        return sd
+
+    def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
+        self.best = {k[5:]: v.clone() for k, v in sd.items() if k.startswith("best.")}
+        self.trace = sd["trace"].tolist()
+        self.stopped, self.since_best = bool(sd["flags"][0]), int(sd["flags"][1])
+        self.closed = int(sd["flags"][2])
+        self.overall_best = float(sd["overall_best"])
+        self._sum = sd["sum"].clone() if "sum" in sd else None
+        self._count = sd["count"].clone() if "count" in sd else None
+
+
+def lr_at_edge(k: int, n_candidates: int) -> bool:
+    """Whether candidate k is the first or the last of a grid of more than one learning rate."""
+    return n_candidates > 1 and k in (0, n_candidates - 1)
+
+
+def convergence_warnings(records: Mapping[str, Mapping], lrs: Sequence[float]) -> list[str]:
+    """Messages for the stages whose probe did not converge or chose an lr at the grid's edge.
+
+    Args:
+        records: {stage: ``LinearProbe.convergence()`` or ``ProbeBank.convergence()`` entry}.
+        lrs: the learning-rate grid.
+    """
+    out = []
+    late = [s for s, r in records.items() if r.get("converged") is False]
+    if late:
+        epochs = max(r.get("epochs") or 0 for s, r in records.items() if s in late)
+        out.append(
+            f"sgd probes of {', '.join(late)} did not converge in {epochs} epochs (held-out loss "
+            "still improving): their scores measure the optimiser; raise probe.epochs or use "
+            "probe.solver=lda"
+        )
+    edge = [s for s, r in records.items() if r.get("lr_at_grid_edge")]
+    if edge:
+        out.append(
+            f"the selected learning rate of {', '.join(edge)} is at the edge of probe.lrs="
+            f"{list(lrs)}: the best rate may lie outside the grid; extend it"
+        )
+    return out
