@@ -1,7 +1,8 @@
 """Cost of attention interventions: plain forward vs the same forward under ``intervene``.
 
-Runs every condition once per round, rounds interleaved, and prints medians and the ratio
-intervened / plain (target <= 1.3). Usage: ``python bench/bench_intervention.py [--reps 15]``.
+Runs every condition once per round (order rotated), >= 5 rounds, and prints the min / median /
+max of the per-round ratio intervened / plain (target <= 1.3).
+Usage: ``python bench/bench_intervention.py [--reps 15]``.
 """
 
 from __future__ import annotations
@@ -9,20 +10,21 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import time
+from functools import partial
 
 import numpy as np
 import torch
 import transformers
 
+from _rounds import interleaved, ratio_table
 from seglens.interventions import BidirectionalImage, Knockout, TokenSet, intervene
 from seglens.models import tiny_llava
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=15, help="interleaved rounds")
+    parser.add_argument("--reps", type=int, default=15, help="interleaved rounds (>= 5)")
     parser.add_argument("--batch", type=int, default=4, help="images per forward")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--padded", action="store_true", help="mix two prompt lengths")
@@ -66,10 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for specs in conditions.values():  # warm-up
         forward(specs)
-    times: dict[str, list[float]] = {name: [] for name in conditions}
-    for _ in range(args.reps):
-        for name, specs in conditions.items():
-            times[name].append(forward(specs))
+    times = interleaved(
+        {name: partial(forward, specs) for name, specs in conditions.items()}, args.reps
+    )
 
     cfg = vlm.model.config.text_config
     print(f"# seglens intervention bench  {time.strftime('%Y-%m-%d %H:%M')}")
@@ -83,11 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         f"B={args.batch}, T={batch.input_ids.shape[1]}, N={N}, attn={args.attn}, "
         f"padded={not batch.attention_mask.all().item()}, {args.reps} interleaved rounds"
     )
-    base = statistics.median(times["plain"])
-    print(f"{'condition':36s} {'median ms':>10s} {'min ms':>8s} {'ratio':>6s}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:36s} {1e3 * median:10.1f} {1e3 * min(values):8.1f} {median / base:6.2f}")
+    print("# ratio: intervened / plain per round (every condition runs the same capture)")
+    for line in ratio_table(times, "plain", label="condition"):
+        print(line)
     return 0
 
 
