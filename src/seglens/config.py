@@ -72,7 +72,9 @@ class DataConfig:
     num_workers: int = _help("loader worker processes (decode + geometry)", 0)
     on_bad_sample: str = _help("error: stop at a bad file; skip: skip and count it", "error")
     min_valid: float = _help("labelled fraction below which a token is ignore", 0.5)
-    synthetic_images: int = _help("synthetic and organism datasets: images per split", 96)
+    synthetic_images: int | None = _help(
+        "images per split of a generated dataset; default 96 (synthetic), 800 (organism)", None
+    )
     synthetic_classes: int = _help("synthetic dataset: number of classes", 6)
 
     def __post_init__(self):

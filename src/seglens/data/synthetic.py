@@ -106,7 +106,7 @@ class SyntheticDataset(SegDataset):
 
     def __init__(
         self,
-        num_images: int = 64,
+        num_images: int = 96,
         num_classes: int = 6,
         size: tuple[int, int] = (180, 240),
         seed: int = 0,

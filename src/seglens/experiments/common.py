@@ -36,14 +36,12 @@ def build_model(config: ModelConfig) -> VLM:
 def build_dataset(config: DataConfig, split: str, limit: int | None, seed: int = 0) -> SegDataset:
     """One split of the configured dataset, cut to ``limit`` images."""
     options = {}
-    if config.dataset == "synthetic":
-        options = {
-            "num_images": config.synthetic_images,
-            "num_classes": config.synthetic_classes,
-            "seed": seed,
-        }
-    elif config.dataset == "organism":
-        options = {"num_images": config.synthetic_images, "seed": seed}
+    if config.dataset in ("synthetic", "organism"):
+        options = {"seed": seed}
+        if config.synthetic_images is not None:
+            options["num_images"] = config.synthetic_images
+        if config.dataset == "synthetic":
+            options["num_classes"] = config.synthetic_classes
     dataset = load_dataset(config.dataset, config.root, split, **options)
     if len(dataset) == 0:
         raise ValueError(f"dataset {config.dataset!r} split {split!r} is empty")
