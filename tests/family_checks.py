@@ -11,7 +11,24 @@ from __future__ import annotations
 
 import torch
 
-from conftest import hf_forward_last
+
+def language_model(vlm):
+    """The HF LLM module (``language_model``; Idefics3: ``text_model``)."""
+    inner = vlm.model.model
+    return getattr(inner, "language_model", None) or inner.text_model
+
+
+def hf_forward_last(vlm, **inputs):
+    """HF's own forward with every hidden state, plus the last decoder block's output (hook)."""
+    last = {}
+    block = language_model(vlm).layers[-1]
+    handle = block.register_forward_hook(lambda _m, _a, out: last.setdefault("h", out))
+    try:
+        with torch.no_grad():
+            out = vlm.model(**inputs, output_hidden_states=True)
+    finally:
+        handle.remove()
+    return out, last["h"]
 
 
 def gather(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -22,7 +39,7 @@ def gather(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def llm_reference(vlm, batch, **inputs) -> dict[str, torch.Tensor]:
     """``llm.0`` (the LLM input embeddings), ``llm.1..L`` and ``llm.final_norm`` from HF's own
     forward with ``inputs`` (``hidden_states``; the last block's output read with a hook)."""
-    out, last_block = hf_forward_last(vlm.model, **inputs)
+    out, last_block = hf_forward_last(vlm, **inputs)
     pos, L = batch.image_positions, vlm.num_llm_layers
     ref = {f"llm.{i}": gather(out.hidden_states[i], pos) for i in range(L)}
     ref[f"llm.{L}"] = gather(last_block, pos)
@@ -44,7 +61,7 @@ def edit_llm_input(vlm, batch, edit):
         x.scatter_(1, index, edit(x.gather(1, index)))
         return args, {**kwargs, "inputs_embeds": x}
 
-    return vlm.model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    return language_model(vlm).register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def plant_rows(module, rows_of_cell, signal: float = 10.0, *, pre: bool = False):
