@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from seglens.experiments.differences import counts_from_arrays
+from seglens.experiments.differences import counts_from_arrays, probing_differences
 from seglens.experiments.stats import bootstrap_contrast, paired_bootstrap
 
 __all__ = ["FINDINGS", "read_findings"]
@@ -45,28 +45,58 @@ def _all(*verdicts: bool | None) -> bool | None:
     return None if any(v is None for v in verdicts) else all(verdicts)
 
 
-def _drop(probing: Mapping, n: int) -> dict:
-    metrics, diff = probing["metrics"], probing.get("differences") or {}
+def _patch_differences(results: Mapping, table: Mapping[str, np.ndarray], clean: str) -> dict:
+    """Paired patch-level mIoU intervals of the clean condition (whatever level its summary uses:
+    patch labels are what the probes are trained on, and the less noisy level)."""
+    stages = results["probing"][clean]["stages"]
+    counts = {s: c for s in stages if (c := counts_from_arrays(table, s, "patch", "miou"))}
+    return probing_differences(counts, stages, level="patch", seed=int(results.get("seed", 0)))
+
+
+def _drop(diff: Mapping, metrics: Mapping) -> dict:
     interval = diff.get("adapter_minus_encoder")
-    enc, ada = (metrics.get(s, {}).get("patch", {}).get("miou") for s in ("encoder", "adapter"))
-    holds = _below(interval)
+    if not interval:
+        return {"holds": None, "text": "the encoder or the adapter was not probed"}
+    enc, ada = (metrics[s]["patch"]["miou"] for s in ("encoder", "adapter"))
     text = (
         f"encoder {enc:.3f} -> adapter {ada:.3f} patch mIoU, change {_fmt(interval)} "
-        f"(paired 95% interval over {n} images)"
-        if enc is not None and ada is not None
-        else "encoder or adapter was not probed"
+        f"(paired 95% interval over {interval['n_images']} images)"
     )
-    return {"holds": holds, "adapter_minus_encoder": interval, "text": text}
+    return {"holds": _below(interval), "adapter_minus_encoder": interval, "text": text}
 
 
-def _recovery(probing: Mapping, n: int) -> dict:
-    best = (probing.get("differences") or {}).get("best_llm_minus_adapter")
+def _recovery(diff: Mapping, metrics: Mapping, names: list[str]) -> dict:
+    best = diff.get("best_llm_minus_adapter")
     if not best:
-        return {"holds": None, "best_llm_minus_adapter": None, "text": "no LLM layer was probed"}
+        return {"holds": None, "text": "the adapter or no LLM layer was probed"}
     stage = best["stage"]
-    miou = probing["metrics"][stage]["patch"]["miou"]
-    text = f"best LLM layer {stage} at {miou:.3f}, gain over the adapter {_fmt(best)} ({n} images)"
-    return {"holds": _above(best), "best_llm_minus_adapter": best, "text": text}
+    per_class = _per_class(metrics, stage, names)
+    hit = [c for c, v in per_class.items() if v["adapter"] < v["encoder"]]
+    regained = [c for c in hit if per_class[c]["best_llm"] > per_class[c]["adapter"]]
+    text = (
+        f"best LLM layer {stage} at {metrics[stage]['patch']['miou']:.3f} patch mIoU, gain over "
+        f"the adapter {_fmt(best)} (the best layer re-chosen in every resample); of the "
+        f"{len(hit)} classes the adapter loses IoU on, {len(regained)} regain it at {stage}"
+    )
+    return {
+        "holds": _above(best),
+        "best_llm_minus_adapter": best,
+        "per_class": per_class,
+        "hit_at_adapter": hit,
+        "regained_in_llm": regained,
+        "text": text,
+    }
+
+
+def _per_class(metrics: Mapping, best: str, names: list[str]) -> dict[str, dict]:
+    """Patch IoU per class at the encoder, the adapter and the best LLM layer (classes that
+    occur in the evaluation split)."""
+    iou = {s: metrics[s]["patch"]["per_class_iou"] for s in ("encoder", "adapter", best)}
+    return {
+        name: {"encoder": iou["encoder"][k], "adapter": iou["adapter"][k], "best_llm": iou[best][k]}
+        for k, name in enumerate(names)
+        if None not in (iou["encoder"][k], iou["adapter"][k], iou[best][k])
+    }
 
 
 def _anchors(knockout: Mapping | None) -> dict:
@@ -151,12 +181,12 @@ def read_findings(
     from seglens.results import clean_condition
 
     clean = clean_condition(results)
-    probing = results["probing"][clean]
-    n = (probing.get("differences") or {}).get("adapter_minus_encoder") or {}
-    n = n.get("n_images", 0)
+    table = arrays(clean) or {}
+    diff = _patch_differences(results, table, clean)
+    metrics = results["probing"][clean]["metrics"]
     return {
-        "drop": _drop(probing, n),
-        "recovery": _recovery(probing, n),
+        "drop": _drop(diff, metrics),
+        "recovery": _recovery(diff, metrics, list(results["dataset"]["class_names"])),
         "anchors": _anchors(results.get("knockout")),
         "early_positions": _early_positions(results, arrays, clean),
     }
