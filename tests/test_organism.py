@@ -114,7 +114,7 @@ def test_training_is_seeded_and_saves_a_standard_checkpoint(tmp_path):
     vlm = load_model(str(a))
     assert next(vlm.model.parameters()).dtype == torch.float32
     model, processor = build_organism(seed=0)
-    assert vlm.token_ids(PROMPT) == _Captions(processor, model).prompt
+    assert vlm.token_ids(PROMPT) == _Captions(processor, model, []).prompt
     # the attention output projections stayed zero through training and saving
     assert all(
         not layer.self_attn.out_proj.weight.any()

@@ -122,9 +122,13 @@ def train_tower(model, recipe: Recipe, seed: int, gen: torch.Generator, progress
 
 
 class _Captions:
-    """Token ids of the training sequences: [prompt with image slots] caption </s>."""
+    """Token ids of the training sequences: [prompt with image slots] caption </s>.
 
-    def __init__(self, processor, model):
+    ``corpus`` holds the caption words of the training scenes, in scene order.
+    """
+
+    def __init__(self, processor, model, corpus: list[list[str]]):
+        self.corpus = corpus
         self.tokenizer = processor.tokenizer
         self.image_id = model.config.image_token_index
         grid = model.config.image_seq_length
@@ -285,8 +289,7 @@ def train_organism(
         timed("tower", lambda: train_tower(model, recipe, seed, gen, progress))
         images, _, corpus = _scenes(seed, "train", recipe.scenes, SceneStyle(), progress)
         val_images, _, val_corpus = _scenes(seed, "val", recipe.val_scenes, SceneStyle(), progress)
-        captions = _Captions(processor, model)
-        captions.corpus = corpus
+        captions = _Captions(processor, model, corpus)
         timed("text", lambda: train_text(model, captions, recipe, gen, progress))
         features = tower_features(model, images)
         val = (tower_features(model, val_images), val_corpus)
