@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL: 2x2-merged patches, window order, M-RoPE inputs.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: 2x2-merged patches, window order, M-RoPE inputs.
 
 The independent HF path and the unit plant for the shared family tests, and the Qwen-specific
 layout checks: a pixel patch feeds its own row of its 2x2 unit, pixels and tokens equal the HF
@@ -94,8 +94,8 @@ def qwen_plant(vlm, r: int, c: int, batch_size: int):
     return vlm.model.model.visual.blocks[-1].register_forward_hook(plant_unit)
 
 
-REFERENCES = {"qwen2_vl": qwen_reference, "qwen2_5_vl": qwen_reference}
-PLANTS = {"qwen2_vl": qwen_plant, "qwen2_5_vl": qwen_plant}
+REFERENCES = dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), qwen_reference)
+PLANTS = dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), qwen_plant)
 
 
 # --- tests ----------------------------------------------------------------------------------------
@@ -182,3 +182,28 @@ def test_qwen_rejects_another_image_size(qwen_vlm, random_images):
         qwen_vlm.family.model_inputs(
             batch.input_ids, batch.pixel_values[..., :-28, :-28], batch.attention_mask
         )
+
+
+def test_qwen3_deepstack_adds_after_the_block(random_images):
+    """llm.1 is block 1's output; block 2 reads it plus DeepStack's first merged feature."""
+    from family_checks import gather
+
+    vlm = cached_model("tiny-qwen3-vl")
+    batch = vlm.prepare(random_images(2), prompts=TWO_PROMPTS)
+    seen = {}
+
+    def keep(_m, args, kwargs):
+        seen.setdefault("x", args[0] if args else kwargs["hidden_states"])
+
+    handle = vlm.family.decoder_layers()[1].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        got = vlm.capture(batch, ["llm.1", "llm.2"])
+    finally:
+        handle.remove()
+    inputs = qwen_hf_inputs(vlm, batch)
+    with torch.no_grad():
+        feats = vlm.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    deep = torch.stack(feats.deepstack_features[0])
+    read = gather(seen["x"], batch.image_positions)
+    torch.testing.assert_close(read, got["llm.1"] + deep, rtol=0, atol=1e-6)
+    assert deep.abs().amax() > 0

@@ -186,6 +186,10 @@ class KnockoutConfig:
         "among the image tokens",
         "block",
     )
+    attention: bool = _help(
+        "seglens run also measures the attention of the pairs' tokens to same-class anchors",
+        True,
+    )
 
     def __post_init__(self):
         pools = ("outside_pair", "pair", "image")

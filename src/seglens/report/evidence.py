@@ -19,7 +19,14 @@ from seglens.stages import llm_layer
 from seglens.stages import order as order_stages
 
 __all__ = ["bidirectional_text", "convergence_text", "differences_figure", "interval_text"]
-__all__ += ["knockout_gaps_figure", "knockout_text", "probing_text", "significance"]
+__all__ += [
+    "attention_figure",
+    "attention_text",
+    "knockout_gaps_figure",
+    "knockout_text",
+    "probing_text",
+    "significance",
+]
 
 
 def significance(interval: dict[str, Any] | None) -> str:
@@ -201,3 +208,56 @@ def bidirectional_text(section: dict[str, Any]) -> str:
             interval_text(f"early-minus-late per-position accuracy gain at {band['stage']}", band)
         )
     return "Paired intervals over images: " + "; ".join(parts) + "." if parts else ""
+
+
+# --- attention to anchors -----------------------------------------------------------------------
+def attention_figure(results: dict[str, Any], run_dir: str | Path | None = None) -> Any:
+    """Per pair, the attention share over the uniform baseline per LLM layer and key category,
+    for the pair's reference-incorrect (solid) and reference-correct (dashed) tokens."""
+    section = results.get("attention") or {}
+    pairs = section.get("pairs") or []
+    if not pairs:
+        return None
+    fig = new_figure(3.6 * len(pairs) + 0.6, 3.4)
+    axes = np.atleast_1d(fig.subplots(1, len(pairs), sharey=True))
+    for ax, pair in zip(axes, pairs, strict=True):
+        stages = _llm(pair["layers"])
+        x = np.arange(len(stages))
+        for j, category in enumerate(section.get("categories") or ()):
+            for group, style in (("incorrect", "-"), ("correct", "--")):
+                values = []
+                for s in stages:
+                    ratio = pair["layers"][s][group].get("ratio") or {}
+                    values.append(np.nan if ratio.get(category) is None else ratio[category])
+                label = f"{category} ({group} queries)"
+                ax.plot(x, values, style, marker="o", ms=3, color=series_colour(j), label=label)
+        ax.axhline(1.0, color="k", lw=0.8)
+        label_stage_axis(ax, stages)
+        ax.set_title(" / ".join(str(n) for n in pair.get("names") or pair["classes"]), fontsize=9)
+    axes[0].set_ylabel("attention share / uniform share")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(
+        "Attention to same-class anchors, other image tokens, text (1 = uniform)", fontsize=10
+    )
+    return fig
+
+
+def attention_text(section: dict[str, Any]) -> str:
+    """The run's statement on anchors, with the anchor ratio of incorrect tokens per layer
+    (above the uniform baseline at 95% when the whole interval lies above 1)."""
+    if not section:
+        return ""
+    pooled = section.get("pooled") or {}
+    cells = []
+    for s in _llm(pooled):
+        r = (pooled[s].get("incorrect") or {}).get("anchor_ratio") or {}
+        if r.get("estimate") is None:
+            continue
+        text = f"{s} {r['estimate']:.2f}"
+        if r.get("low") is not None:
+            text += f" [{r['low']:.2f}, {r['high']:.2f}]"
+        cells.append(text)
+    ratios = (
+        f" Anchor ratio of incorrect tokens (1 = uniform): {'; '.join(cells)}." if cells else ""
+    )
+    return f"{section.get('statement', '')}{ratios}"

@@ -334,8 +334,6 @@ def qualitative_figure(results: dict[str, Any], run_dir: str | Path) -> Any:
     cols = 2 + len(stages)
     height, width = arrays["mask__0"].shape[:2]
     fig = new_figure(1.8 * cols, 1.8 * count * min(height / width, 1.5) + 1.0)
-    "differences": evidence.differences_figure,
-    "knockout_gaps": evidence.knockout_gaps_figure,
     axes = fig.subplots(count, cols, squeeze=False)
     counts: dict[int, int] = {}
     for row in range(count):
@@ -376,6 +374,9 @@ FIGURES: dict[str, FigureFn] = {
     "bidirectional_positions": mechanisms.bidirectional_positions_figure,
     "bidirectional_heatmaps": mechanisms.bidirectional_heatmaps_figure,
     "umap": mechanisms.umap_figure,
+    "differences": evidence.differences_figure,
+    "knockout_gaps": evidence.knockout_gaps_figure,
+    "attention_anchors": evidence.attention_figure,
 }
 """Every figure ``draw_all`` knows, by name (the PNG is ``figures/<name>.png``)."""
 

@@ -196,7 +196,6 @@ class _Page:
 
 
 # --- sections ---------------------------------------------------------------------------------
-def _facts(results: dict[str, Any]) -> str:
 FINDING_NAMES = {
     "drop": "(a) Drop at the adapter",
     "recovery": "(b) Recovery in the LLM",
@@ -223,6 +222,7 @@ def _findings(results: dict[str, Any]) -> str:
     )
 
 
+def _facts(results: dict[str, Any]) -> str:
     model = results.get("model") or {}
     dataset = results.get("dataset") or {}
     model_rows = [(k, v) for k, v in model.items() if not isinstance(v, dict)]
@@ -304,10 +304,10 @@ def _probing(results: dict[str, Any], page: _Page) -> str:
         note = f" (solver: {solver})" if solver else ""
         parts.append(f"<h3>Per-stage scores: {_e(condition)}{_e(note)}</h3>")
         parts.append(_stage_table(block))
-    parts.append(
         for text in (evidence.convergence_text(block), evidence.probing_text(block)):
             parts.append(f"<p>{_e(text)}</p>" if text else "")
     parts.append(page.figure("differences"))
+    parts.append(
         '<p class="muted">Intervals are 95% bootstrap intervals over images; the best stage is '
         "highlighted. Accuracies are at pixel level when it was scored, else at patch level.</p>"
     )
@@ -328,11 +328,12 @@ def _knockout(results: dict[str, Any], page: _Page) -> str:
         page.figure("knockout_curves", readings.knockout_curves(knockout)),
         page.figure("knockout_summary", readings.knockout(knockout)),
         page.figure("knockout_window_sweep", readings.window_sweep(knockout)),
-        _pair_table(knockout),
         page.figure("knockout_gaps", evidence.knockout_text(knockout)),
         f"<p>{_e(evidence.knockout_text(knockout))}</p>"
         if "knockout_gaps" not in page.figures
         else "",
+        page.figure("attention_anchors", evidence.attention_text(results.get("attention") or {})),
+        _pair_table(knockout),
     ]
     return "\n".join(p for p in parts if p)
 
@@ -371,8 +372,8 @@ def _bidirectional(results: dict[str, Any], page: _Page) -> str:
             "bidirectional_positions", readings.bidirectional_positions(results, page.run_dir)
         ),
         page.figure("bidirectional_heatmaps", readings.heatmaps(results)),
-    ]
         f"<p>{_e(evidence.bidirectional_text(section))}</p>",
+    ]
     return "\n".join(p for p in parts if p)
 
 

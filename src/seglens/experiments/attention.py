@@ -1,0 +1,437 @@
+"""Attention to anchors: do a pair's misclassified image tokens read its correctly classified ones?
+
+The paper's mechanism ("correctly classified tokens steer misclassified neighbours") is otherwise
+only inferred from knockouts. Here it is measured: for each conflicting class pair and LLM layer,
+the attention mass (mean over heads) that the pair's reference-incorrect tokens put on (i) image
+tokens of their own class that the reference probe gets right (``anchors``), (ii) the other image
+tokens, (iii) the text tokens and BOS; the same with the reference-correct tokens as queries.
+Each share is also divided by what a uniform distribution over the keys the query may read would
+give (ratio 1: no preference). The weights are computed on the fly, per layer, from the attention
+module's own inputs (hidden states, rotary embeddings, mask), for the query rows of interest
+only, so this works under sdpa and never holds a T x T map, let alone one per layer.
+``run_attention`` is the public API behind ``seglens attention``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from seglens.config import load_config
+from seglens.distributed import gather_object, rank_world
+from seglens.experiments.knockout import _scan_labels, predict_stages, stream_batches
+from seglens.experiments.knockout_sets import pair_images, select_pairs
+from seglens.experiments.stats import percentile_interval, resample_weights
+from seglens.models import VLM, Batch
+from seglens.probes import load_probe
+from seglens.results import CONFIG, RESULTS, clean_condition, load_arrays, read_json, write_json
+
+__all__ = ["CATEGORIES", "QUERY_GROUPS", "attention_rows", "attention_section", "category_mass"]
+__all__ += ["measure_attention", "query_plan", "readable_keys", "run_attention"]
+
+log = logging.getLogger(__name__)
+
+CATEGORIES = ("anchors", "other_image", "text")
+QUERY_GROUPS = ("incorrect", "correct")
+
+
+# --- attention weights of chosen query rows ------------------------------------------------------
+def _rotary(module: torch.nn.Module) -> Any:
+    apply = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+    if apply is None or not all(hasattr(module, n) for n in ("q_proj", "k_proj", "scaling")):
+        raise ValueError(
+            f"attention to anchors needs a q_proj/k_proj attention with rotary embeddings; "
+            f"{type(module).__name__} is not supported"
+        )
+    return apply
+
+
+def readable_keys(
+    mask: torch.Tensor | None,
+    query_positions: torch.Tensor,
+    real: torch.Tensor,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """(B, Q, T) bool: which keys each chosen query may read.
+
+    Args:
+        mask: the 4D mask the attention module received (bool: True = may attend; float:
+            additive, 0 = may attend), or None for plain causal attention.
+        query_positions: (B, Q) sequence positions of the queries.
+        real: (B, T) bool, real (non-padding) tokens.
+        sliding_window: the module's window when ``mask`` is None.
+    """
+    T = real.shape[1]
+    if mask is None:
+        keys = torch.arange(T, device=real.device)
+        ok = keys[None, None, :] <= query_positions[:, :, None]
+        if sliding_window is not None:
+            ok &= keys[None, None, :] > query_positions[:, :, None] - sliding_window
+        return ok & real[:, None, :]
+    rows = mask[:, 0].gather(1, query_positions[:, :, None].expand(-1, -1, mask.shape[-1]))
+    if rows.dtype == torch.bool:
+        return rows
+    return rows > torch.finfo(rows.dtype).min / 2
+
+
+def attention_rows(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    readable: torch.Tensor,
+    query_positions: torch.Tensor,
+) -> torch.Tensor:
+    """The attention probabilities of the chosen query rows, recomputed from the module's inputs.
+
+    Args:
+        module: a decoder layer's attention (q_proj, k_proj, optional q_norm/k_norm, rotary).
+        hidden_states: (B, T, D) its input (after the layer's input norm).
+        position_embeddings: (cos, sin), each (B, T, d).
+        readable: (B, Q, T) bool keys each query may read (``readable_keys``).
+        query_positions: (B, Q) positions of the queries.
+
+    Returns:
+        (B, H, Q, T) float32 probabilities; each row sums to 1 over its readable keys.
+    """
+    apply = _rotary(module)
+    B, T, _ = hidden_states.shape
+    d = module.head_dim
+    take = query_positions[:, :, None].expand(-1, -1, hidden_states.shape[-1])
+    q = module.q_proj(hidden_states.gather(1, take)).view(B, query_positions.shape[1], -1, d)
+    k = module.k_proj(hidden_states).view(B, T, -1, d)
+    if hasattr(module, "q_norm"):
+        q, k = module.q_norm(q), module.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, Q, d), (B, Hkv, T, d)
+    cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # (1 or B, T, d) -> (B, T, d)
+    rows = query_positions[:, :, None].expand(-1, -1, cos.shape[-1])
+    q = apply(q, q, cos.gather(1, rows), sin.gather(1, rows))[0]
+    k = apply(k, k, cos, sin)[1]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * module.scaling  # (B, H, Q, T)
+    cap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
+    if cap:
+        scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(~readable[:, None], -math.inf)
+    return scores.softmax(-1)
+
+
+def category_mass(
+    probs: torch.Tensor, category: torch.Tensor, readable: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head-mean attention mass and uniform-baseline share per key category.
+
+    Args:
+        probs: (B, H, Q, T) attention probabilities.
+        category: (B, Q, T) int64 key category of each key for each query (``CATEGORIES``).
+        readable: (B, Q, T) bool.
+
+    Returns:
+        ``(mass, uniform)``, each (B, Q, 3): the share of the query's attention on each category
+        (rows sum to 1), and the share a uniform distribution over the readable keys gives.
+    """
+    onehot = torch.nn.functional.one_hot(category, len(CATEGORIES)).float()  # (B, Q, T, 3)
+    mass = torch.einsum("bqt,bqtc->bqc", probs.mean(1), onehot)
+    counts = torch.einsum("bqt,bqtc->bqc", readable.float(), onehot)
+    return mass, counts / counts.sum(-1, keepdim=True).clamp_min(1)
+
+
+def query_plan(
+    batch: Batch, labels: np.ndarray, ref_correct: np.ndarray, pair: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """The queries (the pair's tokens) of a batch and every key's category for each of them.
+
+    Returns:
+        ``{"positions": (B, Q) sequence positions (padded with position 0), "valid": (B, Q)
+        bool, "correct": (B, Q) bool reference-correct, "category": (B, Q, T) int64}``; Q is the
+        most pair tokens in an image. Anchors of a query are the image tokens of its own class
+        that the reference probe gets right; non-image tokens (text, BOS) are ``text``.
+    """
+    tokens = np.isin(labels, pair)  # (B, N)
+    B = labels.shape[0]
+    T = batch.input_ids.shape[1]
+    Q = max(1, int(tokens.sum(1).max()))
+    slots = np.zeros((B, Q), np.int64)
+    valid = np.zeros((B, Q), bool)
+    for b in range(B):
+        idx = np.flatnonzero(tokens[b])
+        slots[b, : len(idx)], valid[b, : len(idx)] = idx, True
+    image_pos = batch.image_positions.numpy()  # (B, N)
+    qlab = np.take_along_axis(labels, slots, 1)  # (B, Q)
+    anchors = (labels[:, None, :] == qlab[:, :, None]) & ref_correct[:, None, :]  # (B, Q, N)
+    category = np.full((B, Q, T), 2, np.int64)
+    for b in range(B):
+        category[b][:, image_pos[b]] = np.where(anchors[b], 0, 1)
+    return {
+        "positions": torch.from_numpy(np.take_along_axis(image_pos, slots, 1)),
+        "valid": torch.from_numpy(valid),
+        "correct": torch.from_numpy(np.take_along_axis(ref_correct, slots, 1)),
+        "category": torch.from_numpy(category),
+    }
+
+
+@contextmanager
+def measure_attention(
+    layers: Sequence[torch.nn.Module], plan: dict[str, torch.Tensor], real: torch.Tensor
+) -> Iterator[list[tuple[torch.Tensor, torch.Tensor] | None]]:
+    """Forward pre-hooks on each decoder layer's attention that reduce its attention to the
+    plan's queries at once (nothing per layer is kept but (B, Q, 3) shares); removed on exit.
+
+    Yields:
+        A list, per layer, of ``category_mass(...)`` results, filled by the forward.
+    """
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
+    handles = []
+
+    def hook(index: int):
+        def reduce(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            device = hidden.device
+            positions = plan["positions"].to(device)
+            readable = readable_keys(
+                kwargs.get("attention_mask"),
+                positions,
+                real.to(device),
+                getattr(module, "sliding_window", None),
+            )
+            rope = kwargs.get("position_embeddings")
+            probs = attention_rows(module, hidden, rope, readable, positions)
+            mass, uniform = category_mass(probs, plan["category"].to(device), readable)
+            out[index] = (mass.cpu(), uniform.cpu())
+
+        return reduce
+
+    try:
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            handles.append(attn.register_forward_pre_hook(hook(i), with_kwargs=True))
+        yield out
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --- one pair -------------------------------------------------------------------------------------
+def _measure_pair(
+    vlm: VLM,
+    batches: Iterator[tuple[Batch, list[int]]],
+    probe: Any,
+    reference: str,
+    pair: Sequence[int],
+) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Per image of the pair: summed attention shares and uniform shares per layer, query group
+    and category, and the query counts. Two forwards per batch: the reference probe's
+    predictions, then the measured one (any active intervention applies to both)."""
+    layers = vlm.family.decoder_layers()
+    L = len(layers)
+    ids: list[int] = []
+    parts: dict[str, list[np.ndarray]] = {"mass": [], "uniform": [], "queries": []}
+    for batch, image_ids in batches:
+        ids += image_ids
+        labels = batch.labels.numpy()
+        ref_correct = predict_stages(vlm, batch, {reference: probe})[0] == labels
+        plan = query_plan(batch, labels, ref_correct, pair)
+        with measure_attention(layers, plan, batch.attention_mask.bool()) as out:
+            vlm.capture(batch, [f"llm.{L}"])  # every layer runs and is measured
+        groups = torch.stack([plan["valid"] & ~plan["correct"], plan["valid"] & plan["correct"]])
+        sel = groups.float()[:, :, :, None]  # (2, B, Q, 1)
+        mass = torch.stack([(out[i][0][None] * sel).sum(2) for i in range(L)], 1)  # (2, L, B, 3)
+        uniform = torch.stack([(out[i][1][None] * sel).sum(2) for i in range(L)], 1)
+        parts["mass"].append(mass.permute(2, 1, 0, 3).double().numpy())  # (B, L, 2, 3)
+        parts["uniform"].append(uniform.permute(2, 1, 0, 3).double().numpy())
+        parts["queries"].append(groups.sum(2).T.numpy())  # (B, 2)
+    shapes = {"mass": (0, L, 2, 3), "uniform": (0, L, 2, 3), "queries": (0, 2)}
+    return ids, {k: np.concatenate(v) if v else np.zeros(shapes[k]) for k, v in parts.items()}
+
+
+def _gather(ids: list[int], tables: dict[str, np.ndarray]) -> tuple[list[int], dict]:
+    parts = gather_object((ids, tables))
+    all_ids = [i for p in parts for i in p[0]]
+    order = np.argsort(all_ids, kind="stable")
+    joined = {k: np.concatenate([p[1][k] for p in parts])[order] for k in tables}
+    return [all_ids[j] for j in order], joined
+
+
+# --- results ----------------------------------------------------------------------------------
+def _cells(mass: np.ndarray, uniform: np.ndarray, queries: float) -> dict[str, Any]:
+    """(3,) summed shares and uniform shares over ``queries`` queries -> plain JSON."""
+    if queries == 0:
+        return {"queries": 0, "share": None, "uniform": None, "ratio": None}
+    share, base = mass / queries, uniform / queries
+    ratio = [float(s / u) if u > 0 else None for s, u in zip(share, base, strict=True)]
+    return {
+        "queries": int(queries),
+        "share": dict(zip(CATEGORIES, share.tolist(), strict=True)),
+        "uniform": dict(zip(CATEGORIES, base.tolist(), strict=True)),
+        "ratio": dict(zip(CATEGORIES, ratio, strict=True)),
+    }
+
+
+def attention_section(
+    measured: Sequence[dict[str, Any]],
+    stages: Sequence[str],
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The ``attention`` results section from per-image measurements.
+
+    Args:
+        measured: per pair ``{"classes", "names", "images": ids (I,), "mass": (I, L, 2, 3),
+            "uniform": (I, L, 2, 3), "queries": (I, 2)}`` (query groups ``QUERY_GROUPS``).
+        stages: the L layer names ``llm.1..llm.L``.
+
+    Returns:
+        ``{"categories", "query_groups", "pairs": [{classes, names, images, layers: {stage:
+        {group: {queries, share, uniform, ratio}}}}], "pooled": {stage: {group: {...,
+        "anchor_ratio": {estimate, low, high, n_images}}}}, "anchor_layers": {group: [stages
+        whose anchor ratio interval lies above 1]}, "statement"}``. Pooled values sum the
+        queries of every pair; the anchor ratio's interval resamples the evaluation images.
+    """
+    pairs = []
+    for m in measured:
+        layers = {}
+        for j, s in enumerate(stages):
+            layers[s] = {
+                g: _cells(
+                    m["mass"][:, j, k].sum(0),
+                    m["uniform"][:, j, k].sum(0),
+                    m["queries"][:, k].sum(),
+                )
+                for k, g in enumerate(QUERY_GROUPS)
+            }
+        entry = {k: m[k] for k in ("classes", "names")} | {"images": len(m["images"])}
+        pairs.append(entry | {"layers": layers})
+    images = sorted({int(i) for m in measured for i in m["images"]})
+    col = {i: j for j, i in enumerate(images)}
+    n, L = len(images), len(stages)
+    mass, uniform, queries = np.zeros((n, L, 2, 3)), np.zeros((n, L, 2, 3)), np.zeros((n, 2))
+    for m in measured:
+        rows = [col[int(i)] for i in m["images"]]
+        np.add.at(mass, rows, m["mass"])
+        np.add.at(uniform, rows, m["uniform"])
+        np.add.at(queries, rows, m["queries"])
+    weights = resample_weights(n, n_resamples, seed) if n and n_resamples else np.zeros((0, n))
+    pooled, anchor_layers = {}, {g: [] for g in QUERY_GROUPS}
+    for j, s in enumerate(stages):
+        pooled[s] = {}
+        for k, g in enumerate(QUERY_GROUPS):
+            cell = _cells(mass[:, j, k].sum(0), uniform[:, j, k].sum(0), queries[:, k].sum())
+            with np.errstate(invalid="ignore", divide="ignore"):
+                values = (weights @ mass[:, j, k, 0]) / (weights @ uniform[:, j, k, 0])
+            low, high = percentile_interval(values, confidence)
+            estimate = (cell["ratio"] or {}).get("anchors")
+            cell["anchor_ratio"] = {"estimate": estimate, "low": low, "high": high, "n_images": n}
+            if low is not None and low > 1:
+                anchor_layers[g].append(s)
+            pooled[s][g] = cell
+    statement = (
+        f"Reference-incorrect tokens read same-class anchors above the uniform baseline (95% "
+        f"interval of the ratio above 1) at {len(anchor_layers['incorrect'])} of {L} LLM layers"
+        + (f" ({', '.join(anchor_layers['incorrect'])})" if anchor_layers["incorrect"] else "")
+        + f"; reference-correct tokens at {len(anchor_layers['correct'])} of {L}."
+    )
+    return {
+        "categories": list(CATEGORIES),
+        "query_groups": list(QUERY_GROUPS),
+        "pairs": pairs,
+        "pooled": pooled,
+        "anchor_layers": anchor_layers,
+        "statement": statement if measured else "no pair to measure",
+        "n_resamples": n_resamples,
+        "confidence": confidence,
+        "seed": seed,
+    }
+
+
+# --- the run ------------------------------------------------------------------------------------
+def run_attention(
+    run_dir: str | Path,
+    *,
+    vlm: VLM | None = None,
+    progress: bool = True,
+    draw: bool = True,
+) -> dict[str, Any]:
+    """Attention to anchors on a probing run; the API behind ``seglens attention``.
+
+    The pairs are those of the run's knockout section when it tested some, else the knockout's
+    selection rule (``select_pairs`` with the run's ``knockout`` settings); each pair's images
+    are the knockout's (the first ``knockout.max_images`` holding both classes). Adds the
+    ``attention`` section (``attention_section``) to ``results.json`` and redraws the figures.
+
+    Returns:
+        The ``attention`` section.
+    """
+    from seglens.experiments.common import build_dataset, build_model
+
+    run_dir = Path(run_dir)
+    results = read_json(run_dir / RESULTS)
+    clean = (results.get("probing") or {}).get(clean_condition(results))
+    if not clean:
+        raise ValueError(f"{run_dir} has no probing results; run `seglens probe` first")
+    config = load_config(run_dir / CONFIG)
+    settings = config.knockout
+    reference = settings.reference_stage
+    if reference not in clean["stages"]:
+        raise ValueError(
+            f"knockout.reference_stage={reference!r} has no clean probe in {run_dir}; probed "
+            f"stages: {', '.join(clean['stages'])}"
+        )
+    vlm = build_model(config.model) if vlm is None else vlm
+    _rotary(vlm.family.decoder_layers()[0].self_attn)  # refuse an unsupported family up front
+    probe = load_probe(run_dir / clean["metrics"][reference]["probe"]["file"], vlm.device)
+    dataset = build_dataset(
+        config.data, config.data.eval_split, config.data.limit_eval, config.seed
+    )
+    names = list(dataset.class_names)
+    image_ids, labels = _scan_labels(vlm, dataset, config, progress)
+    knockout = results.get("knockout") or {}
+    if knockout.get("pairs"):
+        chosen = [p["classes"] for p in knockout["pairs"]]
+    else:
+        confusion = load_arrays(run_dir / clean["arrays"])[f"confusion__{reference}__patch"]
+        chosen = [
+            p["classes"]
+            for p in select_pairs(
+                confusion,
+                labels,
+                top_k=settings.top_k,
+                min_support=settings.min_support,
+                max_images=settings.max_images,
+            )
+        ]
+    rank, world = rank_world()
+    measured = []
+    for pair in chosen:
+        indices = [image_ids[r] for r in pair_images(labels, pair, settings.max_images)]
+        desc = f"attention {names[pair[0]]}/{names[pair[1]]}"
+        batches = stream_batches(vlm, dataset, indices[rank::world], config, desc, progress)
+        ids, tables = _measure_pair(vlm, batches, probe, reference, pair)
+        if world > 1:
+            ids, tables = _gather(ids, tables)
+        measured.append({"classes": list(pair), "names": [names[c] for c in pair]})
+        measured[-1] |= {"images": ids, **tables}
+    stages = [f"llm.{i}" for i in range(1, vlm.num_llm_layers + 1)]
+    section = attention_section(
+        measured, stages, n_resamples=config.probe.bootstrap, seed=config.seed
+    )
+    section["reference_stage"] = reference
+    log.info("attention: %s", section["statement"])
+    if rank != 0:
+        return section
+    results = read_json(run_dir / RESULTS)
+    results["attention"] = section
+    write_json(run_dir / RESULTS, results)
+    if draw:
+        from seglens.report.figures import draw_all
+
+        draw_all(run_dir)
+    return section
