@@ -41,5 +41,12 @@ format: install
 bench: install
 	$(BIN)/python bench/run_all.py
 
+# LLaVA-1.5-7B widths at full depth (32 LLM layers, bf16) on one CUDA GPU, with numeric checks and
+# a 1-process torchrun (nccl) run; refuses without CUDA. Not yet run on a GPU (bench/README.md).
+.PHONY: bench-gpu
+bench-gpu: install
+	$(BIN)/python bench/realsize.py --require-cuda --llm-layers 32 --dtype bfloat16 --check \
+		--torchrun --json runs/bench-gpu.json
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,8 @@
 """Run every benchmark in sequence with quick sizes (``make bench``; < 10 minutes on 2 CPU cores).
 
-Each script prints its own table of ratios; pass ``--full`` for the scripts' default sizes.
+Each script prints its own table of ratios, each from >= 5 interleaved rounds (min / median /
+max); pass ``--full`` for the scripts' default sizes and ``--realsize`` to add
+``realsize.py --llm-layers 2 --quick`` (LLaVA-1.5-7B widths; several more minutes on CPU).
 """
 
 from __future__ import annotations
@@ -12,16 +14,25 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 QUICK = {
-    "bench_probe.py": ["--reps", "3", "--images", "32", "--eval-images", "16", "--epochs", "3"],
+    "bench_probe.py": ["--reps", "5", "--images", "32", "--eval-images", "16", "--epochs", "3"],
     "bench_intervention.py": ["--reps", "5"],
-    "bench_scale.py": ["--images", "32", "--eval-images", "16"],
+    "bench_scale.py": ["--images", "32", "--eval-images", "16", "--rounds", "5"],
+    "realsize.py": ["--llm-layers", "2", "--quick"],
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    full = "--full" in (sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    unknown = sorted(set(argv) - {"--full", "--realsize"})
+    if unknown:
+        print(f"unknown option(s) {unknown}; use --full and/or --realsize", file=sys.stderr)
+        return 2
+    full = "--full" in argv
+    scripts = sorted(HERE.glob("bench_*.py"))
+    if "--realsize" in argv:
+        scripts.append(HERE / "realsize.py")
     failed = []
-    for script in sorted(HERE.glob("bench_*.py")):
+    for script in scripts:
         args = [] if full else QUICK.get(script.name, [])
         print(f"\n=== {script.name} {' '.join(args)}", flush=True)
         start = time.perf_counter()
