@@ -203,3 +203,10 @@ def test_info_reports_the_family(vlm):
     assert info["family"] == vlm.family.name
     assert info["num_image_tokens"] == vlm.grid[0] * vlm.grid[1]
     assert set(vlm.default_stages) <= set(info["stages"])
+
+
+def test_readme_lists_every_tiny_model():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Supported model families") :]
+    missing = [name for name in registry().tiny if f"`{name}`" not in table]
+    assert not missing, f"README's family table lacks {missing}"

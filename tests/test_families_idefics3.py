@@ -1,4 +1,4 @@
-"""Idefics3 / SmolVLM: the independent HF path, the pixel-shuffle plant, the unsplit layout.
+"""Idefics3 and SmolVLM 2: the independent HF path, the pixel-shuffle plant, the unsplit layout.
 
 The reference pixel-shuffles the tower's own hidden states with HF's ``connector.pixel_shuffle``;
 the plant adds a signal to the s x s SigLIP patches of one merged cell. The shared family checks
@@ -53,13 +53,33 @@ def idefics3_plant(vlm, r: int, c: int, batch_size: int):
     return vlm.model.model.vision_model.post_layernorm.register_forward_hook(plant)
 
 
-REFERENCES = {"idefics3": idefics3_reference}
-PLANTS = {"idefics3": idefics3_plant}
+REFERENCES = {"idefics3": idefics3_reference, "smolvlm": idefics3_reference}
+PLANTS = {"idefics3": idefics3_plant, "smolvlm": idefics3_plant}
 
 
-@pytest.fixture(scope="module")
-def vlm():
-    return cached_model("tiny-idefics3")
+@pytest.fixture(scope="module", params=["tiny-idefics3", "tiny-smolvlm"])
+def vlm(request):
+    return cached_model(request.param)
+
+
+def test_inputs_match_hf(vlm, random_images):
+    """Pixels equal the family's (PIL) image processor's; tokens are the processors' unsplit
+    layout (restated: SmolVLMProcessor needs torchvision; the shared checks compare Idefics3's)."""
+    from PIL import Image
+
+    S = vlm.geometry.size
+    image = random_images(1, S, S)[0]
+    batch = vlm.prepare([image])
+    ref = vlm.processor.image_processor([Image.fromarray(image)], return_tensors="pt")
+    got = vlm.family.model_inputs(batch.pixel_values)["pixel_values"]
+    torch.testing.assert_close(ref["pixel_values"], got, rtol=0, atol=1e-5)
+    tok, n = vlm.processor.tokenizer, vlm.num_image_tokens
+    text = f"<fake_token_around_image><global-img>{'<image>' * n}<fake_token_around_image>"
+    want = tok(text, add_special_tokens=False)["input_ids"]
+    ids = batch.input_ids[0].tolist()
+    start = int(batch.image_positions[0, 0]) - 2
+    assert ids[start : start + n + 3] == want
+    assert tok.decode(ids[:start]) == "<s><|im_start|>User:"
 
 
 def test_wrapper_tokens_stay_unprobed(vlm, random_images):

@@ -1,4 +1,5 @@
-"""Idefics3 / SmolVLM family (HF ``Idefics3ForConditionalGeneration``): SigLIP, pixel shuffle.
+"""Idefics3 / SmolVLM families (HF ``Idefics3ForConditionalGeneration``; SmolVLM 2:
+``SmolVLMForConditionalGeneration``, the same modules and layout): SigLIP, pixel shuffle.
 
 The connector pixel-shuffles the (S/p, S/p) SigLIP patch grid by ``scale_factor`` s: each s x s
 unit of patches becomes one token (its s^2 patch features concatenated in (row, col, channel)
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from seglens.models.base import ModelFamily, Tap
+from seglens.models.processing import TextImageProcessor
 from seglens.models.tiny import build_seeded, special_byte_tokenizer, text_kwargs, vision_kwargs
 
 IDEFICS3_TOKENS = {
@@ -137,11 +139,25 @@ class Idefics3Family(ModelFamily):
         )
 
 
+class SmolVLMFamily(Idefics3Family):
+    """SmolVLM 2 (``SmolVLMForConditionalGeneration``): Idefics3's modules and token layout."""
+
+    name = "smolvlm"
+    model_types = ("smolvlm",)
+    description = (
+        "SmolVLM 2 (SmolVLMForConditionalGeneration; Idefics3's layout: SigLIP, pixel shuffle, "
+        "the global image probed, unsplit layout)"
+    )
+    hf_processor = False  # SmolVLMProcessor needs torchvision (its video processor)
+    tiny_models: ClassVar[dict[str, dict]] = {"tiny-smolvlm": {"kind": "smolvlm"}}
+
+
 def tiny_idefics3_hf(
     *,
     image_size: int = 168,
     patch_size: int = 14,
     scale_factor: int = 2,
+    kind: str = "idefics3",
     vision_width: int = 48,
     vision_layers: int = 4,
     text_width: int = 64,
@@ -154,46 +170,60 @@ def tiny_idefics3_hf(
     """Build a random ``Idefics3ForConditionalGeneration`` and its ``Idefics3Processor``.
 
     SigLIP sees (S/p)^2 patches; pixel shuffle by ``scale_factor`` gives (S/(s p))^2 image tokens.
-    The image processor does not split images (``do_image_splitting=False``).
+    The image processor does not split images (``do_image_splitting=False``). ``kind="smolvlm"``
+    builds ``SmolVLMForConditionalGeneration`` instead, with a ``TextImageProcessor`` around the
+    SmolVLM image processor (``SmolVLMProcessor`` needs torchvision).
 
     Returns:
         (model, processor): the HF model in eval mode and its processor.
     """
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3Processor,
-        Idefics3VisionConfig,
-        LlamaConfig,
-    )
-    from transformers.models.idefics3.image_processing_pil_idefics3 import (
-        Idefics3ImageProcessorPil,
-    )
+    import transformers
+
+    if kind not in ("idefics3", "smolvlm"):
+        raise ValueError(f"kind {kind!r} is not one of 'idefics3', 'smolvlm'")
+    prefix = "Idefics3" if kind == "idefics3" else "SmolVLM"
+    config_cls = getattr(transformers, f"{prefix}Config")
+    model_cls = getattr(transformers, f"{prefix}ForConditionalGeneration")
+    vision_cls = getattr(transformers, f"{prefix}VisionConfig")
+    if kind == "idefics3":
+        from transformers.models.idefics3.image_processing_pil_idefics3 import (
+            Idefics3ImageProcessorPil as ImageProcessor,
+        )
+    else:
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+            SmolVLMImageProcessorPil as ImageProcessor,
+        )
+    from transformers import LlamaConfig
 
     if image_size % (patch_size * scale_factor):
         raise ValueError(f"image_size {image_size} must be a multiple of patch * scale_factor")
     tokenizer = special_byte_tokenizer(
         IDEFICS3_TOKENS, IDEFICS3_TEMPLATE, others=("<end_of_utterance>", "<|im_start|>")
     )
-    vision_config = Idefics3VisionConfig(
+    vision_config = vision_cls(
         **vision_kwargs(vision_width, vision_layers, heads, image_size, patch_size)
     )
     text_config = LlamaConfig(**text_kwargs(len(tokenizer) + 8, text_width, text_layers, heads))
-    config = Idefics3Config(
+    config = config_cls(
         vision_config=vision_config,
         text_config=text_config,
         scale_factor=scale_factor,
         image_token_id=tokenizer.convert_tokens_to_ids(IDEFICS3_TOKENS["image_token"]),
     )
     config._attn_implementation = attn_implementation
-    model = build_seeded(Idefics3ForConditionalGeneration, config, seed, dtype)
-    image_processor = Idefics3ImageProcessorPil(
+    model = build_seeded(model_cls, config, seed, dtype)
+    image_processor = ImageProcessor(
         do_image_splitting=False,
         size={"longest_edge": image_size},
         max_image_size={"longest_edge": image_size},
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
     )
+    if kind == "smolvlm":
+        token = IDEFICS3_TOKENS["image_token"]
+        return model, TextImageProcessor(tokenizer, image_processor, token, IDEFICS3_TEMPLATE)
+    from transformers import Idefics3Processor
+
     seq_len = (image_size // (patch_size * scale_factor)) ** 2
     processor = Idefics3Processor(
         image_processor=image_processor,
