@@ -265,5 +265,23 @@ def make_run(
         results["bidirectional"] = _bidirectional(run, stages, layers, grid, rng)
     if umap:
         results["umap"] = _umap(run, ["adapter", f"llm.{layers}"], num_classes, rng)
+    _add_evidence(results, stages, layers, rng)
     write_json(run / "results.json", results)
     return run
+
+
+def _add_evidence(results: dict, stages: list[str], layers: int, rng) -> None:
+    """The paired intervals, convergence record and attention section of each analysis run."""
+    import fixtures_evidence as evidence
+
+    for block in results["probing"].values():
+        block["differences"] = evidence.probing_differences(stages, rng)
+        block["convergence"] = evidence.convergence(stages)
+    if "knockout" in results:
+        results["knockout"]["differences"] = evidence.knockout_differences(layers, rng)
+        pairs = [p["classes"] for p in results["knockout"]["pairs"]]
+        results["attention"] = evidence.attention(layers, pairs, rng)
+    if "bidirectional" in results:
+        layer = results["bidirectional"]["layer"]
+        diff = evidence.bidirectional_differences(stages, layer, rng)
+        results["bidirectional"]["differences"] = diff
