@@ -1,8 +1,8 @@
 """Cost of streamed layerwise probing, on a model with LLaVA-1.5-7B's probe/forward FLOP ratio.
 
-Prints, from one run with interleaved repeats:
-1. per batch: (forward + capture + every stage's probe update) / (bare forward), target <= 1.15
-   for sgd (K lrs side by side); also capture alone and lda updates;
+Prints, from one run with >= 5 interleaved rounds (min / median / max of per-round ratios):
+1. per batch: (forward + capture + every stage's probe update) / (a forward to the same depth),
+   target <= 1.15 for sgd (K lrs side by side); also capture alone and lda updates;
 2. end to end: ``train_probes`` (streamed: sgd 1 epoch, sgd E epochs, lda) against the naive
    route (cache all stages' features of all training images, then scikit-learn
    LogisticRegression per stage): time ratio, the cache's memory, and the patch-level mIoU of
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import transformers
 
+from _rounds import interleaved, ratio_table, ratios, spread
 from seglens.config import DataConfig, ProbeConfig
 from seglens.data import SyntheticDataset, iterate_samples
 from seglens.experiments.probing import train_probes
@@ -68,7 +69,7 @@ def patch_miou(predict, eval_features: list[dict], eval_labels: list, stage: str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved rounds (>= 5)")
     parser.add_argument("--images", type=int, default=64, help="training images")
     parser.add_argument("--eval-images", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8, help="images per forward")
@@ -92,22 +93,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, ", end="")
     print(f"{platform.machine()}, {threads} threads, {cpus} cpus")
 
-    # 1. per batch, loading excluded: the same pre-collated batches for every mode.
+    # 1. per batch, loading excluded: the same pre-collated batches for every mode, every mode
+    # stopping at the same depth (the last stage), so the floor is a forward to that stage.
     first = vlm.capture(batches[0], stages)
+    last = [stages[-1]]
 
-    def fresh_bank(solver: str = "sgd") -> ProbeBank:
-        if solver == "lda":
-            return ProbeBank(stages, C, solver="lda")
+    def sgd_bank() -> ProbeBank:
         bank = ProbeBank(stages, C, solver="sgd", warmup_batches=1)
-        bank.partial_fit(first, batches[0].labels)  # freezes the standardisers (not timed)
-        return bank
+        return bank.partial_fit(first, batches[0].labels)  # freezes the standardisers (untimed)
 
-    def bare(_bank) -> None:
-        with torch.inference_mode():
-            for b in batches:
-                vlm.family.forward(b.input_ids, b.pixel_values, b.attention_mask)
+    def timed(run, prepare=lambda: None):
+        def mode() -> float:
+            state = prepare()
+            start = time.perf_counter()
+            run(state)
+            return time.perf_counter() - start
 
-    def capture(_bank) -> None:
+        return mode
+
+    def floor(_) -> None:
+        for b in batches:
+            vlm.capture(b, last)
+
+    def capture(_) -> None:
         for b in batches:
             vlm.capture(b, stages)
 
@@ -116,26 +124,20 @@ def main(argv: list[str] | None = None) -> int:
             bank.partial_fit(vlm.capture(b, stages), b.labels)
 
     modes = {
-        "bare forward": bare,
-        "capture": capture,
-        "capture + sgd updates": stream,
-        "capture + lda updates": stream,
+        "floor: forward to last stage": timed(floor),
+        "capture": timed(capture),
+        "capture + sgd updates": timed(stream, sgd_bank),
+        "capture + lda updates": timed(stream, lambda: ProbeBank(stages, C, solver="lda")),
     }
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    bare(None)  # warm up kernels and allocator
-    for r in range(args.reps):
-        order = list(modes)[r % len(modes) :] + list(modes)[: r % len(modes)]
-        for mode in order:
-            bank = fresh_bank("lda" if "lda" in mode else "sgd")
-            start = time.perf_counter()
-            modes[mode](bank)
-            times[mode].append(time.perf_counter() - start)
-    base = statistics.median(times["bare forward"])
-    print(f"\nper pass over {len(batches)} batches of {args.batch} (median of {args.reps}):")
-    print(f"{'mode':<26} {'seconds':>8} {'ratio':>7}")
-    for mode, values in times.items():
-        t = statistics.median(values)
-        print(f"{mode:<26} {t:>8.2f} {t / base:>7.3f}")
+    for mode in modes.values():  # warm up kernels and allocator
+        mode()
+    times = interleaved(modes, args.reps)
+    print(
+        f"\nper pass over {len(batches)} batches of {args.batch}, {args.reps} interleaved rounds,"
+    )
+    print("ratio to the floor per round:")
+    for line in ratio_table(times, "floor: forward to last stage"):
+        print(line)
 
     # 2. end to end: streamed train_probes vs caching everything and fitting scikit-learn.
     data = DataConfig(batch_size=args.batch)
@@ -143,33 +145,42 @@ def main(argv: list[str] | None = None) -> int:
     eval_features = [vlm.capture(b, stages) for b in eval_batches]
     eval_labels = [b.labels for b in eval_batches]
     routes = {
-        "streamed sgd, 1 epoch": ProbeConfig(),
-        f"streamed sgd, {args.epochs} epochs": ProbeConfig(epochs=args.epochs),
+        "streamed sgd, 1 epoch": ProbeConfig(epochs=1, early_stopping=False),
+        f"streamed sgd, {args.epochs} epochs": ProbeConfig(
+            epochs=args.epochs, early_stopping=False
+        ),
         "streamed lda, 1 pass": ProbeConfig(solver="lda"),
     }
-    banks, seconds = {}, {}
-    for name, config in routes.items():
-        start = time.perf_counter()
-        banks[name] = train_probes(vlm, train, stages, config, data_config=data, progress=False)
-        seconds[name] = time.perf_counter() - start
+    banks: dict[str, object] = {}
+    naive: dict[str, tuple] = {}
+    cache_bytes = [0]
 
-    start = time.perf_counter()
-    cache: dict[str, list[torch.Tensor]] = {s: [] for s in stages}
-    labels = []
-    for b in collate_all(vlm, train, args.batch):
-        for stage, x in vlm.capture(b, stages).items():
-            cache[stage].append(x.reshape(-1, x.shape[-1]).float())
-        labels.append(b.labels.reshape(-1))
-    y = torch.cat(labels).numpy()
-    keep = y != 255
-    cache_bytes = sum(sum(x.numel() * x.element_size() for x in v) for v in cache.values())
-    naive = {}
-    for stage in stages:
-        X = torch.cat(cache[stage]).numpy()[keep]
-        scaler = StandardScaler().fit(X)
-        model = LogisticRegression(max_iter=200).fit(scaler.transform(X), y[keep])
-        naive[stage] = (scaler, model)
-    seconds["naive: cache + sklearn"] = time.perf_counter() - start
+    def streamed(name: str, config: ProbeConfig):
+        def route() -> None:
+            banks[name] = train_probes(vlm, train, stages, config, data_config=data, progress=False)
+
+        return route
+
+    def naive_route() -> None:  # loading + capture of every stage, then sklearn per stage
+        cache: dict[str, list[torch.Tensor]] = {s: [] for s in stages}
+        labels = []
+        for b in collate_all(vlm, train, args.batch):
+            for stage, x in vlm.capture(b, stages).items():
+                cache[stage].append(x.reshape(-1, x.shape[-1]).float())
+            labels.append(b.labels.reshape(-1))
+        y = torch.cat(labels).numpy()
+        keep = y != 255
+        cache_bytes[0] = sum(sum(x.numel() * x.element_size() for x in v) for v in cache.values())
+        for stage in stages:
+            X = torch.cat(cache[stage]).numpy()[keep]
+            scaler = StandardScaler().fit(X)
+            model = LogisticRegression(max_iter=200).fit(scaler.transform(X), y[keep])
+            naive[stage] = (scaler, model)
+
+    NAIVE = "naive: cache + sklearn"
+    routes_run = {name: streamed(name, config) for name, config in routes.items()}
+    routes_run[NAIVE] = naive_route
+    seconds = interleaved(routes_run, args.reps)
 
     def sk_predict(stage):
         scaler, model = naive[stage]
@@ -178,10 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         ).view(x.shape[:-1])
 
     naive_miou = [patch_miou(sk_predict(s), eval_features, eval_labels, s) for s in stages]
-    t_naive = seconds["naive: cache + sklearn"]
     print(f"\nend to end, {args.images} training images, patch mIoU on {args.eval_images} eval")
-    print(f"images; naive feature cache {cache_bytes / 2**20:.0f} MiB (fp32)")
-    print(f"{'route':<26} {'seconds':>8} {'naive/it':>9} {'mean mIoU':>10} {'vs naive':>9}")
+    print(f"images; naive feature cache {cache_bytes[0] / 2**20:.0f} MiB (fp32); {args.reps}")
+    print("interleaved rounds, speed-up naive / route per round (min median max)")
+    head = f"{'median s':>8} {'min':>6} {'median':>6} {'max':>6} {'mIoU':>7} {'vs naive':>8}"
+    print(f"{'route':<26} {head}")
     for name, t in seconds.items():
         if name in banks:
             probes = banks[name].probes
@@ -189,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             miou = naive_miou
         diff = np.mean(miou) - np.mean(naive_miou)
-        print(f"{name:<26} {t:>8.2f} {t_naive / t:>9.2f} {np.mean(miou):>10.4f} {diff:>+9.4f}")
+        lo, med, hi = spread(ratios(t, seconds[NAIVE], inverse=True))
+        print(
+            f"{name:<26} {statistics.median(t):>8.2f} {lo:>6.2f} {med:>6.2f} {hi:>6.2f} "
+            f"{np.mean(miou):>7.4f} {diff:>+8.4f}"
+        )
     return 0
 
 
