@@ -164,7 +164,9 @@ class KnockoutConfig:
     enabled: bool = _help("run the attention-knockout experiment", True)
     reference_stage: str = _help("stage whose clean probe defines correct tokens", "adapter")
     top_k: int = _help("conflicting class pairs to test", 10)
-    min_support: int = _help("minimum tokens of a pair at the reference stage", 20)
+    min_support: int = _help(
+        "minimum tokens of a pair (a or b) in the evaluation images that hold both classes", 20
+    )
     layers: tuple[int, int] | None = _help(
         "LLM layer window [first, last] (1-based, inclusive); default all layers", None
     )
