@@ -20,6 +20,7 @@ from seglens.experiments.knockout import (
     key_sets,
     layer_windows,
     pair_counts,
+    pair_images,
     pair_scores,
     predict_stages,
     random_control,
@@ -463,3 +464,17 @@ def test_nothing_to_test_is_recorded_not_raised(probe_run, tiny_models):
     assert ko["pairs"] == [] and ko["curves"] == {} and ko["differences"] is None
     assert results_of(run)["knockout"]["status"] == "nothing_to_test"
     assert ko["skipped_pairs"] and all("reason" in p for p in ko["skipped_pairs"])
+
+
+def test_selection_support_equals_pair_images_on_random_labels():
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 6, (30, 16))
+    labels[rng.random(labels.shape) < 0.3] = 255
+    labels[:10, :] = np.where(labels[:10] == 5, 0, labels[:10])  # class 5 rarer
+    cm = rng.integers(0, 9, (6, 6))
+    for cap in (None, 3):
+        got = select_pairs(cm, labels, top_k=15, min_support=0, max_images=cap)
+        for p in got:
+            rows = pair_images(labels, p["classes"], cap)
+            assert p["cooccurring_images"] == len(rows)
+            assert p["selection_support"] == np.isin(labels[rows], p["classes"]).sum()

@@ -96,14 +96,20 @@ def select_pairs(
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
         raise ValueError(f"confusion must be a (C, C) matrix, got shape {cm.shape}")
     labels = np.asarray(labels)
+    C = len(cm)
+    # (M, C) tokens of each class per image, once: a pair's images and support are column ops.
+    flat = np.where(labels < C, labels, C).astype(np.int64)
+    offsets = np.arange(len(labels))[:, None] * (C + 1)
+    per_image = np.bincount((flat + offsets).ravel(), minlength=len(labels) * (C + 1))
+    per_image = per_image.reshape(len(labels), C + 1)[:, :C]
     candidates, left = [], []
-    for a in range(len(cm)):
-        for b in range(a + 1, len(cm)):
+    for a in range(C):
+        for b in range(a + 1, C):
             conflict = int(cm[a, b] + cm[b, a])
             if conflict == 0:
                 continue
-            rows = pair_images(labels, (a, b), max_images)
-            support = int(np.isin(labels[rows], (a, b)).sum()) if len(rows) else 0
+            rows = np.flatnonzero((per_image[:, a] > 0) & (per_image[:, b] > 0))[:max_images]
+            support = int(per_image[rows, a].sum() + per_image[rows, b].sum())
             if len(rows) and support >= min_support:
                 candidates.append((-conflict, a, b, support, len(rows)))
             elif excluded is not None:
