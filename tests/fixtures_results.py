@@ -1,8 +1,10 @@
-"""A synthetic, schema-complete run directory for report tests (no model, no data set).
+"""A synthetic run directory for report tests (no model, no data set), built through the schema.
 
-``make_run`` writes ``results.json`` and every array file it names through ``seglens.results``,
+``make_run`` writes ``results.json`` with ``RunDir.begin`` and ``put_section`` (every section a
+typed ``seglens.rundir.schema`` section, validated on the way in) and every array file it names,
 with random but plausible numbers: a drop at the adapter, recovery across the LLM layers,
-blocking correct tokens hurting most, bidirectional attention helping early positions.
+blocking correct tokens hurting most, bidirectional attention helping early positions. When the
+schema changes, these fixtures change with it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,23 @@ from typing import Any
 
 import numpy as np
 
-from seglens.results import SCHEMA_VERSION, save_arrays, write_json
+import fixtures_evidence as evidence
+from seglens.rundir import RunDir
+from seglens.rundir.files import save_arrays
+from seglens.rundir.schema import (
+    Bidirectional,
+    Condition,
+    Dataset,
+    Knockout,
+    Qualitative,
+    Umap,
+    confusion_key,
+    embedding_key,
+    labels_key,
+    position_key,
+    probing_arrays,
+    summary_of,
+)
 
 KNOCKOUT_CONDITIONS = [
     "none",
@@ -69,7 +87,7 @@ def _level(miou: float, num_classes: int, rng: np.random.Generator) -> dict[str,
 
 def _probing(
     condition: str, stages: list[str], num_classes: int, rng: np.random.Generator, run: Path
-) -> dict[str, Any]:
+) -> Condition:
     shift = 0.03 if condition == "bidirectional_image" else 0.0
     curve = _curve(stages, rng, shift)
     metrics = {}
@@ -80,28 +98,21 @@ def _probing(
             "pixel": _level(max(0.0, miou - 0.02), num_classes, rng),
             "probe": {"file": f"probes/{condition}/{stage}.safetensors", "lr": 1e-3},
         }
-        arrays[f"position_accuracy__{stage}"] = rng.uniform(0.3, 0.9, 16)
+        arrays[position_key(stage)] = rng.uniform(0.3, 0.9, 16)
         for level in ("patch", "pixel"):
-            arrays[f"confusion__{stage}__{level}"] = rng.integers(0, 50, (num_classes,) * 2)
-    save_arrays(run / f"arrays/probing_{condition}.npz", **arrays)
-    best = stages[int(np.argmax(curve))]
-    values = dict(zip(stages, curve, strict=True))
-    llm_best = max(v for s, v in values.items() if s.startswith("llm."))
-    return {
-        "stages": stages,
-        "solver": "lda",
-        "metrics": metrics,
-        "summary": {
-            "level": "patch",
-            "best_stage": best,
-            "best_miou": values[best],
-            "encoder_miou": values["encoder"],
-            "adapter_miou": values["adapter"],
-            "adapter_drop": values["encoder"] - values["adapter"],
-            "llm_gain": llm_best - values["adapter"],
+            arrays[confusion_key(stage, level)] = rng.integers(0, 50, (num_classes,) * 2)
+    save_arrays(run / probing_arrays(condition), **arrays)
+    return Condition(
+        stages=stages,
+        solver="lda",
+        metrics=metrics,
+        summary=summary_of(metrics, stages, "patch"),
+        arrays=probing_arrays(condition),
+        extra={
+            "differences": evidence.probing_differences(stages, rng),
+            "convergence": evidence.convergence(stages),
         },
-        "arrays": f"arrays/probing_{condition}.npz",
-    }
+    )
 
 
 def _qualitative(
@@ -120,10 +131,10 @@ def _qualitative(
             pred[noise] = rng.integers(0, num_classes, int(noise.sum()))
             arrays[f"pred__{stage}__{i}"] = pred
     save_arrays(run / "arrays/qualitative.npz", **arrays)
-    return {"file": "arrays/qualitative.npz", "stages": stages, "images": names}
+    return Qualitative(file="arrays/qualitative.npz", stages=stages, images=names)
 
 
-def _knockout(layers: int, class_names: list[str], rng: np.random.Generator) -> dict[str, Any]:
+def _knockout(layers: int, class_names: list[str], rng: np.random.Generator) -> Knockout:
     stages = [f"llm.{layer}" for layer in range(1, layers + 1)]
     pairs_ids = [[0, 1], [2, 3]]
 
@@ -141,10 +152,10 @@ def _knockout(layers: int, class_names: list[str], rng: np.random.Generator) -> 
                 }
         return out
 
-    return {
-        "reference_stage": "adapter",
-        "layers": None,
-        "pairs": [
+    return Knockout(
+        reference_stage="adapter",
+        layers=None,
+        pairs=[
             {
                 "classes": p,
                 "names": [class_names[c] for c in p],
@@ -153,11 +164,12 @@ def _knockout(layers: int, class_names: list[str], rng: np.random.Generator) -> 
             }
             for i, p in enumerate(pairs_ids)
         ],
-        "conditions": KNOCKOUT_CONDITIONS,
-        "curves": scores(1.0),
-        "per_pair": [{"classes": p, **scores(0.8 + 0.4 * i)} for i, p in enumerate(pairs_ids)],
-        "summary_layer": f"llm.{layers}",
-        "window_sweep": [
+        conditions=KNOCKOUT_CONDITIONS,
+        curves=scores(1.0),
+        per_pair=[{"classes": p, **scores(0.8 + 0.4 * i)} for i, p in enumerate(pairs_ids)],
+        summary_layer=f"llm.{layers}",
+        seed=0,
+        window_sweep=[
             {
                 "layers": [a, min(a + 1, layers)],
                 **{
@@ -167,12 +179,12 @@ def _knockout(layers: int, class_names: list[str], rng: np.random.Generator) -> 
             }
             for a in range(1, layers + 1, 2)
         ],
-    }
+    )
 
 
 def _bidirectional(
     run: Path, stages: list[str], layers: int, grid: int, rng: np.random.Generator
-) -> dict[str, Any]:
+) -> Bidirectional:
     n = grid * grid
     positions = np.arange(n)
     causal = np.clip(0.5 + 0.3 * positions / n + rng.normal(0, 0.03, n), 0, 1)
@@ -183,31 +195,41 @@ def _bidirectional(
         bidirectional_image=bidir,
         difference=bidir - causal,
     )
-    return {
-        "layer": f"llm.{max(1, layers // 2)}",
-        "conditions": ["causal", "bidirectional_image"],
-        "miou": {
+    return Bidirectional(
+        layer=f"llm.{max(1, layers // 2)}",
+        conditions=["causal", "bidirectional_image"],
+        miou={
             "causal": dict(zip(stages, _curve(stages, rng), strict=True)),
             "bidirectional_image": dict(zip(stages, _curve(stages, rng, 0.03), strict=True)),
         },
-        "position_accuracy_file": "arrays/bidirectional.npz",
-    }
+        level="patch",
+        position_accuracy_file="arrays/bidirectional.npz",
+        seed=0,
+    )
 
 
-def _umap(run: Path, stages: list[str], num_classes: int, rng: np.random.Generator) -> dict:
+def _umap(run: Path, stages: list[str], num_classes: int, rng: np.random.Generator) -> Umap:
     arrays = {}
     scores = {}
     for i, stage in enumerate(stages):
         labels = rng.integers(0, num_classes, 200)
         centres = rng.normal(0, 3, (num_classes, 2))
-        arrays[f"embedding__{stage}"] = centres[labels] * (i + 1) / len(stages) + rng.normal(
+        arrays[embedding_key(stage)] = centres[labels] * (i + 1) / len(stages) + rng.normal(
             0, 1, (200, 2)
         )
-        arrays[f"labels__{stage}"] = labels
+        arrays[labels_key(stage)] = labels
         scores[stage] = {"silhouette": 0.1 + 0.1 * i, "knn_accuracy": 0.5 + 0.1 * i}
     save_arrays(run / "arrays/umap.npz", **arrays)
     shown = list(range(min(3, num_classes)))
-    return {"stages": stages, "file": "arrays/umap.npz", "scores": scores, "classes": shown}
+    return Umap(
+        stages=stages,
+        file="arrays/umap.npz",
+        tokens=200,
+        scores=scores,
+        classes=shown,
+        neighbors=15,
+        seed=0,
+    )
 
 
 def make_run(
@@ -223,65 +245,57 @@ def make_run(
     qualitative: bool = True,
     name: str = "run",
     seed: int = 0,
+    native: str = "causal",
 ) -> Path:
-    """Write a run directory ``tmp_path/name`` and return its path."""
+    """Write a run directory ``tmp_path/name`` and return its path (``native``: the model's
+    native image attention, ``causal`` or ``bidirectional`` as Gemma3's)."""
     from seglens.config import RunConfig
 
     rng = np.random.default_rng(seed)
-    run = Path(tmp_path) / name
+    run = RunDir(Path(tmp_path) / name, RunConfig(out=str(Path(tmp_path) / name), seed=seed))
     stages = ["encoder", "adapter", *(f"llm.{layer}" for layer in range(1, layers + 1))]
     class_names = [f"class_{c}" for c in range(num_classes)]
     palette = rng.integers(0, 256, (num_classes, 3)).tolist()
-    results: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "versions": {"seglens": "0.1.0", "python": "3.11", "torch": "2.x"},
-        "git_hash": "0123456789abcdef",
-        "seed": seed,
-        "created": "2026-01-01T00:00:00+00:00",
-        "config": RunConfig(out=str(run), seed=seed).to_dict(),
-        "model": {
-            "name": f"tiny-clip-L{layers}",
-            "grid": [grid, grid],
-            "num_llm_layers": layers,
-            "geometry": "pad",
-        },
-        "dataset": {
-            "name": "synthetic",
-            "num_classes": num_classes,
-            "class_names": class_names,
-            "palette": palette,
-            "train_images": 8,
-            "eval_images": 4,
-            "skipped": {"count": 2, "samples": ["bad_0.png", "bad_1.png"]},
-        },
-        "probing": {c: _probing(c, stages, num_classes, rng, run) for c in conditions},
+    model = {
+        "name": f"tiny-clip-L{layers}",
+        "grid": [grid, grid],
+        "num_llm_layers": layers,
+        "geometry": "pad",
+        "native_image_attention": native,
     }
+    dataset = Dataset(
+        name="synthetic",
+        train_split="train",
+        eval_split="val",
+        num_classes=num_classes,
+        class_names=class_names,
+        palette=palette,
+        train_images=8,
+        holdout_images=0,
+        eval_images=4,
+        skipped={"count": 2, "samples": ["bad_0.png", "bad_1.png"]},
+    )
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.save_config()
+    run.begin(model=model, dataset=dataset, probing={}, figures={})
+    for condition in conditions:
+        run.put_section(
+            f"probing.{condition}", _probing(condition, stages, num_classes, rng, run.path)
+        )
     if qualitative:
         qual_stages = ["encoder", "adapter", f"llm.{layers}"]
-        results["qualitative"] = _qualitative(run, qual_stages, num_classes, rng)
+        run.put_section("qualitative", _qualitative(run.path, qual_stages, num_classes, rng))
     if knockout:
-        results["knockout"] = _knockout(layers, class_names, rng)
+        section = _knockout(layers, class_names, rng)
+        section.extra["differences"] = evidence.knockout_differences(layers, rng)
+        run.put_section("knockout", section)
+        pairs = [p["classes"] for p in section.pairs]
+        run.put_section("attention", evidence.attention(layers, pairs, rng))
     if bidirectional:
-        results["bidirectional"] = _bidirectional(run, stages, layers, grid, rng)
+        section = _bidirectional(run.path, stages, layers, grid, rng)
+        diff = evidence.bidirectional_differences(stages, section.layer, rng)
+        section.extra["differences"] = diff
+        run.put_section("bidirectional", section)
     if umap:
-        results["umap"] = _umap(run, ["adapter", f"llm.{layers}"], num_classes, rng)
-    _add_evidence(results, stages, layers, rng)
-    write_json(run / "results.json", results)
-    return run
-
-
-def _add_evidence(results: dict, stages: list[str], layers: int, rng) -> None:
-    """The paired intervals, convergence record and attention section of each analysis run."""
-    import fixtures_evidence as evidence
-
-    for block in results["probing"].values():
-        block["differences"] = evidence.probing_differences(stages, rng)
-        block["convergence"] = evidence.convergence(stages)
-    if "knockout" in results:
-        results["knockout"]["differences"] = evidence.knockout_differences(layers, rng)
-        pairs = [p["classes"] for p in results["knockout"]["pairs"]]
-        results["attention"] = evidence.attention(layers, pairs, rng)
-    if "bidirectional" in results:
-        layer = results["bidirectional"]["layer"]
-        diff = evidence.bidirectional_differences(stages, layer, rng)
-        results["bidirectional"]["differences"] = diff
+        run.put_section("umap", _umap(run.path, ["adapter", f"llm.{layers}"], num_classes, rng))
+    return run.path

@@ -122,7 +122,10 @@ def attention_run(make_probe_run, tiny_models):
 
 
 def test_run_writes_the_section_and_the_figure(attention_run):
+    from seglens.report import draw_all  # the caller draws (run_attention only measures)
+
     run, section = attention_run
+    draw_all(run)
     res = results_of(run)
     assert res["attention"] == section and section["categories"] == list(CATEGORIES)
     assert section["pairs"], "the tiny run has confused pairs that co-occur"

@@ -32,8 +32,8 @@ def run(tmp_path_factory, tiny_models):
         "out": str(out),
     }
     vlm = tiny_models("clip")
-    run_probing(load_config(**overrides), vlm=vlm, progress=False, draw=False)
-    run_bidirectional(out, vlm=vlm, progress=False, draw=False)
+    run_probing(load_config(**overrides), vlm=vlm, progress=False)
+    run_bidirectional(out, vlm=vlm, progress=False)
     return out
 
 

@@ -157,7 +157,9 @@ def test_window_sweep_rows(window_run):
     # The [3, 4] window is the run's own window, scored at the summary layer.
     for cond in CONDITIONS:
         assert sweep[1][cond]["iou"] == pytest.approx(section["curves"][cond]["llm.4"]["iou"])
-    assert "knockout_window_sweep" in results_of(run)["figures"]
+    from seglens.report import draw_all  # the caller draws (run_knockout only measures)
+
+    assert "knockout_window_sweep" in draw_all(run) == results_of(run)["figures"]
     assert layer_windows(5, 2) == [(1, 2), (3, 4), (5, 5)]
 
 

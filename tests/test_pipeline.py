@@ -17,6 +17,8 @@ import yaml
 from PIL import Image
 
 from seglens.cli import main
+from seglens.rundir import schema
+from seglens.rundir.schema import SCHEMA_VERSION
 
 SECTIONS = ("probing", "qualitative", "knockout", "bidirectional", "umap")
 CONFIG = {
@@ -48,7 +50,7 @@ def test_results_hold_every_section(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
     for section in (*SECTIONS, "config", "model", "dataset", "versions", "git_hash", "seed"):
         assert section in results, section
-    assert results["schema_version"] == 1
+    assert results["schema_version"] == SCHEMA_VERSION
     assert set(results["probing"]) == {"causal", "bidirectional_image"}
     stages = results["probing"]["causal"]["stages"]
     assert stages == ["encoder", "adapter", "llm.1", "llm.2", "llm.3", "llm.4"]
@@ -59,6 +61,26 @@ def test_results_hold_every_section(run_dir):
         with Image.open(run_dir / path) as image:
             assert image.format == "PNG", name
             assert image.size[0] > 0
+
+
+def test_results_of_a_real_run_validate_against_the_schema(run_dir):
+    """Every typed section of a real tiny run reads back into the schema and writes out equal;
+    the summary is the schema's own; a key dropped from a real section is named."""
+    raw = json.loads((run_dir / "results.json").read_text())
+    assert schema.validate(json.loads((run_dir / "results.json").read_text())) == raw
+    for condition, block in raw["probing"].items():
+        section = schema.Condition.from_dict(block)
+        assert section.to_dict() == block, condition
+        level = section.summary.level
+        assert section.summary == schema.summary_of(block["metrics"], block["stages"], level)
+    typed = [name for name in schema.SECTIONS if name in raw]
+    assert typed == ["dataset", "qualitative", "bidirectional", "umap", "knockout"]
+    for name in typed:
+        assert schema.SECTIONS[name].from_dict(raw[name]).to_dict() == raw[name], name
+    assert schema.main_condition(raw) == schema.clean_condition(raw) == "causal"
+    del raw["knockout"]["curves"]
+    with pytest.raises(ValueError, match=r"results.json: knockout lacks 'curves'"):
+        schema.validate(raw)
 
 
 def test_report_embeds_every_figure_and_section(run_dir):

@@ -31,9 +31,10 @@ def test_bf16_model_gives_finite_fp32_probes_and_metrics(tmp_path, solver):
     config = load_config(
         out=str(tmp_path / "run"), **SMALL, **{"model.dtype": "bfloat16", "probe.solver": solver}
     )
-    results = run_probing(config, progress=False)
+    section = run_probing(config, progress=False)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["model"]["dtype"] in ("bfloat16", "torch.bfloat16")
-    section = results["probing"]["causal"]
+    assert results["probing"]["causal"] == section
     values = _finite_numbers(section["metrics"])
     assert values and all(math.isfinite(v) for v in values)
     for stage in section["stages"]:

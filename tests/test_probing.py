@@ -84,7 +84,7 @@ def test_results_schema(sgd_run, tiny_models):
     assert summary["level"] == "pixel" and summary["best_stage"] in causal["stages"]
     pix = {s: causal["metrics"][s]["pixel"]["miou"] for s in causal["stages"]}
     assert summary["best_miou"] == max(pix.values())
-    assert summary["adapter_drop"] == pytest.approx(pix["encoder"] - pix["adapter"])
+    assert summary["adapter_change"] == pytest.approx(pix["adapter"] - pix["encoder"])
     llm_best = max(v for s, v in pix.items() if s.startswith("llm."))
     assert summary["llm_gain"] == pytest.approx(llm_best - pix["adapter"])
     assert pix["encoder"] > 1 / C  # the tiny random model still separates textures

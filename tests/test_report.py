@@ -69,7 +69,10 @@ def test_draw_all_keeps_the_rest_of_results(tmp_path):
     before = read_json(run / "results.json")
     draw_all(run)
     after = read_json(run / "results.json")
-    assert {k: v for k, v in after.items() if k != "figures"} == before
+    assert after["figures"] and not before["figures"]
+    assert {k: v for k, v in after.items() if k != "figures"} == {
+        k: v for k, v in before.items() if k != "figures"
+    }
 
 
 def test_missing_array_file_is_named(tmp_path):
@@ -125,9 +128,13 @@ def test_probing_summary_landmarks(tmp_path):
     block = read_json(run / "results.json")["probing"]["causal"]
     summary = probing_summary(block, "patch")
     values = {s: m["patch"]["miou"] for s, m in block["metrics"].items()}
-    assert summary["change"] == pytest.approx(values["adapter"] - values["encoder"])
-    assert summary["best_stage"] == block["summary"]["best_stage"]
-    assert summary["llm_gain"] == pytest.approx(block["summary"]["llm_gain"])
+    assert summary["adapter_change"] == pytest.approx(values["adapter"] - values["encoder"])
+    assert summary["best_stage"] == block["summary"]["best_stage"] == max(values, key=values.get)
+    llm = {s: v for s, v in values.items() if s.startswith("llm.")}
+    assert summary["llm_gain"] == pytest.approx(max(llm.values()) - values["adapter"])
+    # One sign: the stored summary, the figure's numbers and the reading agree.
+    assert block["summary"]["adapter_change"] == pytest.approx(summary["adapter_change"])
+    assert summary["adapter_change"] < 0  # the fixture's adapter drop
 
 
 # --- HTML -------------------------------------------------------------------------------------
@@ -181,7 +188,7 @@ def test_report_readings_come_from_the_numbers(full_run):
     results = read_json(run / "results.json")
     block = results["probing"]["causal"]
     summary = probing_summary(block, "patch")
-    assert f"falls by {-summary['change']:.2f} from the encoder" in page
+    assert f"falls by {-summary['adapter_change']:.2f} from the encoder" in page
     assert f"peaking at {summary['llm_peak_stage']}" in page
     assert "x as much as a random control of the same size" in page
     assert "bidirectional image attention changes the mean accuracy" in page
@@ -224,3 +231,85 @@ def test_cli_report_and_compare(tmp_path, capsys):
     _assert_png(out)
     assert main(["report", "--run", str(tmp_path / "nowhere")]) == 2
     assert "is this a seglens run directory" in capsys.readouterr().err
+
+
+# --- main condition and schema versions --------------------------------------------------------
+def _annotated_best(fig) -> set[str]:
+    return {t.get_text() for ax in fig.axes for t in ax.texts if t.get_text().startswith("best ")}
+
+
+@pytest.mark.parametrize(
+    ("native", "main"), [("causal", "causal"), ("bidirectional", "bidirectional_image")]
+)
+def test_main_curve_is_the_native_attention(tmp_path, native, main):
+    """A Gemma3 run (natively bidirectional image attention) with the bidirectional analysis
+    holds both conditions; the report annotates the unmodified model's, not the intervention."""
+    from seglens.report.figures import layerwise_figure
+    from seglens.report.readings import layerwise
+
+    run = make_run(tmp_path, conditions=("causal", "bidirectional_image"), native=native)
+    results = read_json(run / "results.json")
+    other = ({"causal", "bidirectional_image"} - {main}).pop()
+
+    def stars(condition: str) -> set[str]:  # one annotated best stage per level panel
+        found = [probing_summary(results["probing"][condition], lv) for lv in ("patch", "pixel")]
+        return {f"best {f['best_stage']}: {f['best_miou']:.2f}" for f in found}
+
+    assert stars(main) != stars(other)
+    assert _annotated_best(layerwise_figure(results)) == stars(main)
+    ours = probing_summary(results["probing"][main], "patch")
+    text = layerwise(results)
+    assert f"to the adapter ({ours['adapter_miou']:.2f})" in text
+    assert f"Under {other} the best patch-level stage" in text
+
+
+def test_previous_schema_version_is_read_and_a_newer_one_is_refused(tmp_path, capsys):
+    from seglens.cli import main
+    from seglens.rundir.schema import SCHEMA_VERSION, load_results
+
+    run = make_run(tmp_path, knockout=False, bidirectional=False, umap=False)
+    results = read_json(run / "results.json")
+    # As version 1 wrote it: the summary held adapter_drop = encoder - adapter.
+    block = results["probing"]["causal"]
+    summary = block["summary"]
+    change = summary.pop("adapter_change")
+    for key in ("llm_peak_stage", "llm_peak_miou"):
+        summary.pop(key)
+    summary["adapter_drop"] = -change
+    write_json(run / "results.json", {**results, "schema_version": 1})
+    upgraded = load_results(run / "results.json")
+    assert upgraded["schema_version"] == SCHEMA_VERSION and upgraded["upgraded_from"] == 1
+    assert upgraded["probing"]["causal"]["summary"]["adapter_change"] == pytest.approx(change)
+    assert main(["report", "--run", str(run)]) == 0
+    assert f"falls by {-change:.2f} from the encoder" in html.unescape(_page(run / "report.html"))
+    write_json(run / "results.json", {**results, "schema_version": SCHEMA_VERSION + 1})
+    assert main(["report", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"schema version {SCHEMA_VERSION + 1}" in err and "upgrade seglens" in err
+
+
+def test_schema_names_a_missing_key_and_keeps_unknown_sections(tmp_path):
+    from seglens.rundir import put_section
+    from seglens.rundir.schema import load_results
+
+    run = make_run(tmp_path, knockout=False, bidirectional=False, umap=False)
+    put_section(run, "attention", {"entropy": [0.5]})  # a section this version does not type
+    put_section(run, "umap", {**_umap_section(), "pools": {"outside": 1}})  # extra keys survive
+    results = load_results(run / "results.json")
+    assert results["attention"] == {"entropy": [0.5]} and results["umap"]["pools"] == {"outside": 1}
+    broken = {k: v for k, v in _umap_section().items() if k != "tokens"}
+    with pytest.raises(ValueError, match=r"umap lacks 'tokens'"):
+        put_section(run, "umap", broken)
+    assert read_json(run / "results.json")["umap"]["tokens"] == 200  # refused before writing
+
+
+def _umap_section() -> dict:
+    return {
+        "stages": ["adapter"],
+        "file": "arrays/umap.npz",
+        "tokens": 200,
+        "scores": {"adapter": {"silhouette": 0.1, "knn_accuracy": 0.5}},
+        "classes": [0],
+        "neighbors": 15,
+        "seed": 0,
+    }

@@ -20,7 +20,7 @@ from seglens.experiments.umap import (
     shown_classes,
     umap_stages,
 )
-from seglens.results import load_arrays, read_json, write_json
+from seglens.results import SCHEMA_VERSION, load_arrays, read_json, write_json
 
 C, PER_CLASS, D = 5, 60, 32  # 300 points: small enough for a quick UMAP
 
@@ -125,7 +125,7 @@ def run_dir(tmp_path):
     """A minimal run directory: resolved config and a results.json with no analyses yet."""
     config = load_config(**{"model.name": "tiny-clip", "data.limit_eval": 4, "umap.tokens": 200})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
-    write_json(tmp_path / "results.json", {"schema_version": 1, "figures": {}})
+    write_json(tmp_path / "results.json", {"schema_version": SCHEMA_VERSION, "figures": {}})
     return tmp_path
 
 
@@ -142,9 +142,9 @@ def drawn(monkeypatch):
 def test_run_umap_writes_results_and_arrays(run_dir, tiny_vlm, drawn):
     section = run_umap(run_dir, vlm=tiny_vlm, progress=False)
     results = read_json(run_dir / "results.json")
-    assert results["figures"] == {} and results["schema_version"] == 1  # kept
+    assert results["figures"] == {} and results["schema_version"] == SCHEMA_VERSION  # kept
     assert results["umap"] == section
-    assert [r["umap"] for r in drawn] == [section]  # figures drawn once, from the new results
+    assert drawn == []  # figures are the caller's (the CLI, `seglens run`), drawn once
     stages = umap_stages(tiny_vlm.num_llm_layers)
     assert section["stages"] == stages
     assert section["tokens"] == 200 and section["neighbors"] == 15 and section["seed"] == 0
@@ -166,22 +166,23 @@ def test_run_umap_writes_results_and_arrays(run_dir, tiny_vlm, drawn):
 def test_run_umap_errors_name_the_problem(tmp_path, run_dir, tiny_vlm):
     with pytest.raises(FileNotFoundError, match=r"results\.json does not exist"):
         run_umap(tmp_path / "nowhere", vlm=tiny_vlm)
-    config = load_config(run_dir / "config.yaml", **{"umap.stages": ["llm.99"]})
     with pytest.raises(ValueError, match=r"unknown stages \['llm.99'\]"):
-        run_umap(run_dir, vlm=tiny_vlm, config=config)
+        run_umap(run_dir, vlm=tiny_vlm, stages=["llm.99"])
 
 
-def test_run_umap_without_drawing(run_dir, tiny_vlm, drawn):
-    config = load_config(run_dir / "config.yaml", **{"umap.stages": ["adapter"]})
-    section = run_umap(run_dir, vlm=tiny_vlm, config=config, progress=False, draw=False)
-    assert section["tokens"] == 200
+def test_run_umap_overrides_reach_the_run(run_dir, tiny_vlm, drawn):
+    section = run_umap(run_dir, vlm=tiny_vlm, progress=False, stages=["adapter"], tokens=60)
+    assert section.stages == ["adapter"] and section.tokens == 60
     assert drawn == []
 
 
-def test_cli_umap(run_dir, capsys, drawn):
+def test_cli_umap(run_dir, capsys):
     from seglens.cli import main
 
     assert main(["umap", "--run", str(run_dir), "--stages", "adapter", "--tokens", "50"]) == 0
-    section = read_json(run_dir / "results.json")["umap"]
+    results = read_json(run_dir / "results.json")
+    section = results["umap"]
     assert section["stages"] == ["adapter"] and section["tokens"] == 50
+    assert results["figures"] == {"umap": "figures/umap.png"}  # the command draws once
+    assert (run_dir / "report.html").is_file()
     assert "umap.npz" in capsys.readouterr().out

@@ -4,8 +4,9 @@ Off by default (DESIGN.md: nothing stores all layers of all images). ``write_cac
 forward pass per image and writes chosen stages' image-token features as fp16 safetensors shards
 plus a ``manifest.json`` (stages, widths, shard files, image names and indices); the disk
 estimate is logged before anything is written and a non-empty directory is refused.
-``iterate_cache`` streams it back in any image order and ``train_probes_from_cache`` trains a
-``ProbeBank`` exactly as ``train_probes`` does on live features, in the same order.
+``iterate_cache`` streams it back in any image order, and ``CachedFeatures`` is the feature
+source through which ``train_probes`` (the one trainer) trains from it with the same holdout,
+selection, order and checkpoints as from live forward passes.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import torch
 from safetensors import safe_open
 
 from seglens import distributed
+from seglens.checkpoint import Checkpointer
 from seglens.config import DataConfig, ProbeConfig
 from seglens.data import SegDataset
 from seglens.models import VLM
-from seglens.probes import ProbeBank
 from seglens.rundir.files import atomic_write, save_tensors
 
-__all__ = ["FeatureCache", "estimate_bytes", "iterate_cache", "train_probes_cached"]
-__all__ += ["train_probes_from_cache", "write_cache"]
+__all__ = ["CachedFeatures", "FeatureCache", "cached_features", "estimate_bytes", "iterate_cache"]
+__all__ += ["write_cache"]
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -61,6 +62,7 @@ def write_cache(
     shard_images: int = 256,
     seed: int = 0,
     progress: bool = True,
+    source: dict | None = None,
 ) -> Path:
     """Run the model once over ``dataset`` and store ``stages``' image-token features.
 
@@ -79,6 +81,8 @@ def write_cache(
         shard_images: images per shard file.
         seed: seeds the token subsampling.
         progress: show a progress bar.
+        source: what produced the features (model name, attention condition), recorded in the
+            manifest so that a cache is never reused for another model or condition.
 
     Returns:
         ``out_dir``. Shards hold ``feat.<stage>`` (n, T, D), ``labels`` (n, T) int64, ``hist``
@@ -154,6 +158,7 @@ def write_cache(
     if distributed.is_main():
         manifest = {
             "format": _FORMAT,
+            "source": source,
             "stages": stages,
             "widths": {s: widths[s] for s in stages},
             "dtype": _dtype_name(dtype),
@@ -268,180 +273,141 @@ def iterate_cache(
         yield {s: x.to(device) for s, x in features.items()}, labels.to(device), hist.to(device)
 
 
-def _bank(stages: Sequence[str], cfg: ProbeConfig, dataset: SegDataset, warmup: int) -> ProbeBank:
-    if cfg.solver == "sgd":
-        options = dict(lrs=cfg.lrs, weight_decay=cfg.weight_decay, warmup_batches=warmup)
-    else:
-        options = dict(shrinkage=cfg.shrinkage)
-    return ProbeBank(
-        stages,
-        dataset.num_classes,
-        solver=cfg.solver,
-        class_names=dataset.class_names,
-        soft_labels=cfg.soft_labels,
-        **options,
-    )
+# --- a feature source for the trainer ------------------------------------------------------------
+class CachedFeatures:
+    """The features of training images read from a cache, for ``train_probes(features=...)``.
+
+    ``batches`` takes a phase's images (a view of the dataset the cache was written from, in the
+    phase's order and already sharded) and yields them in batches of ``batch_size`` cached
+    images, reporting each batch to the checkpoint like the live source does; an interrupted
+    phase restarts at its saved position. Images the cache skipped are passed over.
+
+    Args:
+        cache: the cache (``FeatureCache`` or its directory).
+        dataset: the images it was written from (maps image keys to cache indices).
+        stages: the stages to read (cached ones).
+        batch_size: images per batch.
+        device: where the tensors go.
+    """
+
+    def __init__(
+        self,
+        cache: FeatureCache | str | Path,
+        dataset: SegDataset,
+        stages: Sequence[str],
+        *,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+    ):
+        self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+        if len(self.cache) != len(dataset):
+            raise ValueError(
+                f"the cache {self.cache.dir} holds {len(self.cache)} images, the dataset "
+                f"{len(dataset)}; it was written from other images: choose a new probe.cache_dir"
+            )
+        missing = sorted(set(stages) - set(self.cache.stages))
+        if missing:
+            raise ValueError(
+                f"stages {missing} are not in the cache {self.cache.dir} ({self.cache.stages})"
+            )
+        self.stages, self.batch_size, self.device = list(stages), batch_size, device
+        self._index = {key: i for i, key in enumerate(dataset._keys)}
+        self.skipped = dict(self.cache.manifest["skipped"])
+        self.name = str(self.cache.dir)
+
+    def batches(
+        self,
+        dataset: SegDataset,
+        desc: str,
+        checkpoint: Checkpointer | None,
+        phase: str,
+        skipped: dict[str, str],
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
+        """(features {stage: (B, T, D)}, labels (B, T), hist (B, T, C)) of ``dataset``'s images."""
+        ckpt = checkpoint or Checkpointer.off()
+        skipped.update(self.skipped)
+        if ckpt.done(phase):
+            return
+        start, seen = ckpt.position(phase)
+        indices = [self._index[key] for key in dataset._keys]
+        position = start
+        while position < len(indices):
+            chunk = []
+            while position < len(indices) and len(chunk) < self.batch_size:
+                if indices[position] in self.cache:
+                    chunk.append(indices[position])
+                position += 1
+            if not chunk:
+                break
+            features, labels, hist = self.cache.read(chunk, self.stages)
+            yield (
+                {s: x.to(self.device) for s, x in features.items()},
+                labels.to(self.device),
+                hist.to(self.device),
+            )
+            seen += len(chunk)
+            ckpt.step(phase, position, seen)
+        ckpt.end(phase, seen)
 
 
-def _epoch_indices(n: int, seed: int, epoch: int, limit: int | None = None) -> list[int]:
-    """This rank's indices of epoch ``epoch``: the order of ``streaming.epoch_order``, cut to
-    ``limit``, trimmed to a multiple of the world size and strided (as ``shard_dataset``)."""
-    rank, world = distributed.rank_world()
-    order = np.random.default_rng([seed, epoch]).permutation(n)[:limit]
-    order = order[: len(order) // world * world]
-    return order[rank::world].tolist()
-
-
-def _lda_indices(n: int) -> list[int]:
-    """This rank's indices of the one lda pass, as ``shard_dataset(dataset, equal=True)``."""
-    rank, world = distributed.rank_world()
-    return list(range(n // world * world))[rank::world]
-
-
-def train_probes_from_cache(
-    cache: str | Path | FeatureCache,
+def cached_features(
+    vlm: VLM,
     dataset: SegDataset,
     stages: Sequence[str],
     probe_config: ProbeConfig,
     *,
-    batch_size: int,
+    data_config: DataConfig,
+    condition: str,
     seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> ProbeBank:
-    """Train probes from cached features in the order ``train_probes`` uses on live features.
+    progress: bool = True,
+) -> CachedFeatures:
+    """The feature cache of ``dataset`` under ``condition``, written on first use.
 
-    sgd: a warm-up over the first ``warmup_batches`` batches of epoch 1's seeded order, then
-    ``epochs`` seeded orders; lda: one pass. Under torch.distributed each rank takes its strided
-    part of every epoch's order. Validation (holdout) and ``select()`` are left to the caller.
-
-    Args:
-        cache: the cache of ``dataset`` (written by ``write_cache``).
-        dataset: the training images the cache was written from (its classes and size).
-        stages: stages to train (cached ones).
-        probe_config: solver and hyperparameters.
-        batch_size: images per step per rank (``data.batch_size``).
-        seed: seeds the epoch orders.
-        device: where the probes train.
-
-    Returns:
-        The bank, trained but not selected; ``bank.cache_images_`` = images trained on (epoch 1).
+    The cache lives in ``<probe.cache_dir>/<condition>`` (``condition`` names the attention the
+    model runs under: the features of an intervened model are other features) and holds
+    ``probe.cache_stages`` (default ``stages``), ``probe.cache_tokens_per_image`` tokens per
+    image, fp16. It is reused when its manifest names the same model, condition, images and
+    stages, refused (naming the difference) otherwise. A folder left without a manifest by a
+    killed write is written again.
     """
     cfg = probe_config
-    cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
-    if len(cache) != len(dataset):
-        raise ValueError(f"the cache holds {len(cache)} images, the dataset {len(dataset)}")
-    missing = sorted(set(stages) - set(cache.stages))
-    if missing:
-        raise ValueError(f"stages {missing} are not in the cache {cache.dir} ({cache.stages})")
-    world = distributed.world()
-    n_local = len(dataset) // world
-    warmup = min(cfg.warmup_batches, -(-n_local // batch_size))
-    bank = _bank(stages, cfg, dataset, warmup)
-    soft = cfg.soft_labels
-
-    def fit(order: list[int]) -> int:
-        seen = 0
-        for features, labels, hist in iterate_cache(
-            cache, order, batch_size=batch_size, stages=stages, device=device
-        ):
-            bank.partial_fit(features, labels, hist if soft else None)
-            seen += len(labels)
-        return seen
-
-    n_train = 0
-    if cfg.solver == "sgd":
-        fit(_epoch_indices(len(dataset), seed, 0, warmup * batch_size * world))
-        for probe in bank.probes.values():
-            if not probe.standardizer.frozen:
-                probe.standardizer.freeze()
-        for epoch in range(cfg.epochs):
-            n = fit(_epoch_indices(len(dataset), seed, epoch))
-            n_train = n if epoch == 0 else n_train
-    else:
-        n_train = fit(_lda_indices(len(dataset)))
-    bank.cache_images_ = n_train
-    return bank
-
-
-def train_probes_cached(
-    vlm: VLM,
-    train_dataset: SegDataset,
-    stages: Sequence[str],
-    probe_config: ProbeConfig,
-    *,
-    data_config: DataConfig,
-    seed: int = 0,
-    holdout: float | None = None,
-    progress: bool = True,
-) -> ProbeBank:
-    """``train_probes`` with ``probe.cache_dir``: cache the training images once, train from it.
-
-    The holdout split is the same as ``train_probes``'s and is scored live (one pass). The
-    cache is written on first use (``probe.cache_stages``, default the probed stages;
-    ``probe.cache_tokens_per_image``) and reused when its manifest lists the same images.
-
-    Returns:
-        The selected ``ProbeBank`` with ``training_`` as ``train_probes`` sets it.
-    """
-    from seglens.experiments.streaming import shard_dataset, split_holdout, stream_batches
-
-    cfg, C = probe_config, train_dataset.num_classes
-    hold = None
-    if cfg.solver == "sgd":
-        fraction = cfg.holdout_fraction if holdout is None else holdout
-        train_dataset, hold = split_holdout(train_dataset, fraction, seed)
-        if hold is None and len(cfg.lrs) > 1:
-            raise ValueError(
-                f"probe.lrs={list(cfg.lrs)} needs a holdout to choose one; set "
-                "probe.holdout_fraction > 0 or give a single learning rate"
-            )
-    cache_dir = Path(cfg.cache_dir)
-    names = [train_dataset.name_of(i) for i in range(len(train_dataset))]
-    reuse = (cache_dir / MANIFEST).is_file()
-    if reuse:
+    cache_dir = Path(cfg.cache_dir) / condition
+    source = {"model": vlm.name, "condition": condition}
+    names = [dataset.name_of(i) for i in range(len(dataset))]
+    if (cache_dir / MANIFEST).is_file():
         cache = FeatureCache(cache_dir)
+        if cache.manifest.get("source") != source:
+            raise ValueError(
+                f"probe.cache_dir={cfg.cache_dir} holds features of "
+                f"{cache.manifest.get('source')}, not of {source}; choose a new directory or "
+                f"delete {cache_dir}"
+            )
         if cache.manifest["images"] != names or set(stages) - set(cache.stages):
             raise ValueError(
-                f"probe.cache_dir={cache_dir} holds a cache of other images or stages "
+                f"probe.cache_dir={cfg.cache_dir} holds a cache of other images or stages "
                 f"({cache.stages}); choose a new directory"
             )
         log.info("reusing the feature cache in %s", cache_dir)
     else:
-        cache_stages = list(cfg.cache_stages) if cfg.cache_stages else list(stages)
+        if distributed.is_main() and cache_dir.is_dir():
+            partial = list(cache_dir.glob("shard-r*.safetensors"))
+            if partial:  # a killed write: no manifest, so nothing has read these shards
+                log.warning("%s holds an unfinished cache; writing it again", cache_dir)
+            for path in partial:
+                path.unlink()
+        distributed.barrier()
         write_cache(
             vlm,
-            train_dataset,
-            cache_stages,
+            dataset,
+            list(cfg.cache_stages) if cfg.cache_stages else list(stages),
             cache_dir,
             data_config=data_config,
             tokens_per_image=cfg.cache_tokens_per_image,
             seed=seed,
             progress=progress,
+            source=source,
         )
         cache = FeatureCache(cache_dir)
-    bank = train_probes_from_cache(
-        cache,
-        train_dataset,
-        stages,
-        cfg,
-        batch_size=data_config.batch_size,
-        seed=seed,
-        device=vlm.device,
+    return CachedFeatures(
+        cache, dataset, stages, batch_size=data_config.batch_size, device=vlm.device
     )
-    skipped: dict[str, str] = dict(cache.manifest["skipped"])
-    n_hold = 0
-    if hold is not None:
-        hold = shard_dataset(hold, equal=False)
-        for batch in stream_batches(vlm, hold, data_config, C, skipped, progress, "holdout"):
-            bank.validate(vlm.capture(batch, stages), batch.labels)
-            n_hold += len(batch)
-    bank.select()
-    gathered = distributed.gather_object((bank.cache_images_, n_hold, skipped))
-    bank.training_ = {
-        "train_images": sum(g[0] for g in gathered),
-        "holdout_images": sum(g[1] for g in gathered),
-        "warmup_batches": bank.probes[stages[0]].warmup_batches if cfg.solver == "sgd" else 0,
-        "skipped": sorted({k: v for g in gathered for k, v in g[2].items()}.items()),
-        "cache_dir": str(cache_dir),
-    }
-    return bank

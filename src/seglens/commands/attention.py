@@ -18,7 +18,7 @@ def _attention(args: argparse.Namespace) -> int:
     from seglens.commands import draw
     from seglens.experiments.attention import run_attention
 
-    section = run_attention(args.run, draw=False)
+    section = run_attention(args.run)
     draw(args.run)
     print(section["statement"])
     print(f"results: {args.run}/results.json")

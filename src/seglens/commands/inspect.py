@@ -44,24 +44,10 @@ def _capture_args(p: argparse.ArgumentParser) -> None:
 def _capture(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from seglens.experiments.common import build_dataset, build_model
-    from seglens.experiments.stats import capture_stats, format_stats
-    from seglens.results import provenance, write_json
+    from seglens.experiments.capture import STATS_FILE, run_capture
+    from seglens.experiments.stats import format_stats
 
     config = resolve_config(args)
-    vlm = build_model(config.model)
-    dataset = build_dataset(
-        config.data, config.data.train_split, config.data.limit_train, config.seed
-    )
-    stats = capture_stats(
-        vlm,
-        dataset,
-        args.stages,
-        batch_size=config.data.batch_size,
-        num_workers=config.data.num_workers,
-    )
-    out = Path(config.out) / "stage_stats.json"
-    write_json(out, {**provenance(config.seed), "model": vlm.info(), "stages": stats})
-    print(format_stats(stats))
-    print(f"wrote {out}")
+    print(format_stats(run_capture(config, stages=args.stages)))
+    print(f"wrote {Path(config.out) / STATS_FILE}")
     return 0

@@ -34,6 +34,7 @@ def _knockout_args(p: argparse.ArgumentParser) -> None:
     _knockout_args
 )
 def _knockout(args: argparse.Namespace) -> int:
+    from seglens.commands import draw
     from seglens.experiments.knockout import run_knockout
 
     section = run_knockout(
@@ -48,6 +49,7 @@ def _knockout(args: argparse.Namespace) -> int:
         control_pool=None if args.control_pool is None else tuple(args.control_pool),
         mode=args.mode,
     )
+    draw(args.run)
     if section["status"] == "nothing_to_test":
         print(f"knockout: nothing to test: {section['reason']}")
         return 0
@@ -73,9 +75,11 @@ def _bidir_args(p: argparse.ArgumentParser) -> None:
     _bidir_args
 )
 def _bidir(args: argparse.Namespace) -> int:
+    from seglens.commands import draw
     from seglens.experiments.bidirectional import run_bidirectional
 
     section = run_bidirectional(args.run, layer=args.layer)
+    draw(args.run)
     print(f"{'stage':<16} {'causal':>10} {'bidir':>10}   ({section['level']} mIoU)")
     miou = section["miou"]
     for stage, value in miou["causal"].items():

@@ -36,21 +36,21 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     _probe_args
 )
 def _probe(args: argparse.Namespace) -> int:
+    from seglens.commands import draw
     from seglens.experiments.probing import run_probing
-    from seglens.results import clean_condition
 
     config = resolve_config(args)
-    results = run_probing(config)
-    section = results["probing"][clean_condition(results)]
+    section = run_probing(config)
+    draw(config.out)
     print(f"{'stage':<16} {'patch mIoU':>10} {'pixel mIoU':>10}")
-    for stage in section["stages"]:
-        m = section["metrics"][stage]
+    for stage in section.stages:
+        m = section.metrics[stage]
         cells = [(m[level] or {}).get("miou") for level in ("patch", "pixel")]
         print(
             f"{stage:<16} "
             + " ".join(f"{c:>10.4f}" if c is not None else f"{'-':>10}" for c in cells)
         )
-    best = section["summary"]
-    print(f"best: {best['best_stage']} ({best['level']} mIoU {best['best_miou']:.4f})")
+    best = section.summary
+    print(f"best: {best.best_stage} ({best.level} mIoU {best.best_miou:.4f})")
     print(f"results: {config.out}/results.json")
     return 0

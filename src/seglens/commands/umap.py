@@ -22,16 +22,10 @@ def _umap_args(p: argparse.ArgumentParser) -> None:
 def _umap(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from seglens.config import load_config
+    from seglens.commands import draw
     from seglens.experiments.umap import run_umap
-    from seglens.results import CONFIG
 
-    overrides = {
-        "umap.stages": args.stages,
-        "umap.tokens": args.tokens,
-        "umap.neighbors": args.neighbors,
-    }
-    config = load_config(Path(args.run) / CONFIG, **overrides)
-    section = run_umap(args.run, config=config)
-    print(f"wrote {Path(args.run) / section['file']} ({section['tokens']} tokens)")
+    section = run_umap(args.run, stages=args.stages, tokens=args.tokens, neighbors=args.neighbors)
+    draw(args.run)
+    print(f"wrote {Path(args.run) / section.file} ({section.tokens} tokens)")
     return 0

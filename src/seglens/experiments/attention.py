@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from seglens.config import load_config
 from seglens.distributed import gather_object, rank_world
 from seglens.experiments.knockout import _scan_labels, predict_stages, stream_batches
 from seglens.experiments.knockout_sets import pair_images, select_pairs
 from seglens.experiments.stats import percentile_interval, resample_weights
 from seglens.models import VLM, Batch
 from seglens.probes import load_probe
-from seglens.results import CONFIG, RESULTS, clean_condition, load_arrays, read_json, write_json
+from seglens.rundir import RunDir
+from seglens.rundir.schema import confusion_key
 
 __all__ = ["CATEGORIES", "QUERY_GROUPS", "attention_rows", "attention_section", "category_mass"]
 __all__ += ["measure_attention", "query_plan", "readable_keys", "run_attention"]
@@ -354,30 +354,28 @@ def attention_section(
 
 # --- the run ------------------------------------------------------------------------------------
 def run_attention(
-    run_dir: str | Path,
+    run: RunDir | str | Path,
     *,
     vlm: VLM | None = None,
     progress: bool = True,
-    draw: bool = True,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Attention to anchors on a probing run; the API behind ``seglens attention``.
 
     The pairs are those of the run's knockout section when it tested some, else the knockout's
     selection rule (``select_pairs`` with the run's ``knockout`` settings); each pair's images
     are the knockout's (the first ``knockout.max_images`` holding both classes). Adds the
-    ``attention`` section (``attention_section``) to ``results.json`` and redraws the figures.
+    ``attention`` section (``attention_section``, through ``RunDir.put_section``); figures are
+    left to the caller. ``overrides`` are ``KnockoutConfig`` fields (the pair selection).
 
     Returns:
         The ``attention`` section.
     """
     from seglens.experiments.common import build_dataset, build_model
 
-    run_dir = Path(run_dir)
-    results = read_json(run_dir / RESULTS)
-    clean = (results.get("probing") or {}).get(clean_condition(results))
-    if not clean:
-        raise ValueError(f"{run_dir} has no probing results; run `seglens probe` first")
-    config = load_config(run_dir / CONFIG)
+    run = RunDir.of(run, **{f"knockout.{k}": v for k, v in overrides.items()})
+    clean = run.clean_probing()  # the clean probes (the model's native attention)
+    run_dir, config, results = run.path, run.config, run.results()
     settings = config.knockout
     reference = settings.reference_stage
     if reference not in clean["stages"]:
@@ -397,7 +395,7 @@ def run_attention(
     if knockout.get("pairs"):
         chosen = [p["classes"] for p in knockout["pairs"]]
     else:
-        confusion = load_arrays(run_dir / clean["arrays"])[f"confusion__{reference}__patch"]
+        confusion = run.load_arrays(clean.arrays)[confusion_key(reference, "patch")]
         chosen = [
             p["classes"]
             for p in select_pairs(
@@ -427,11 +425,4 @@ def run_attention(
     log.info("attention: %s", section["statement"])
     if rank != 0:
         return section
-    results = read_json(run_dir / RESULTS)
-    results["attention"] = section
-    write_json(run_dir / RESULTS, results)
-    if draw:
-        from seglens.report.figures import draw_all
-
-        draw_all(run_dir)
-    return section
+    return run.put_section("attention", section)

@@ -15,36 +15,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from seglens.config import load_config
+from seglens.distributed import is_main
 from seglens.experiments.differences import bidirectional_differences, count_arrays
 from seglens.experiments.probing import evaluate_probes, train_probes, write_condition
 from seglens.interventions import BidirectionalImage, CausalImage, intervene
 from seglens.models import VLM
-from seglens.results import (
-    CONFIG,
-    RESULTS,
-    clean_condition,
-    load_arrays,
-    read_json,
-    save_arrays,
-    write_json,
-)
+from seglens.rundir import RunDir
+from seglens.rundir.schema import CONDITIONS, Bidirectional, clean_condition, position_key
 from seglens.stages import middle_layer
 
 __all__ = ["CONDITIONS", "POSITIONS_FILE", "default_layer", "run_bidirectional"]
 
 log = logging.getLogger(__name__)
 
-CONDITIONS = ("causal", "bidirectional_image")
 POSITIONS_FILE = "arrays/bidirectional.npz"
 
 
 default_layer = middle_layer  # the middle LLM layer, ``ceil(L / 2)`` (1-based)
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _miou(metrics: dict[str, dict], level: str) -> dict[str, float | None]:
@@ -52,53 +39,47 @@ def _miou(metrics: dict[str, dict], level: str) -> dict[str, float | None]:
 
 
 def run_bidirectional(
-    run_dir: str | Path,
+    run: RunDir | str | Path,
     *,
     vlm: VLM | None = None,
     progress: bool = True,
-    layer: int | None = None,
-    draw: bool = True,
-) -> dict[str, Any]:
-    """Train and score probes under bidirectional image attention; compare with the causal run.
+    **overrides: Any,
+) -> Bidirectional:
+    """Train and score probes under the other image attention; compare with the clean run.
 
-    Uses the model, data, stages, probe settings and seed of the probing run (its
-    ``config.yaml``). Writes ``probes/bidirectional_image/``, ``arrays/probing_bidirectional_
-    image.npz`` and ``results["probing"]["bidirectional_image"]`` (``write_condition``), the
-    per-position accuracy at the chosen layer in ``arrays/bidirectional.npz`` (``causal``,
-    ``bidirectional_image`` and ``difference`` = bidirectional - causal, each (N,), nan where no
-    token was scored), and the ``bidirectional`` section of ``results.json``; then redraws the
-    figures.
+    Uses the model, data, stages, probe settings and seed of the probing run (its config). The
+    clean condition is the model's native attention (``schema.clean_condition``); the other one
+    is the intervention (``bidirectional_image`` for causal models, ``causal`` for natively
+    bidirectional ones). Writes ``probes/<other>/``, ``arrays/probing_<other>.npz`` and
+    ``results["probing"][<other>]`` (``write_condition``), the per-position accuracy at the
+    chosen layer in ``arrays/bidirectional.npz`` (``causal``, ``bidirectional_image`` and
+    ``difference`` = bidirectional - causal, each (N,), nan where no token was scored), and the
+    ``bidirectional`` section. Figures are left to the caller.
 
     Args:
-        run_dir: a probing run directory (holds ``config.yaml``, ``results.json`` and the causal
-            probing results).
+        run: a probing run (``RunDir`` or its directory).
         vlm: the model to use instead of building the one the config names (must match it).
         progress: show progress bars.
-        layer: 1-based LLM layer of the per-position accuracy; default ``bidir.layer`` of the
-            config, else the middle layer ``ceil(L / 2)``.
-        draw: redraw the run's figures afterwards (``seglens run`` draws once, at the end).
+        **overrides: ``BidirConfig`` fields: ``layer``, the 1-based LLM layer of the
+            per-position accuracy (default the middle layer ``ceil(L / 2)``).
 
     Returns:
-        The ``bidirectional`` section: ``{"layer": "llm.k", "conditions", "miou": {condition:
-        {stage: float}}, "level", "position_accuracy_file"}``.
+        The ``bidirectional`` section.
     """
     from seglens.experiments.common import build_dataset, build_model
 
-    run_dir = Path(run_dir)
-    results = read_json(run_dir / RESULTS)
-    clean = clean_condition(results)  # the unmodified model's run: causal, or native bidirectional
-    causal = (results.get("probing") or {}).get(clean)
-    if not causal:
-        raise ValueError(f"{run_dir} has no probing results; run `seglens probe` first")
-    config = load_config(run_dir / CONFIG, **{"bidir.layer": layer})
+    run = RunDir.of(run, **{f"bidir.{k}": v for k, v in overrides.items()})
+    causal = run.clean_probing()  # the unmodified model's run: causal, or native bidirectional
+    clean = clean_condition(run.results())
+    config = run.config
     vlm = build_model(config.model) if vlm is None else vlm
     L = vlm.num_llm_layers
     number = default_layer(L) if config.bidir.layer is None else config.bidir.layer
     if not 1 <= number <= L:
         raise ValueError(f"bidir.layer={number} is not an LLM layer of this model (1..{L})")
-    stage, stages = f"llm.{number}", list(causal["stages"])
+    stage, stages = f"llm.{number}", list(causal.stages)
     if stage not in stages:
-        raise ValueError(f"{stage} was not probed in {run_dir}; probed stages: {stages}")
+        raise ValueError(f"{stage} was not probed in {run.path}; probed stages: {stages}")
     data = config.data
     train = build_dataset(data, data.train_split, data.limit_train, config.seed)
     evaluation = build_dataset(data, data.eval_split, data.limit_eval, config.seed)
@@ -113,7 +94,14 @@ def run_bidirectional(
     torch.manual_seed(config.seed)  # as run_probing does before training: same sgd init
     with intervene(vlm, [spec]):
         bank = train_probes(
-            vlm, train, stages, config.probe, data_config=data, seed=config.seed, progress=progress
+            vlm,
+            train,
+            stages,
+            config.probe,
+            data_config=data,
+            seed=config.seed,
+            progress=progress,
+            condition=trained,
         )
         scored = evaluate_probes(
             vlm,
@@ -126,31 +114,31 @@ def run_bidirectional(
             qualitative=[],
             progress=progress,
         )
-    other = write_condition(run_dir, trained, scored, bank)  # rank 0 writes
-    clean_arrays = load_arrays(run_dir / causal["arrays"])
+    other = write_condition(run, trained, scored, bank)  # rank 0 writes
+    clean_arrays = run.load_arrays(causal.arrays)
     positions = {
-        clean: clean_arrays[f"position_accuracy__{stage}"],
+        clean: clean_arrays[position_key(stage)],
         trained: scored.positions[stage].accuracy(),
     }
     positions["difference"] = positions["bidirectional_image"] - positions["causal"]
-    if _rank() == 0:
-        save_arrays(run_dir / POSITIONS_FILE, **{k: np.asarray(v) for k, v in positions.items()})
+    if is_main():
+        run.save_arrays(POSITIONS_FILE, **{k: np.asarray(v) for k, v in positions.items()})
     sections = {clean: causal, trained: other}
     pixel = all(m.get("pixel") for s in sections.values() for m in s["metrics"].values())
     level = "pixel" if pixel else "patch"
-    section = {
-        "layer": stage,
-        "conditions": list(CONDITIONS),
-        "native_image_attention": native,
-        "miou": {c: _miou(sections[c]["metrics"], level) for c in CONDITIONS},
-        "level": level,
-        "position_accuracy_file": POSITIONS_FILE,
-        "seed": config.seed,
-    }
+    section = Bidirectional(
+        layer=stage,
+        conditions=list(CONDITIONS),
+        native_image_attention=native,
+        miou={c: _miou(sections[c]["metrics"], level) for c in CONDITIONS},
+        level=level,
+        position_accuracy_file=POSITIONS_FILE,
+        seed=config.seed,
+    )
     tables = dict(patch=scored.patch_images, pixel=scored.pixel_images)
     tables |= dict(early=scored.early_images, late=scored.late_images)
     arrays = {clean: clean_arrays, trained: count_arrays(tables)}
-    section["differences"] = bidirectional_differences(
+    section.extra["differences"] = bidirectional_differences(
         arrays["bidirectional_image"],
         arrays["causal"],
         stages,
@@ -165,14 +153,6 @@ def run_bidirectional(
         stage,
         float(np.nanmean(diff)) if np.isfinite(diff).any() else float("nan"),
     )
-    if _rank() != 0:  # under torchrun every rank holds the totals; one writes
+    if not is_main():  # under torchrun every rank holds the totals; one writes
         return section
-    # Read again right before writing: other analyses may have added sections meanwhile.
-    results = read_json(run_dir / RESULTS)
-    results["bidirectional"] = section
-    write_json(run_dir / RESULTS, results)
-    if draw:
-        from seglens.report.figures import draw_all
-
-        draw_all(run_dir)
-    return section
+    return run.put_section("bidirectional", section)

@@ -196,15 +196,15 @@ def write_findings(run_dir) -> dict[str, dict]:
     """Read the four findings off ``run_dir`` and store them as its ``findings`` section."""
     from pathlib import Path
 
-    from seglens.results import RESULTS, load_arrays, read_json, write_json
+    from seglens.rundir import RESULTS, load_results, put_section
+    from seglens.rundir.files import load_arrays
+    from seglens.rundir.schema import probing_arrays
 
     run_dir = Path(run_dir)
-    results = read_json(run_dir / RESULTS)
+    results = load_results(run_dir / RESULTS)
 
     def arrays(condition: str):
-        path = run_dir / "arrays" / f"probing_{condition}.npz"
+        path = run_dir / probing_arrays(condition)
         return load_arrays(path) if path.is_file() else None
 
-    results["findings"] = read_findings(results, arrays)
-    write_json(run_dir / RESULTS, results)
-    return results["findings"]
+    return put_section(run_dir, "findings", read_findings(results, arrays))

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from seglens.config import KnockoutConfig, RunConfig, load_config
+from seglens.config import KnockoutConfig, RunConfig
 from seglens.data import SegDataset, iterate_samples
 from seglens.distributed import gather_object, rank_world
 from seglens.experiments.knockout_sets import (
@@ -50,7 +50,10 @@ from seglens.experiments.knockout_sets import (
 from seglens.interventions import Knockout, TokenSet, intervene
 from seglens.models import VLM, Batch
 from seglens.probes import load_probe
-from seglens.results import CONFIG, RESULTS, clean_condition, load_arrays, read_json, write_json
+from seglens.rundir import RunDir
+from seglens.rundir.schema import Knockout as KnockoutSection
+from seglens.rundir.schema import confusion_key
+from seglens.stages import by_depth
 
 __all__ = ["CONDITIONS", "CONTROL_POOLS", "COUNT_FIELDS", "conditions_of", "key_sets"]
 __all__ += ["layer_windows", "pair_counts", "pair_images", "pair_scores", "predict_stages"]
@@ -298,11 +301,6 @@ def _score_pair(
     return scores, rows
 
 
-def _llm_layer(stage: str) -> int | None:
-    head, _, tail = stage.partition(".")
-    return int(tail) if head == "llm" and tail.isdigit() else None
-
-
 def _check(settings: KnockoutConfig, num_layers: int, probed: Sequence[str]) -> None:
     """Refuse settings the config class cannot judge alone (they need the model or the run)."""
     if settings.reference_stage not in probed:
@@ -323,13 +321,12 @@ def _check(settings: KnockoutConfig, num_layers: int, probed: Sequence[str]) -> 
 
 # --- the run ------------------------------------------------------------------------------------
 def run_knockout(
-    run_dir: str | Path,
+    run: RunDir | str | Path,
     *,
     vlm: VLM | None = None,
     progress: bool = True,
-    draw: bool = True,
     **overrides: Any,
-) -> dict[str, Any]:
+) -> KnockoutSection:
     """The attention-knockout experiment on a probing run; the API behind ``seglens knockout``.
 
     Reads the run's ``config.yaml``, its clean probes (``probes/causal``, or
@@ -339,14 +336,12 @@ def run_knockout(
     (``pair_images``); runs every condition of ``CONDITIONS`` on them and scores every probed
     LLM stage. Queries: the tokens after a key (``knockout.queries="after"``) or every token
     (``"all"``) lose it; the two differ only in natively bidirectional image blocks. Adds the
-    ``knockout`` section to ``results.json`` (re-read right before the atomic write) and redraws
-    the run's figures.
+    ``knockout`` section (``RunDir.put_section``); figures are left to the caller.
 
     Args:
-        run_dir: a probing run directory.
+        run: a probing run (``RunDir`` or its directory).
         vlm: the model to use instead of building the one the config names (must match it).
         progress: show progress bars.
-        draw: redraw the run's figures afterwards (``seglens run`` draws once, at the end).
         **overrides: ``KnockoutConfig`` fields, e.g. ``top_k=3, layers=(3, 4)``; None = as saved.
 
     Returns:
@@ -357,28 +352,27 @@ def run_knockout(
     """
     from seglens.experiments.common import build_dataset, build_model
 
-    run_dir = Path(run_dir)
-    results = read_json(run_dir / RESULTS)
-    causal = (results.get("probing") or {}).get(clean_condition(results))  # the clean probes
-    if not causal:
-        raise ValueError(f"{run_dir} has no probing results; run `seglens probe` first")
-    config = load_config(run_dir / CONFIG, **{f"knockout.{k}": v for k, v in overrides.items()})
+    run = RunDir.of(run, **{f"knockout.{k}": v for k, v in overrides.items()})
+    causal = run.clean_probing()  # the clean probes (the model's native attention)
+    run_dir, config = run.path, run.config
     settings = config.knockout
     vlm = build_model(config.model) if vlm is None else vlm
     probed = list(causal["stages"])
     _check(settings, vlm.num_llm_layers, probed)
     reference = settings.reference_stage
-    llm_stages = sorted((s for s in probed if _llm_layer(s) is not None), key=_llm_layer)
+    llm_stages = by_depth(probed)
     if not llm_stages:
         raise ValueError(f"the run probed no LLM stage ({', '.join(probed)}); nothing to score")
     needed = list(dict.fromkeys([reference, *llm_stages]))
     probes = {
         s: load_probe(run_dir / causal["metrics"][s]["probe"]["file"], vlm.device) for s in needed
     }
-    confusion_key = f"confusion__{reference}__patch"
-    arrays = load_arrays(run_dir / causal["arrays"])
-    if confusion_key not in arrays:
-        raise ValueError(f"{run_dir / causal['arrays']} has no {confusion_key}; rerun the probing")
+    reference_confusion = confusion_key(reference, "patch")
+    arrays = run.load_arrays(causal.arrays)
+    if reference_confusion not in arrays:
+        raise ValueError(
+            f"{run_dir / causal.arrays} has no {reference_confusion}; rerun the probing"
+        )
     dataset = build_dataset(
         config.data, config.data.eval_split, config.data.limit_eval, config.seed
     )
@@ -386,7 +380,7 @@ def run_knockout(
     rank, world = rank_world()
     image_ids, labels = _scan_labels(vlm, dataset, config, progress)
     candidates = select_pairs(
-        arrays[confusion_key],
+        arrays[reference_confusion],
         labels,
         top_k=settings.top_k,
         min_support=settings.min_support,
@@ -472,17 +466,10 @@ def run_knockout(
                 for w, window in enumerate(windows)
             ]
         section["differences"] = _differences(tested, llm_stages, controls, config)
+    section = KnockoutSection.from_dict(section)
     if rank != 0:  # every rank holds the joined counts; one writes
         return section
-    # Read again right before writing: other analyses may have added sections meanwhile.
-    results = read_json(run_dir / RESULTS)
-    results["knockout"] = section
-    write_json(run_dir / RESULTS, results)
-    if draw:
-        from seglens.report.figures import draw_all
-
-        draw_all(run_dir)
-    return section
+    return run.put_section("knockout", section)
 
 
 def _differences(

@@ -1,9 +1,9 @@
 """One command, one report: probing, knockout, bidirectional attention and UMAP in sequence.
 
-The model is loaded once and shared by every analysis; each analysis adds its section to the same
-``results.json`` and the run ends with ``report.html``. Forward passes are shared where the
-conditions allow: UMAP draws its tokens from the probing evaluation pass (same split, same order,
-same causal model) instead of running its own.
+One ``RunDir`` and one model are shared by every analysis; each analysis adds its section to the
+same ``results.json``, and the figures and ``report.html`` are drawn once, at the end. Forward
+passes are shared where the conditions allow: UMAP draws its tokens from the probing evaluation
+pass (same split, same order, same causal model) instead of running its own.
 """
 
 from __future__ import annotations
@@ -14,28 +14,22 @@ from pathlib import Path
 
 from seglens.config import RunConfig, load_config
 from seglens.experiments.common import build_model
+from seglens.organism import ANALYSIS as ORGANISM_ANALYSIS
+from seglens.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-#: The embedded demo: tiny seeded LLaVA (CLIP tower) on synthetic scenes, CPU, a few minutes.
+#: The embedded demo: the trained organism (``seglens.organism``) on its scenes, CPU, < 3 minutes.
 DEMO = {
     "out": "runs/demo",
     "overwrite": True,
-    "model.name": "tiny-clip",
-    "model.device": "cpu",
-    "data.dataset": "synthetic",
-    "data.synthetic_images": 96,
-    "data.synthetic_classes": 6,
-    "probe.epochs": 2,
-    "knockout.top_k": 3,
-    "knockout.min_support": 5,
-    "knockout.window_sweep": 2,
+    **ORGANISM_ANALYSIS,
     "umap.tokens": 1500,
 }
 
 
 def run(config: RunConfig | str | Path, *, progress: bool = True, **overrides) -> Path:
-    """Run every enabled analysis into ``config.out`` and write the report.
+    """Run every enabled analysis into one ``RunDir`` and write the report.
 
     Args:
         config: a ``RunConfig`` or the path of a YAML config.
@@ -45,78 +39,57 @@ def run(config: RunConfig | str | Path, *, progress: bool = True, **overrides) -
     Returns:
         The path of ``report.html``.
     """
+    from seglens.distributed import barrier, is_main, world
+    from seglens.experiments.attention import run_attention
     from seglens.experiments.bidirectional import run_bidirectional
     from seglens.experiments.knockout import run_knockout
-    from seglens.experiments.probing import run_probing
-    from seglens.experiments.umap import run_umap
+    from seglens.experiments.probing import resolve_stages, run_probing
+    from seglens.experiments.umap import run_umap, umap_sampler
     from seglens.report import write_report
 
     if not isinstance(config, RunConfig):
         config = load_config(config, **overrides)
     elif overrides:
         config = config.replace(**overrides)
-    from seglens.distributed import barrier, is_main, world
-    from seglens.experiments.probing import resolve_stages
-    from seglens.experiments.umap import umap_sampler
-
+    run_dir = RunDir.create(config)
     vlm = build_model(config.model)
     sampler = None
     if config.umap.enabled and world() == 1 and not config.resume:
         candidate = umap_sampler(config, vlm)
         if set(candidate.stages) <= set(resolve_stages(vlm, config.probe)):
             sampler = candidate
-
-    def feed(batch, states):
-        sampler.offer(batch.labels, states)
-
-    steps = [
-        (
-            "probing",
-            lambda: run_probing(
-                config,
-                vlm=vlm,
-                progress=progress,
-                on_eval_batch=feed if sampler else None,
-                draw=False,
-            ),
-        )
-    ]
+    shared = dict(vlm=vlm, progress=progress)
+    feed = (lambda batch, states: sampler.offer(batch.labels, states)) if sampler else None
+    steps = [("probing", lambda: run_probing(run_dir, on_eval_batch=feed, **shared))]
     if config.knockout.enabled:
-        steps.append(
-            ("knockout", lambda: run_knockout(config.out, vlm=vlm, progress=progress, draw=False))
-        )
+        steps.append(("knockout", lambda: run_knockout(run_dir, **shared)))
+    if config.knockout.enabled and config.knockout.attention:
+        steps.append(("attention", lambda: run_attention(run_dir, **shared)))
     if config.bidir.enabled:
-        steps.append(
-            (
-                "bidirectional",
-                lambda: run_bidirectional(config.out, vlm=vlm, progress=progress, draw=False),
-            )
-        )
+        steps.append(("bidirectional", lambda: run_bidirectional(run_dir, **shared)))
     if config.umap.enabled:
-        steps.append(
-            (
-                "umap",
-                lambda: run_umap(
-                    config.out, vlm=vlm, sampler=sampler, progress=progress, draw=False
-                ),
-            )
-        )
+        steps.append(("umap", lambda: run_umap(run_dir, sampler=sampler, **shared)))
     for name, step in steps:
         start = time.perf_counter()
         log.info("%s: starting", name)
         step()
         barrier()  # under torchrun the next analysis reads what rank 0 just wrote
         log.info("%s: done in %.1f s", name, time.perf_counter() - start)
-    report = Path(config.out) / "report.html"
+    report = run_dir.file("report.html")
     if is_main():
-        report = write_report(config.out, redraw=True)  # every figure, drawn once
+        from seglens.experiments.findings import write_findings
+
+        write_findings(config.out)
+        report = write_report(run_dir.path, redraw=True)  # every figure, drawn once
     barrier()
     return report
 
 
 def demo(out: str | None = None, *, progress: bool = True) -> Path:
-    """The full analysis on the embedded tiny model and synthetic data (no GPU, no download)."""
+    """The full analysis on the shipped organism and its scenes (no GPU, no download)."""
     overrides = dict(DEMO)
     if out is not None:
         overrides["out"] = out
+    # The feature cache lives inside the run directory (probes train 30 epochs from it).
+    overrides["probe.cache_dir"] = str(Path(overrides["out"]) / "cache")
     return run(load_config(**overrides), progress=progress)

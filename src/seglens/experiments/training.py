@@ -1,13 +1,20 @@
-"""Training the probes of every stage from streamed forward passes (one ``vlm.capture`` per batch).
+"""The one trainer of the probes of every stage, over a feature source.
 
-Runs unchanged inside ``seglens.interventions.intervene``, so the bidirectional experiment trains
-its per-condition probes with the same code.
+A source yields each training phase's features batch by batch: ``LiveFeatures`` from forward
+passes (one ``vlm.capture`` per batch), ``seglens.cache.CachedFeatures`` from an on-disk feature
+cache. Holdout split, warm-up, epoch orders, early stopping, learning-rate selection and
+checkpoints are the trainer's, so both sources get them alike. Runs unchanged inside
+``seglens.interventions.intervene``, so the bidirectional experiment trains its per-condition
+probes with the same code.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
 
 from seglens.checkpoint import Checkpointer
 from seglens.config import DataConfig, ProbeConfig
@@ -18,7 +25,50 @@ from seglens.experiments.streaming import epoch_order, shard_dataset, split_hold
 from seglens.models import VLM
 from seglens.probes import ProbeBank
 
+if TYPE_CHECKING:
+    from seglens.cache import CachedFeatures
+
 log = logging.getLogger(__name__)
+
+
+# --- feature sources -------------------------------------------------------------------------
+#: One batch of a feature source: ({stage: (B, N, D)}, labels (B, N), hist (B, N, C)).
+Features = tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]
+
+
+class LiveFeatures:
+    """Features from forward passes: one ``vlm.capture`` of every stage per batch.
+
+    A feature source has a ``name`` and ``batches(dataset, desc, checkpoint, phase, skipped)``,
+    which yields ``Features`` of ``dataset``'s images in order as the whole of ``phase``
+    (resumable, see ``stream_batches``) and records skipped samples in ``skipped``; the other
+    source is ``seglens.cache.CachedFeatures``.
+    """
+
+    name = "live"
+
+    def __init__(
+        self,
+        vlm: VLM,
+        stages: Sequence[str],
+        data_config: DataConfig,
+        num_classes: int,
+        progress: bool = True,
+    ):
+        self.vlm, self.stages, self.data = vlm, list(stages), data_config
+        self.num_classes, self.progress = num_classes, progress
+
+    def batches(
+        self,
+        dataset: SegDataset,
+        desc: str,
+        checkpoint: Checkpointer | None,
+        phase: str,
+        skipped: dict[str, str],
+    ) -> Iterator[Features]:
+        args = (self.data, self.num_classes, skipped, self.progress, desc, checkpoint, phase)
+        for batch in stream_batches(self.vlm, dataset, *args):
+            yield self.vlm.capture(batch, self.stages), batch.labels, batch.hist
 
 
 # --- training --------------------------------------------------------------------------------
@@ -33,8 +83,11 @@ def train_probes(
     holdout: float | None = None,
     progress: bool = True,
     checkpoint: Checkpointer | None = None,
+    condition: str = "causal",
+    features: LiveFeatures | CachedFeatures | None = None,
 ) -> ProbeBank:
-    """Train one probe per stage from streamed forward passes (one ``vlm.capture`` per batch).
+    """Train one probe per stage from a feature source (default: live forward passes, or the
+    feature cache when ``probe_config.cache_dir`` is set).
 
     sgd: a seeded ``holdout`` fraction of the training images (default
     ``probe_config.holdout_fraction``) is set aside; a warm-up pass over the first
@@ -52,25 +105,19 @@ def train_probes(
         seed: seeds the holdout split and the epoch orders.
         holdout: override of ``probe_config.holdout_fraction`` (sgd only).
         progress: show progress bars.
+        condition: the attention condition the model runs under (names the feature cache).
+        features: the source of the training phases' features (default ``LiveFeatures``, or
+            ``seglens.cache.cached_features(...)`` with ``probe.cache_dir``); the holdout is
+            always scored live.
         checkpoint: saves the bank and the position during each phase (``train.warmup``,
             ``train.epoch<e>``, ``train.holdout``, ``train.lda``) and restores them on resume.
 
     Returns:
         The selected ``ProbeBank``, with ``bank.training_`` = {"train_images", "holdout_images",
-        "warmup_batches", "skipped": [[name, message], ...]} summed over ranks.
+        "warmup_batches", "skipped": [[name, message], ...], "features": "live" or the cache
+        directory} summed over ranks.
     """
     cfg, C = probe_config, train_dataset.num_classes
-    if cfg.cache_dir is not None:  # multi-epoch training from an on-disk feature cache
-        if cfg.solver == "sgd" and cfg.early_stopping:
-            log.warning(
-                "probe.early_stopping is not applied when training from probe.cache_dir: "
-                "%d epochs are trained and convergence is recorded as not checked",
-                cfg.epochs,
-            )
-        from seglens.cache import train_probes_cached
-
-        kwargs = dict(data_config=data_config, seed=seed, holdout=holdout, progress=progress)
-        return train_probes_cached(vlm, train_dataset, stages, cfg, **kwargs)
     stages = list(stages)
     skipped: dict[str, str] = {}
     hold, n_train, n_hold = None, 0, 0
@@ -82,6 +129,12 @@ def train_probes(
                 f"probe.lrs={list(cfg.lrs)} needs a holdout to choose one; set "
                 "probe.holdout_fraction > 0 or give a single learning rate"
             )
+    if features is None and cfg.cache_dir is not None:  # one forward pass, then many epochs
+        from seglens.cache import cached_features
+
+        options = dict(data_config=data_config, condition=condition, seed=seed, progress=progress)
+        features = cached_features(vlm, train_dataset, stages, cfg, **options)
+    source = features or LiveFeatures(vlm, stages, data_config, C, progress)
     train = shard_dataset(train_dataset, equal=True)
     hold = None if hold is None else shard_dataset(hold, equal=False)
     if hold is not None and min(_gather(len(hold))) == 0:
@@ -110,11 +163,8 @@ def train_probes(
     ckpt.register("train_skipped", lambda: dict(skipped), skipped.update)
 
     def fit(dataset: SegDataset, desc: str, phase: str) -> int:
-        for batch in stream_batches(
-            vlm, dataset, data_config, C, skipped, progress, desc, ckpt, phase
-        ):
-            features = vlm.capture(batch, stages)  # {stage: (B, N, D)}
-            bank.partial_fit(features, batch.labels, batch.hist if soft else None)
+        for x, labels, hist in source.batches(dataset, desc, ckpt, phase, skipped):
+            bank.partial_fit(x, labels, hist if soft else None)  # x: {stage: (B, N, D)}
         return ckpt.seen(phase)
 
     def epoch_shard(epoch: int, limit: int | None = None) -> SegDataset:
@@ -157,5 +207,6 @@ def train_probes(
         "holdout_images": sum(g[1] for g in gathered),
         "warmup_batches": warmup if cfg.solver == "sgd" else 0,
         "skipped": sorted({k: v for g in gathered for k, v in g[2].items()}.items()),
+        "features": source.name,
     }
     return bank

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from seglens import distributed
-from seglens.config import RunConfig, load_config
+from seglens.config import RunConfig
 from seglens.data import IGNORE_INDEX, SegDataset, iterate_samples
 from seglens.models import VLM
-from seglens.results import CONFIG, RESULTS, read_json, save_arrays, write_json
+from seglens.rundir import RunDir
+from seglens.rundir.schema import Umap, embedding_key, labels_key
 from seglens.stages import spread
 
 log = logging.getLogger(__name__)
@@ -287,10 +288,10 @@ def embed(features: np.ndarray, *, neighbors: int = 15, seed: int = 0) -> np.nda
     """
     import umap  # slow to import (numba); only when needed
 
-    x = _standardise(features)
     from seglens.experiments.numba_cache import cache_umap_compilation
 
     cache_umap_compilation()  # numba compiles umap's layout once per machine, not per run
+    x = _standardise(features)
     if len(x) < 4:
         raise ValueError(f"UMAP needs at least 4 tokens, got {len(x)}; sample more tokens")
     reducer = umap.UMAP(
@@ -324,46 +325,41 @@ def umap_sampler(config: RunConfig, vlm: VLM) -> TokenSampler:
 
 
 def run_umap(
-    run_dir: str | Path,
+    run: RunDir | str | Path,
     *,
     vlm: VLM | None = None,
-    config: RunConfig | None = None,
-    sampler: TokenSampler | None = None,
     progress: bool = True,
-    draw: bool = True,
-) -> dict[str, Any]:
+    sampler: TokenSampler | None = None,
+    **overrides: Any,
+) -> Umap:
     """Project the tokens of a run's evaluation split per stage and score their clustering.
 
     The public API behind ``seglens umap --run RUN``. Writes ``RUN/arrays/umap.npz``
-    (``embedding__<stage>`` (M, 2) float32, ``labels__<stage>`` (M,) int64) and adds a ``umap``
-    section to ``RUN/results.json``; then draws the run's figures when ``seglens.report.figures``
-    is installed. ``config.umap.enabled`` is for pipelines that chain analyses; calling this
-    function always runs it.
+    (``embedding__<stage>`` (M, 2) float32, ``labels__<stage>`` (M,) int64) and adds the ``umap``
+    section to ``RUN/results.json``; figures are left to the caller. ``config.umap.enabled`` is
+    for pipelines that chain analyses; calling this function always runs it.
 
     Args:
-        run_dir: a run directory holding ``config.yaml`` and ``results.json``.
+        run: a run (``RunDir`` or its directory, holding ``config.yaml`` and ``results.json``).
         vlm: the model to use instead of building the one the config names (must match it).
-        config: the config to use instead of ``RUN/config.yaml`` (e.g. with CLI overrides).
+        progress: show a progress bar.
         sampler: a ``TokenSampler`` (from ``umap_sampler``) already fed by another pass over the
             evaluation split in the same order, e.g. the probing evaluation; then no forward pass
             runs here. Without one, this function makes its own pass.
-        progress: show a progress bar.
-        draw: redraw the run's figures afterwards (``seglens run`` draws once, at the end).
+        **overrides: ``UmapConfig`` fields, e.g. ``stages=["adapter"], tokens=500``.
 
     Returns:
-        The ``umap`` section written: ``{"stages", "file", "tokens", "scores": {stage:
-        {"silhouette", "knn_accuracy"}}, "classes", "neighbors", "seed"}``.
+        The ``umap`` section: ``stages``, ``file``, ``tokens``, ``scores`` {stage:
+        {"silhouette", "knn_accuracy"}}, ``classes``, ``neighbors``, ``seed``.
     """
     from seglens.experiments.common import build_dataset, build_model
 
-    run_dir = Path(run_dir)
-    read_json(run_dir / RESULTS)  # fail before any model work when this is not a run directory
+    run = RunDir.of(run, **{f"umap.{k}": v for k, v in overrides.items()})
     if distributed.rank() != 0:
         # A few thousand tokens need no data parallelism: rank 0 samples, embeds and writes.
         distributed.barrier()
-        return read_json(run_dir / RESULTS).get("umap", {})
-    if config is None:
-        config = load_config(run_dir / CONFIG)
+        return Umap.from_dict(run.results()["umap"])
+    config = run.config
     if vlm is None:
         vlm = build_model(config.model)
     settings = config.umap
@@ -392,10 +388,10 @@ def run_umap(
         scores[stage] = cluster_scores(
             features[stage], labels, neighbors=settings.neighbors, seed=config.seed
         )
-        arrays[f"embedding__{stage}"] = embed(
+        arrays[embedding_key(stage)] = embed(
             features[stage], neighbors=settings.neighbors, seed=config.seed
         )
-        arrays[f"labels__{stage}"] = labels.astype(np.int64)
+        arrays[labels_key(stage)] = labels.astype(np.int64)
         log.info(
             "%s: silhouette %.3f, %d-NN accuracy %.3f",
             stage,
@@ -403,23 +399,16 @@ def run_umap(
             settings.neighbors,
             scores[stage]["knn_accuracy"],
         )
-    save_arrays(run_dir / UMAP_FILE, **arrays)
-    section = {
-        "stages": stages,
-        "file": UMAP_FILE,
-        "tokens": len(labels),
-        "scores": scores,
-        "classes": shown_classes(labels, settings.classes),
-        "neighbors": settings.neighbors,
-        "seed": config.seed,
-    }
-    # Read again right before writing: other analyses may have added sections meanwhile.
-    results = read_json(run_dir / RESULTS)
-    results["umap"] = section
-    write_json(run_dir / RESULTS, results)
-    if draw:
-        from seglens.report.figures import draw_all
-
-        draw_all(run_dir)
+    run.save_arrays(UMAP_FILE, **arrays)
+    section = Umap(
+        stages=stages,
+        file=UMAP_FILE,
+        tokens=len(labels),
+        scores=scores,
+        classes=shown_classes(labels, settings.classes),
+        neighbors=settings.neighbors,
+        seed=config.seed,
+    )
+    section = run.put_section("umap", section)
     distributed.barrier()
     return section

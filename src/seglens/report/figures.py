@@ -32,7 +32,9 @@ from seglens.report.canvas import (
     save_figure,
     series_colour,
 )
-from seglens.results import RESULTS, read_json, write_json
+from seglens.rundir import RESULTS, load_results, put_section
+from seglens.rundir.schema import level_values, main_condition, probing_summary
+from seglens.stages import vision_block
 
 log = logging.getLogger(__name__)
 
@@ -42,51 +44,9 @@ MAX_CLASS_BARS = 40
 MAX_LEGEND_CLASSES = 24
 
 
-# --- numbers shared with the HTML readings ----------------------------------------------------
-def primary_condition(probing: dict[str, Any]) -> str:
-    """The condition annotated in figures: ``causal`` when present, else the first one."""
-    return "causal" if "causal" in probing else next(iter(probing))
-
-
-def level_values(block: dict[str, Any], level: str) -> dict[str, dict[str, Any]]:
-    """``{stage: metrics}`` of one probing condition at ``level``, stages without them left out."""
-    metrics = block.get("metrics") or {}
-    stages = order_stages(block.get("stages") or list(metrics))
-    return {s: metrics[s][level] for s in stages if (metrics.get(s) or {}).get(level)}
-
-
-def probing_summary(block: dict[str, Any], level: str) -> dict[str, Any] | None:
-    """The curve's landmarks at ``level``: encoder, adapter, their change, best stage, LLM gain.
-
-    ``change`` is adapter minus encoder (negative = a drop); ``llm_gain`` is the best LLM stage's
-    mIoU minus the adapter's, taken from the run's own ``summary`` when it was computed at this
-    level. Returns None when no stage has a score at ``level``.
-    """
-    values = {s: m["miou"] for s, m in level_values(block, level).items() if m["miou"] is not None}
-    if not values:
-        return None
-    summary = block.get("summary") or {}
-    own = summary.get("level") == level
-    best = summary.get("best_stage") if own and summary.get("best_stage") in values else None
-    best = best or max(values, key=values.__getitem__)
-    llm = {s: v for s, v in values.items() if llm_layer(s) is not None}
-    peak = max(llm, key=llm.__getitem__) if llm else None
-    encoder, adapter = values.get("encoder"), values.get("adapter")
-    gain = summary.get("llm_gain") if own else None
-    if gain is None and peak is not None and adapter is not None:
-        gain = llm[peak] - adapter
-    return {
-        "level": level,
-        "values": values,
-        "encoder": encoder,
-        "adapter": adapter,
-        "change": None if encoder is None or adapter is None else adapter - encoder,
-        "best_stage": best,
-        "best_miou": values[best],
-        "llm_peak_stage": peak,
-        "llm_peak_miou": llm.get(peak),
-        "llm_gain": gain,
-    }
+# --- numbers shared with the HTML readings: the schema's (one rule, one sign) -------------------
+__all__ = ["FIGURES", "compare_runs", "draw_all", "level_values", "main_condition"]
+__all__ += ["probing_summary"]
 
 
 def _series(block: dict[str, Any], stages: Sequence[str], level: str) -> np.ndarray:
@@ -131,7 +91,7 @@ def layerwise_figure(results: dict[str, Any], run_dir: str | Path | None = None)
     x = np.arange(len(stages), dtype=np.float64)
     fig = new_figure(max(7.0, 0.26 * len(stages) + 2.0), 3.2 * len(levels) + 0.4)
     axes = fig.subplots(len(levels), 1, sharex=True, squeeze=False)[:, 0]
-    main = primary_condition(probing)
+    main = main_condition(results)
     for ax, level in zip(axes, levels, strict=True):
         for i, (cond, block) in enumerate(zip(conditions, blocks, strict=True)):
             _plot_series(ax, x, _series(block, stages, level), series_colour(i), cond)
@@ -151,17 +111,17 @@ def layerwise_figure(results: dict[str, Any], run_dir: str | Path | None = None)
 
 def _annotate_curve(ax: Any, stages: list[str], summary: dict[str, Any]) -> None:
     values = summary["values"]
-    if summary["change"] is not None:
+    if summary["adapter_change"] is not None:
         x0, x1 = stages.index("encoder"), stages.index("adapter")
         ax.annotate(
             "",
-            xy=(x1, summary["adapter"]),
-            xytext=(x0, summary["encoder"]),
+            xy=(x1, summary["adapter_miou"]),
+            xytext=(x0, summary["encoder_miou"]),
             arrowprops={"arrowstyle": "->", "color": "crimson", "linewidth": 1.6},
         )
         ax.annotate(
-            f"{summary['change']:+.2f}",
-            xy=((x0 + x1) / 2, (summary["encoder"] + summary["adapter"]) / 2),
+            f"{summary['adapter_change']:+.2f}",
+            xy=((x0 + x1) / 2, (summary["encoder_miou"] + summary["adapter_miou"]) / 2),
             xytext=(6, -12),
             textcoords="offset points",
             color="crimson",
@@ -213,13 +173,13 @@ def compare_runs(
     """
     if not run_dirs:
         raise ValueError("compare_runs needs at least one run directory")
-    runs = [read_json(Path(d) / RESULTS) for d in run_dirs]
+    runs = [load_results(Path(d) / RESULTS) for d in run_dirs]
     labels = _run_labels(run_dirs, runs, labels)
     blocks = []
     for run_dir, results in zip(run_dirs, runs, strict=True):
         if not results.get("probing"):
             raise ValueError(f"{run_dir} has no probing results; run `seglens probe` there first")
-        blocks.append(results["probing"][primary_condition(results["probing"])])
+        blocks.append(results["probing"][main_condition(results)])
     stage_lists = [order_stages(b.get("stages") or b["metrics"]) for b in blocks]
     depths = {sum(llm_layer(s) is not None for s in stages) for stages in stage_lists}
     normalise = len(depths) > 1
@@ -231,7 +191,7 @@ def compare_runs(
         for i, (stages, block, label) in enumerate(zip(stage_lists, blocks, labels, strict=True)):
             if normalise:
                 num_llm = sum(llm_layer(s) is not None for s in stages)
-                num_vision = sum(s.startswith("vision.") for s in stages)
+                num_vision = sum(vision_block(s) is not None for s in stages)
                 x = np.array([relative_depth(s, num_llm, num_vision) for s in stages])
             else:
                 x = np.array([union.index(s) for s in stages], dtype=np.float64)
@@ -275,7 +235,7 @@ def per_class_figure(results: dict[str, Any], run_dir: str | Path | None = None)
     probing = results.get("probing")
     if not probing:
         return None
-    block = probing[primary_condition(probing)]
+    block = probing[main_condition(results)]
     level = (block.get("summary") or {}).get("level") or "patch"
     summary = probing_summary(block, level) or probing_summary(block, "patch")
     if summary is None:
@@ -392,7 +352,7 @@ def draw_all(run_dir: str | Path) -> dict[str, str]:
         ``results["figures"]`` (replacing what was there).
     """
     run_dir = Path(run_dir)
-    results = read_json(run_dir / RESULTS)
+    results = load_results(run_dir / RESULTS)
     drawn: dict[str, str] = {}
     for name, draw in FIGURES.items():
         fig = draw(results, run_dir)
@@ -402,9 +362,6 @@ def draw_all(run_dir: str | Path) -> dict[str, str]:
         relative = f"{FIGURE_DIR}/{name}.png"
         save_figure(fig, run_dir / relative)
         drawn[name] = relative
-    # Re-read right before writing so only the "figures" key is ours.
-    results = read_json(run_dir / RESULTS)
-    results["figures"] = drawn
-    write_json(run_dir / RESULTS, results)
+    put_section(run_dir, "figures", drawn)
     log.info("drew %d figures into %s", len(drawn), run_dir / FIGURE_DIR)
     return drawn

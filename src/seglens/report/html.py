@@ -19,7 +19,8 @@ from seglens.report import evidence, readings
 from seglens.report.canvas import order_stages
 from seglens.report.figures import draw_all, level_values, probing_summary
 from seglens.report.mechanisms import knockout_conditions
-from seglens.results import CONFIG, RESULTS, atomic_write, read_json
+from seglens.rundir import CONFIG, RESULTS, load_results
+from seglens.rundir.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,11 @@ def write_report(run_dir: str | Path, *, redraw: bool = False) -> Path:
         The path of the report.
     """
     run_dir = Path(run_dir)
-    results = read_json(run_dir / RESULTS)
+    results = load_results(run_dir / RESULTS)  # refuses an unknown schema version, saying why
     figures = results.get("figures")
-    if redraw or figures is None or any(not (run_dir / p).is_file() for p in figures.values()):
+    if redraw or not figures or any(not (run_dir / p).is_file() for p in figures.values()):
         draw_all(run_dir)
-        results = read_json(run_dir / RESULTS)
+        results = load_results(run_dir / RESULTS)
     page = render(results, run_dir)
     path = run_dir / REPORT
     with atomic_write(path, "wb") as handle:
@@ -297,7 +298,7 @@ def _probing(results: dict[str, Any], page: _Page) -> str:
     probing = results.get("probing")
     if not probing:
         return _not_run("probing")
-    parts = [page.figure("layerwise_miou", readings.layerwise(probing))]
+    parts = [page.figure("layerwise_miou", readings.layerwise(results))]
     parts.append(page.figure("per_class_iou", readings.per_class(probing, results)))
     for condition, block in probing.items():
         solver = block.get("solver")

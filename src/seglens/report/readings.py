@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from seglens.report.canvas import class_name, llm_layer, order_stages
-from seglens.report.figures import level_values, primary_condition, probing_summary
+from seglens.report.figures import level_values, main_condition, probing_summary
 from seglens.report.mechanisms import knockout_conditions, position_accuracy
 
 #: A random control that moves accuracy by less than this is "no change" (no ratio is given).
@@ -29,19 +29,21 @@ def _moves(delta: float) -> str:
 
 
 # --- probing ----------------------------------------------------------------------------------
-def layerwise(probing: dict[str, Any]) -> str:
-    """The adapter drop, the recovery across the LLM and the best stage, per level."""
-    main = primary_condition(probing)
+def layerwise(results: dict[str, Any]) -> str:
+    """The adapter drop, the recovery across the LLM and the best stage, per level (of the
+    model's native attention, ``schema.main_condition``)."""
+    probing = results["probing"]
+    main = main_condition(results)
     sentences = []
     for level in ("patch", "pixel"):
         summary = probing_summary(probing[main], level)
         if summary is None:
             continue
         parts = []
-        if summary["change"] is not None:
+        if summary["adapter_change"] is not None:
             parts.append(
-                f"{level}-level mIoU {_moves(summary['change'])} from the encoder "
-                f"({summary['encoder']:.2f}) to the adapter ({summary['adapter']:.2f})"
+                f"{level}-level mIoU {_moves(summary['adapter_change'])} from the encoder "
+                f"({summary['encoder_miou']:.2f}) to the adapter ({summary['adapter_miou']:.2f})"
             )
         if summary["llm_gain"] is not None and summary["llm_peak_stage"] is not None:
             verb = "recovers" if summary["llm_gain"] >= 0 else "changes"
@@ -70,7 +72,7 @@ def layerwise(probing: dict[str, Any]) -> str:
 
 def per_class(probing: dict[str, Any], results: dict[str, Any]) -> str:
     """How many classes gain from the adapter to the best stage, and which gain most."""
-    block = probing[primary_condition(probing)]
+    block = probing[main_condition(results)]
     level = (block.get("summary") or {}).get("level") or "patch"
     summary = probing_summary(block, level) or probing_summary(block, "patch")
     if summary is None:
