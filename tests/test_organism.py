@@ -157,3 +157,22 @@ def test_cli_trains(tmp_path):
     assert main(args) == 0
     assert (tmp_path / "o" / "model.safetensors").is_file()
     assert main(args) == 2  # exists: refused with the fix
+
+
+def test_demo_config_file_matches_the_demo():
+    from pathlib import Path
+
+    from seglens.config import load_config
+    from seglens.experiments.pipeline import DEMO
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    demo = dict(DEMO, **{"probe.cache_dir": "runs/demo/cache"})
+    assert load_config(path).to_dict() == load_config(**demo).to_dict()
+
+
+def test_named_organism_loads_in_fp32():
+    from seglens.models import load_model
+
+    vlm = load_model("organism")
+    assert vlm.name == "organism" and vlm.grid == (8, 8)
+    assert next(vlm.model.parameters()).dtype == torch.float32

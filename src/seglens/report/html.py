@@ -37,8 +37,8 @@ QUESTION = (
 )
 
 SECTIONS = {
-    "question": "Question",
     "findings": "Findings",
+    "question": "Question",
     "facts": "Model and dataset",
     "provenance": "Provenance",
     "config": "Configuration",
@@ -101,8 +101,8 @@ def render(results: dict[str, Any], run_dir: str | Path) -> str:
     title = f"seglens report: {model} on {dataset}"
     body = [
         f"<h1>{_e(title)}</h1>",
-        _section("question", f"<p>{_e(QUESTION)}</p>"),
         _section("findings", _findings(results)),
+        _section("question", f"<p>{_e(QUESTION)}</p>"),
         _section("facts", _facts(results)),
         _section("provenance", _provenance(results)),
         _section("config", _config(results, run_dir)),
