@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 FAMILIES: dict[str, type[ModelFamily]] = registry().model_types
 TINY_MODELS = registry().tiny
 
+
 # Named checkpoints: name -> a function returning the local folder to load (e.g. a trained model
 # shipped inside the package). ``load_model(name)`` loads that folder and keeps ``name`` as the
 # model's name in results. Register one with ``NAMED_MODELS["name"] = resolve``.

@@ -307,19 +307,13 @@ def tiny_qwen2_vl_hf(
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
     )
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil,
-    )
 
     if version not in ("2", "2.5"):
         raise ValueError(f"Qwen-VL version {version!r} is not one of '2', '2.5'")
     patch, merge = 14, 2
     if image_size % (patch * merge):
         raise ValueError(f"image_size {image_size} must be a multiple of patch*merge = 28")
-    tokenizer = special_byte_tokenizer(
-        QWEN_TOKENS, QWEN_TEMPLATE, others=("<|im_start|>", "<|im_end|>"), add_bos=False
-    )
-    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in QWEN_TOKENS.items()}
+    tokenizer = qwen_tokenizer()
     head_dim = text_width // heads
     third = head_dim // 2 // 3
     text_config = dict(
@@ -345,16 +339,32 @@ def tiny_qwen2_vl_hf(
             **common,
         )
     config = config_cls(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["image_token"],
-        video_token_id=ids["video_token"],
-        vision_start_token_id=ids["vision_start_token"],
-        vision_end_token_id=ids["vision_end_token"],
+        text_config=text_config, vision_config=vision_config, **qwen_token_ids(tokenizer)
     )
     config.seglens_image_size = image_size
     config._attn_implementation = attn_implementation
     model = build_seeded(model_cls, config, seed, dtype)
+    return model, qwen_processor(tokenizer, image_size, patch, merge)
+
+
+def qwen_tokenizer():
+    """The byte-level tokenizer with Qwen's special tokens and chat template (no BOS)."""
+    return special_byte_tokenizer(
+        QWEN_TOKENS, QWEN_TEMPLATE, others=("<|im_start|>", "<|im_end|>"), add_bos=False
+    )
+
+
+def qwen_token_ids(tokenizer) -> dict[str, int]:
+    """The config's image / video / vision start / vision end token ids."""
+    return {f"{k}_id": tokenizer.convert_tokens_to_ids(v) for k, v in QWEN_TOKENS.items()}
+
+
+def qwen_processor(tokenizer, image_size: int, patch: int, merge: int) -> TextImageProcessor:
+    """A ``TextImageProcessor`` around the (PIL) Qwen2-VL image processor at one fixed size."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
     pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": pixels, "longest_edge": pixels},
@@ -364,7 +374,4 @@ def tiny_qwen2_vl_hf(
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
     )
-    processor = TextImageProcessor(
-        tokenizer, image_processor, QWEN_TOKENS["image_token"], QWEN_TEMPLATE
-    )
-    return model, processor
+    return TextImageProcessor(tokenizer, image_processor, QWEN_TOKENS["image_token"], QWEN_TEMPLATE)

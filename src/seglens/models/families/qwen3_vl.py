@@ -17,15 +17,13 @@ from typing import ClassVar
 
 import torch
 
-from seglens.models.families.qwen2_vl import QWEN_TEMPLATE, QWEN_TOKENS, Qwen2VLFamily
-from seglens.models.processing import TextImageProcessor
-from seglens.models.tiny import (
-    CLIP_MEAN,
-    CLIP_STD,
-    build_seeded,
-    special_byte_tokenizer,
-    text_kwargs,
+from seglens.models.families.qwen2_vl import (
+    Qwen2VLFamily,
+    qwen_processor,
+    qwen_token_ids,
+    qwen_tokenizer,
 )
+from seglens.models.tiny import build_seeded, text_kwargs
 
 
 class Qwen3VLFamily(Qwen2VLFamily):
@@ -68,17 +66,11 @@ def tiny_qwen3_vl_hf(
         (model, processor): the HF model in eval mode and its processor.
     """
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil,
-    )
 
     patch, merge = 16, 2
     if image_size % (patch * merge):
         raise ValueError(f"image_size {image_size} must be a multiple of patch*merge = 32")
-    tokenizer = special_byte_tokenizer(
-        QWEN_TOKENS, QWEN_TEMPLATE, others=("<|im_start|>", "<|im_end|>"), add_bos=False
-    )
-    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in QWEN_TOKENS.items()}
+    tokenizer = qwen_tokenizer()
     head_dim = text_width // heads
     third = head_dim // 2 // 4
     text_config = dict(
@@ -104,26 +96,9 @@ def tiny_qwen3_vl_hf(
         deepstack_visual_indexes=[1, 2],
     )
     config = Qwen3VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["image_token"],
-        video_token_id=ids["video_token"],
-        vision_start_token_id=ids["vision_start_token"],
-        vision_end_token_id=ids["vision_end_token"],
+        text_config=text_config, vision_config=vision_config, **qwen_token_ids(tokenizer)
     )
     config.seglens_image_size = image_size
     config._attn_implementation = attn_implementation
     model = build_seeded(Qwen3VLForConditionalGeneration, config, seed, dtype)
-    pixels = image_size * image_size
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": pixels, "longest_edge": pixels},
-        patch_size=patch,
-        temporal_patch_size=2,
-        merge_size=merge,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    )
-    processor = TextImageProcessor(
-        tokenizer, image_processor, QWEN_TOKENS["image_token"], QWEN_TEMPLATE
-    )
-    return model, processor
+    return model, qwen_processor(tokenizer, image_size, patch, merge)
