@@ -10,15 +10,18 @@ therefore tested against the twin as the null model: the organism's encoder must
 the twin's, and its anchor effect must exceed the twin's under every control pool. Every test is
 written as ``criterion(model, twin)`` and must hold for the organism and fail for the twin.
 
-Measured on the shipped checkpoint (this CPU, torch 2.13, seed 0) and its twin, with margins:
-(a) drop -0.011 [-0.016, -0.006] (margin 0.006 below 0); encoder 0.691, interval low above the
-    twin's encoder (0.332) by about 0.35.
-(b) best LLM layer llm.3 +0.115 [+0.108, +0.122] over the adapter (margin 0.108); twin -0.001.
-(c) block correct minus control at llm.4: outside_pair -0.239, pair -0.170, image -0.209 (interval
-    highs -0.222, -0.156, -0.194); twin -0.086, -0.056, -0.059 (lows -0.103, -0.068, -0.073):
-    margins of about 0.09 to 0.12; block incorrect minus control +0.016 to +0.026 (>= 0).
-(d) causal first-rows minus last-rows gain -0.036 [-0.046, -0.025] (margin 0.025); bidirectional
-    minus causal on the first rows +0.036 [+0.028, +0.044] (margin 0.028); twin fails both.
+Measured on the shipped checkpoint and its twin (this CPU, torch 2.13, seed 0), with margins
+(the distance from the bound to the threshold; bench/README.md has seeds 1 and 2):
+(a) adapter - encoder -0.021 [-0.028, -0.016]: margin 0.016 below 0; encoder 0.690, its interval
+    above the twin's encoder (0.332) by about 0.34.
+(b) best LLM layer llm.3 - adapter +0.124 [+0.116, +0.131]: margin 0.116; twin +0.003.
+(c) at llm.4, block correct - control, pools outside_pair / pair / image: -0.235 / -0.167 /
+    -0.204 (interval highs -0.219 / -0.154 / -0.190) against the twin's -0.115 / -0.070 / -0.077
+    (lows -0.130 / -0.083 / -0.091): margins 0.089 / 0.071 / 0.099; block incorrect - control
+    +0.035 / +0.023 / +0.016 (lows +0.027 / +0.019 / +0.013, all >= 0).
+(d) at llm.2, causal first-rows gain - last-rows gain -0.038 [-0.050, -0.028]: margin 0.028;
+    bidirectional - causal on the first rows +0.042 [+0.035, +0.050]: margin 0.035; the twin
+    fails both (-0.007 [-0.023, +0.009], -0.024 [-0.048, +0.003]).
 """
 
 from __future__ import annotations
