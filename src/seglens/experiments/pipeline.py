@@ -9,6 +9,7 @@ pass (same split, same order, same causal model) instead of running its own.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -90,6 +91,9 @@ def demo(out: str | None = None, *, progress: bool = True) -> Path:
     overrides = dict(DEMO)
     if out is not None:
         overrides["out"] = out
-    # The feature cache lives inside the run directory (probes train 30 epochs from it).
-    overrides["probe.cache_dir"] = str(Path(overrides["out"]) / "cache")
+    # The probes train from a feature cache inside the run directory, rebuilt on every demo: a
+    # cache is keyed by model name, and a retrained organism keeps its name.
+    cache = Path(overrides["out"]) / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    overrides["probe.cache_dir"] = str(cache)
     return run(load_config(**overrides), progress=progress)
