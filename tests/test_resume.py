@@ -29,12 +29,13 @@ ARGS += ["--batch-size", "2", "--bootstrap", "50", "--qualitative", "2"]
 
 # --- comparing two runs --------------------------------------------------------------------------
 def assert_same_run(a: Path, b: Path) -> None:
-    """Everything a run measured is identical: results.json (but its time and the run options),
-    every probe file byte for byte, every saved array exactly."""
+    """Everything a run measured is identical: results.json (but its time, commit and the run
+    options: other commits may land between two runs), every probe file byte for byte, every
+    saved array exactly."""
     ra, rb = (json.loads((run / "results.json").read_text()) for run in (a, b))
     for r in (ra, rb):
-        r.pop("created")
-        r.pop("config")
+        for key in ("created", "git_hash", "config"):
+            r.pop(key)
     assert ra == rb
     probes = sorted(p.relative_to(a) for p in (a / "probes").rglob("*") if p.is_file())
     assert probes == sorted(p.relative_to(b) for p in (b / "probes").rglob("*") if p.is_file())
