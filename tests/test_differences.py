@@ -46,7 +46,7 @@ def test_probing_section_matches_the_saved_counts(run):
     assert diff["level"] == "patch" and diff["n_resamples"] == R
     change = diff["adapter_minus_encoder"]
     assert set(change) == KEYS and change["n_images"] == 8
-    assert change["estimate"] == pytest.approx(-summary["adapter_drop"])
+    assert change["estimate"] == pytest.approx(summary["adapter_change"])
     expected = paired_bootstrap(counts["adapter"], counts["encoder"], n_resamples=R, seed=0)
     assert change == pytest.approx(expected)
     for s in ("llm.1", "llm.2", "llm.3", "llm.4"):
