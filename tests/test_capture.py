@@ -85,7 +85,10 @@ def test_image_states_ignore_text_after_the_image(tiny_vlm, random_images):
     a = tiny_vlm.capture(tiny_vlm.prepare(images, prompts=TWO_PROMPTS[:1] * 2))
     b = tiny_vlm.capture(tiny_vlm.prepare(images, prompts=TWO_PROMPTS[1:] * 2))
     for stage in a:
-        assert torch.equal(a[stage], b[stage]), stage
+        # Two prompt lengths run through differently blocked CPU kernels (seen with transformers
+        # 5.24: 2e-8 apart), so this is equality up to fp32 rounding; text leaking into the image
+        # states through the mask would move them by orders of magnitude more.
+        torch.testing.assert_close(a[stage], b[stage], rtol=0, atol=1e-6, msg=stage)
 
 
 def test_causal_perturbation_leaves_earlier_slots_unchanged(tiny_vlm, random_images):

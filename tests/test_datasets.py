@@ -303,7 +303,15 @@ def test_folder_without_classes_file(tmp_path):
 
 
 def test_registry_names():
-    assert set(DATASETS) == {"ade20k", "voc", "cityscapes", "coco-stuff", "folder", "synthetic"}
+    assert set(DATASETS) == {
+        "ade20k",
+        "voc",
+        "cityscapes",
+        "coco-stuff",
+        "folder",
+        "synthetic",
+        "organism",
+    }
 
 
 def test_unknown_dataset_suggests_a_name():
