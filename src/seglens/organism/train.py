@@ -82,6 +82,15 @@ def _one_cycle(params, lr: float, steps: int, weight_decay: float):
     return optimizer, schedule
 
 
+def _update(optimizer, schedule, loss: torch.Tensor, losses: list[float]) -> None:
+    """One optimiser step on ``loss``, then the schedule; the loss is appended to ``losses``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    losses.append(loss.item())
+
+
 def _trace(losses: list[float], every: int = 10) -> list[float]:
     """Mean loss over consecutive windows of ``every`` steps (what training.json keeps)."""
     return [float(np.mean(losses[i : i + every])) for i in range(0, len(losses), every)]
@@ -112,11 +121,7 @@ def train_tower(model, recipe: Recipe, seed: int, gen: torch.Generator, progress
         loss = nn.functional.binary_cross_entropy_with_logits(
             logits, torch.as_tensor(target, dtype=torch.float32)
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        _update(optimizer, schedule, loss, losses)
     tower.eval()
     return {"steps": recipe.tower_steps, "loss": _trace(losses)}
 
@@ -182,11 +187,7 @@ def train_text(model, captions, recipe: Recipe, gen: torch.Generator, progress: 
             [captions.corpus[i] for i in idx], with_prompt=False
         )
         loss, _ = _lm_loss(model, lm.embed_tokens(ids), attention, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        _update(optimizer, schedule, loss, losses)
     model.eval()
     return {"steps": recipe.text_steps, "loss": _trace(losses)}
 
@@ -225,11 +226,7 @@ def train_captions(
         idx = torch.randint(len(features), (recipe.batch_size,), generator=gen)
         ids, attention, labels = captions.words([captions.corpus[i] for i in idx], with_prompt=True)
         loss, _ = _lm_loss(model, _embed(model, captions, features[idx], ids), attention, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        _update(optimizer, schedule, loss, losses)
     model.eval()
     val_features, val_captions = val
     with torch.inference_mode():
