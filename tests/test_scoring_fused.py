@@ -40,7 +40,9 @@ def test_add_confusion_takes_a_batch():
     per_ref, per = PerImageCounts(C), PerImageCounts(C)
     per_ref.add_batch(torch.stack(preds), torch.stack(targets))
     per.add_confusion(
-        torch.stack([confusion_of(p, *score_target(t, C), C) for p, t in zip(preds, targets)])
+        torch.stack(
+            [confusion_of(p, *score_target(t, C), C) for p, t in zip(preds, targets, strict=True)]
+        )
     )
     assert np.array_equal(per._table(), per_ref._table())
 
