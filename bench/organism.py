@@ -34,13 +34,15 @@ def analyse(model: str, out: Path) -> dict:
 
 def numbers(results: dict) -> dict[str, float | None]:
     """The headline number of each finding (and its interval bounds) from one run."""
+    from seglens.stages import llm_layer
+
     f = results["findings"]
     metrics = results["probing"]["causal"]["metrics"]
     out = {
         "encoder mIoU": metrics["encoder"]["patch"]["miou"],
         "adapter mIoU": metrics["adapter"]["patch"]["miou"],
         "best LLM mIoU": max(
-            m["patch"]["miou"] for s, m in metrics.items() if s.startswith("llm.")
+            m["patch"]["miou"] for s, m in metrics.items() if llm_layer(s) is not None
         ),
     }
     rows = {
