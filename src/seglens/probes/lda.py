@@ -2,7 +2,8 @@
 
 Each batch only adds to sums (counts, class sums, scatter), so the fit depends on neither batch
 order nor sharding, and statistics from several processes or probes simply add (``merge``, an
-all_reduce at ``finalize``). ``finalize`` solves once by Cholesky.
+all_reduce at ``finalize``). The symmetric scatter is accumulated on its upper block triangle
+only (about half the flops); ``finalize`` mirrors it and solves once by Cholesky.
 """
 
 from __future__ import annotations
@@ -15,15 +16,24 @@ import torch
 from seglens.probes._common import Tensor, all_reduce_sum, prefixed, unprefixed
 from seglens.probes.base import _Probe
 
+_BLOCK = 256  # rows of the scatter per GEMM of its upper block triangle
+
 
 class LDAProbe(_Probe):
     """Solver ``lda``: shrunk pooled-covariance LDA from streamed float64 sufficient statistics.
 
     ``partial_fit`` accumulates, on the features' device, the token count n, the feature sum,
     per-class weights n_c and feature sums, and the scatter sum x x^T, all of *raw* features and
-    valid tokens only. They add up across batches and processes (``merge``; an all_reduce at
-    ``finalize`` under torch.distributed). ``finalize`` standardises with the full-pass mean/std
-    (free from the same sums, so the result depends on neither batch order nor sharding), forms
+    valid tokens only, all in float64. Raw second moments in float32 would lose the covariance
+    to cancellation (S/n - mean mean^T) where features have a mean large against their spread,
+    as LLM hidden states do (massive activations); float32 products of shifted features keep
+    ~1e-6 accuracy but make the fit depend on how tokens are batched and sharded at that level.
+    The scatter is symmetric, so a batch adds x^T x only to S's blocks of ``_BLOCK`` rows on and
+    right of the diagonal (S[i:i+b, i:]; below them S stays 0): about half the flops of the full
+    product, which dominates a batch at LLM width. The sums add up across batches and processes
+    (``merge``; an all_reduce at ``finalize`` under torch.distributed). ``finalize`` mirrors S's
+    upper triangle, standardises with the full-pass mean/std (free from the same sums, so the
+    result depends on neither batch order nor sharding), forms
     Σ = (S - Σ_c n_c μ_c μ_c^T) / (n - C_present), shrinks it toward tr(Σ)/D · I, and solves
     W = Σ^-1 μ_c by Cholesky, b_c = -½ μ_c^T Σ^-1 μ_c + log(n_c / n). Unseen classes get bias
     -inf and are never predicted. With soft labels a token's class sums are split by its
@@ -54,7 +64,8 @@ class LDAProbe(_Probe):
                 "needs fourth moments that cannot be streamed)"
             )
         self.shrinkage = float(shrinkage)
-        self._stats: dict[str, Tensor] = {}  # n (), xsum (D,), count (C,), csum (C, D), S (D, D)
+        # n (), xsum (D,), count (C,), csum (C, D), S (D, D) upper block triangle (``_update``)
+        self._stats: dict[str, Tensor] = {}
         self._lda: tuple[Tensor, Tensor] | None = None  # solved (coef (D, C), intercept (C,))
 
     def _update(self, x: Tensor, T: Tensor, valid: Tensor) -> None:
@@ -69,7 +80,8 @@ class LDAProbe(_Probe):
         s["xsum"] += x64.sum(0)
         s["count"] += T64.sum(0)
         s["csum"].addmm_(T64.T, x64)
-        s["S"].addmm_(x64.T, x64)
+        for i in range(0, x64.shape[1], _BLOCK):  # S[i:i+b, i:] += x[:, i:i+b]^T x[:, i:]
+            s["S"][i : i + _BLOCK, i:].addmm_(x64[:, i : i + _BLOCK].T, x64[:, i:])
 
     def merge(self, other: LDAProbe) -> LDAProbe:
         """Add another probe's statistics (same C and D) into this one; returns self."""
@@ -97,6 +109,7 @@ class LDAProbe(_Probe):
             raise ValueError(f"{self.name}: no training tokens seen; call partial_fit first")
         keys = ("n", "xsum", "count", "csum", "S")
         n, xsum, count, csum, S = all_reduce_sum([self._stats[k] for k in keys])
+        S = S.triu() + S.triu(1).T  # the full scatter from its upper triangle
         self.standardizer.set_moments(xsum, S.diagonal(), n)
         m, sd = self.mean_.double(), self.scale_.double()  # exactly what transform() will use
         present = count > 0
@@ -148,7 +161,11 @@ class LDAProbe(_Probe):
         return super().state_dict() | prefixed("stats.", stats)
 
     def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
-        """Restore from ``state_dict()``; the solve is redone from the statistics."""
+        """Restore from ``state_dict()``; the solve is redone from the statistics.
+
+        Only S's upper triangle is read, so checkpoints holding the full symmetric scatter (from
+        before the block triangle) load as they are.
+        """
         super().load_state_dict(sd)
         self._stats = {k: v.clone() for k, v in unprefixed("stats.", sd).items()}
         self._lda = None
