@@ -462,5 +462,5 @@ def test_pixel_target_keeps_the_input_kind_and_checks_shape():
     assert mask.max() == 1  # the input is untouched
     with pytest.raises(ValueError, match=r"mask shape \(40, 20\) != the transform's image shape"):
         pixel_target(mask.T, transform)
-    with pytest.raises(ValueError, match=r"expected \(C, g, g\)"):
+    with pytest.raises(ValueError, match=r"expected \(\.\.\., C, g, g\)"):
         pixel_predictions(torch.zeros(3, 4, 5), transform)

@@ -15,6 +15,7 @@ import torch
 
 from seglens.data.base import IGNORE_INDEX
 from seglens.data.geometry import Transform
+from seglens.upsampling import upsampled_argmax
 
 ArrayLike = torch.Tensor | np.ndarray
 BOOTSTRAP_METRICS = ("miou", "pixel_accuracy")
@@ -221,18 +222,31 @@ class PerImageCounts:
     def add_confusion(self, confusion: torch.Tensor) -> PerImageCounts:
         """Add B images from their (B, C, C) (or one image's (C, C)) confusion counts, rows true
         and columns predicted: the same counts ``add_batch`` derives from the predictions."""
-        m = confusion.long()
-        m = m[None] if m.dim() == 2 else m
+        m = confusion[None] if confusion.dim() == 2 else confusion
         C = self.num_classes
         if m.dim() != 3 or m.shape[1:] != (C, C):
             raise ValueError(
                 f"confusion has shape {tuple(confusion.shape)}; expected (B, {C}, {C})"
             )
-        inter = m.diagonal(dim1=1, dim2=2)
-        union = m.sum(dim=2) + m.sum(dim=1) - inter
-        total = m.sum(dim=(1, 2))[:, None]
-        table = torch.cat([inter, union, inter.sum(dim=1, keepdim=True), total], dim=1)
-        self._chunks.append(table.cpu().numpy())
+        return self.add_tables(self.tables(m))
+
+    @staticmethod
+    def tables(confusion: torch.Tensor) -> np.ndarray:
+        """(..., C, C) confusion counts -> (..., 2C + 2) int64 rows for ``add_tables``: per class
+        intersection and union, then correct and total; one host copy for all of them."""
+        m = confusion.long()
+        inter = m.diagonal(dim1=-2, dim2=-1)
+        union = m.sum(dim=-1) + m.sum(dim=-2) - inter
+        total = m.sum(dim=(-2, -1))[..., None]
+        return torch.cat([inter, union, inter.sum(dim=-1, keepdim=True), total], -1).cpu().numpy()
+
+    def add_tables(self, tables: np.ndarray) -> PerImageCounts:
+        """Add B images from their (B, 2C + 2) rows (``tables``)."""
+        if tables.ndim != 2 or tables.shape[1] != 2 * self.num_classes + 2:
+            raise ValueError(
+                f"tables have shape {tables.shape}; expected (B, {2 * self.num_classes + 2})"
+            )
+        self._chunks.append(tables)
         return self
 
     def _table(self) -> np.ndarray:
@@ -396,37 +410,35 @@ def score_target(
 def confusion_of(
     pred: torch.Tensor, valid: torch.Tensor, offset: torch.Tensor, num_classes: int
 ) -> torch.Tensor:
-    """(C, C) int64 confusion (rows true) of ``pred`` against a target from ``score_target``.
+    """(..., C, C) int64 confusion (rows true) of ``pred`` against a target from ``score_target``.
 
-    One ``bincount``: equal to ``ConfusionMatrix(C).update(pred, target).matrix``. ``pred`` must
-    hold class ids in 0..C-1 (e.g. an argmax; not re-checked) and have the target's shape.
+    One ``bincount``: equal to ``ConfusionMatrix(C).update(pred, target).matrix``. ``pred`` has
+    the target's shape, or leading dimensions before it (e.g. stages), each scored against the
+    same target; it must hold class ids in 0..C-1 (e.g. an argmax; not re-checked).
     """
     C = num_classes
-    counts = torch.bincount(offset + pred.to(offset.device)[valid], minlength=C * C)
-    return counts.reshape(C, C)
+    lead = pred.shape[: pred.dim() - valid.dim()]
+    if tuple(pred.shape[len(lead) :]) != tuple(valid.shape):
+        raise ValueError(f"pred shape {tuple(pred.shape)} does not end in {tuple(valid.shape)}")
+    flat = pred.to(offset.device).reshape(-1, *valid.shape)[:, valid]  # (L, P)
+    flat = flat + offset + C * C * torch.arange(len(flat), device=offset.device)[:, None]
+    counts = torch.bincount(flat.reshape(-1), minlength=len(flat) * C * C)
+    return counts.reshape(*lead, C, C)
 
 
 def pixel_predictions(
     grid_logits: torch.Tensor, transform: Transform, max_elements: int = 20_000_000
 ) -> torch.Tensor:
-    """(C, g, g) grid logits -> (H, W) int64 class ids in the original frame (same device).
+    """(..., C, g, g) grid logits -> (..., H, W) int64 class ids in the original frame.
 
-    Bilinear upsampling through ``transform.logits_to_original``, then argmax (ties to the
-    lower class). When C * H * W exceeds ``max_elements`` the classes go in chunks with a
-    running max, so memory stays bounded. Pixels outside ``transform.scored_region()`` get a
-    prediction too; ``pixel_target`` marks them ignore.
+    The argmax over classes of ``transform.logits_to_original(grid_logits)`` (bilinear
+    upsampling through the geometry; ties to the lower class), bit for bit, computed by
+    ``upsampling.upsampled_argmax`` without forming the (C, H, W) upsampled logits. At most
+    about ``max_elements`` values are formed at once. Leading dimensions (e.g. stages) share the
+    transform. Pixels outside ``transform.scored_region()`` get a prediction too;
+    ``pixel_target`` marks them ignore.
     """
-    if grid_logits.dim() != 3 or grid_logits.shape[1] != grid_logits.shape[2]:
-        raise ValueError(f"grid_logits has shape {tuple(grid_logits.shape)}; expected (C, g, g)")
-    C, H, W = grid_logits.shape[0], transform.height, transform.width
-    step = max(1, max_elements // (H * W))
-    best_val, best_idx = transform.logits_to_original(grid_logits[:step]).max(dim=0)
-    for start in range(step, C, step):
-        val, idx = transform.logits_to_original(grid_logits[start : start + step]).max(dim=0)
-        better = val > best_val  # strict, so a lower class keeps a tie, as argmax does
-        best_val = torch.where(better, val, best_val)
-        best_idx = torch.where(better, idx + start, best_idx)
-    return best_idx
+    return upsampled_argmax(grid_logits, transform, max_elements)
 
 
 def pixel_target(mask: ArrayLike, transform: Transform) -> ArrayLike:

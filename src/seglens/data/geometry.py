@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from seglens.data.base import IGNORE_INDEX
@@ -75,26 +74,47 @@ class Transform:
         out[~(ok_y[:, None] & ok_x[None, :])] = IGNORE_INDEX
         return out
 
-    def logits_to_original(self, grid_logits: torch.Tensor) -> torch.Tensor:
-        """Bilinearly resample (C, g, g) grid logits onto the (C, H, W) original image.
+    def taps(self, grid: int) -> tuple[np.ndarray, ...]:
+        """The bilinear taps of every original row and column on a g x g grid of token centres.
 
-        Token (r, c) covers model pixels ``[r*p, (r+1)*p)``; its logit is taken to sit at the
-        token centre, exactly as ``F.interpolate(..., align_corners=False)`` would place it when
-        upsampling the grid to S x S. Pixels outside the model input read the nearest border
-        token; use ``scored_region`` to exclude them.
+        Token (r, c) covers model pixels ``[r*p, (r+1)*p)`` and its value sits at the token
+        centre, exactly where ``F.interpolate(..., align_corners=False)`` places it when
+        upsampling the grid to S x S. Pixels beyond the outermost centres (and outside the model
+        input) read the border token, as ``grid_sample(padding_mode="border")`` does.
+
+        Returns:
+            (y0, y1, wy, x0, x1, wx): for each original row (H,) the two grid rows it reads and
+            the float32 weight of the second (``y1 = min(y0 + 1, g - 1)``), likewise for each
+            column (W,).
         """
         ys, xs = self._centres_in_model()
-        gy = torch.as_tensor(ys / self.size * 2 - 1, dtype=torch.float32, device=grid_logits.device)
-        gx = torch.as_tensor(xs / self.size * 2 - 1, dtype=torch.float32, device=grid_logits.device)
-        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)  # (H, W, 2) as (x, y)
-        out = F.grid_sample(
-            grid_logits[None].float(),
-            grid[None],
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )
-        return out[0]
+        taps = []
+        for centres in (ys, xs):
+            at = np.clip(centres / self.size * grid - 0.5, 0, grid - 1)  # in token units
+            lo = np.floor(at).astype(np.int64)
+            taps += [lo, np.minimum(lo + 1, grid - 1), (at - lo).astype(np.float32)]
+        return tuple(taps)
+
+    def logits_to_original(self, grid_logits: torch.Tensor) -> torch.Tensor:
+        """Bilinearly resample (..., C, g, g) grid logits onto the (..., C, H, W) original image.
+
+        Separable, at the taps of ``taps``: first along columns, then along rows, each step
+        ``a * (1 - w) + b * w`` in float32 (``metrics.pixel_predictions`` evaluates the same
+        expression for the classes that can win, so its argmax equals this one's exactly).
+        Pixels outside the model input read the nearest border token; use ``scored_region`` to
+        exclude them.
+        """
+        dev, g = grid_logits.device, grid_logits.shape[-1]
+        y0, y1, wy, x0, x1, wx = (torch.from_numpy(t).to(dev) for t in self.taps(g))
+        logits = grid_logits.float()
+        across = lerp(logits[..., x0], logits[..., x1], wx)  # (..., C, g, W)
+        return lerp(across[..., y0, :], across[..., y1, :], wy[:, None])  # (..., C, H, W)
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a * (1 - w) + b * w``, elementwise, as separate float32 operations (no fused
+    multiply-add), so the same values give the same bits wherever it is evaluated."""
+    return a * (1 - w) + b * w
 
 
 @dataclass(frozen=True)

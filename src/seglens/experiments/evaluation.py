@@ -222,29 +222,34 @@ def evaluate_probes(
             res.qualitative[f"image__{i}"] = np.asarray(batch.images[b], np.uint8)
             res.qualitative[f"mask__{i}"] = np.asarray(batch.masks[b])
             res.qualitative_names.append(batch.names[b])
-        for s in stages:
-            z = logits[s].clamp_min(_NEG)
-            pred = z.argmax(-1)  # (B, N)
-            res.patch[s].update(pred, labels)
-            res.patch_images[s].add_batch(pred, labels)
-            res.positions[s].update(pred, labels)
-            res.early_images[s].add_batch(pred[:, : res.band], labels[:, : res.band])
-            res.late_images[s].add_batch(pred[:, -res.band :], labels[:, -res.band :])
-            keep_qual = s in res.qualitative_stages
-            for b in range(len(batch)):
-                i = res.images + b
-                if not cfg.pixel_level and not (keep_qual and i < n_qual):
-                    continue
-                grid = z[b].T.reshape(C, *g)  # (C, g, g): tokens are raster order
-                pix = pixel_predictions(grid, batch.transforms[b])  # (H, W)
-                if cfg.pixel_level:
-                    confusion = confusion_of(pix, *targets[b], C)
-                    res.pixel[s].matrix += confusion.to(res.pixel[s].matrix.device)
-                    res.pixel_images[s].add_confusion(confusion)
-                if keep_qual and i < n_qual:
-                    region = torch.from_numpy(batch.transforms[b].scored_region())
-                    outside = pix.cpu().masked_fill(~region, IGNORE_INDEX)
-                    res.qualitative[f"pred__{s}__{i}"] = outside.numpy()
+        z = torch.stack([logits[s] for s in stages]).clamp_min(_NEG)  # (S, B, N, C)
+        pred = z.argmax(-1)  # (S, B, N)
+        for k, s in enumerate(stages):
+            res.patch[s].update(pred[k], labels)
+            res.patch_images[s].add_batch(pred[k], labels)
+            res.positions[s].update(pred[k], labels)
+            res.early_images[s].add_batch(pred[k, :, : res.band], labels[:, : res.band])
+            res.late_images[s].add_batch(pred[k, :, -res.band :], labels[:, -res.band :])
+        for b in range(len(batch)):
+            i = res.images + b
+            qual = res.qualitative_stages if i < n_qual else []
+            scored = stages if cfg.pixel_level else qual
+            if not scored:
+                continue
+            rows = [stages.index(s) for s in scored]
+            grids = z[rows, b].transpose(1, 2).reshape(len(rows), C, *g)  # tokens: raster order
+            pix = pixel_predictions(grids, batch.transforms[b])  # (S, H, W), all stages at once
+            if cfg.pixel_level:
+                confusion = confusion_of(pix, *targets[b], C)  # (S, C, C)
+                tables = PerImageCounts.tables(confusion)  # one host copy for all stages
+                for k, s in enumerate(scored):
+                    res.pixel[s].matrix += confusion[k].to(res.pixel[s].matrix.device)
+                    res.pixel_images[s].add_tables(tables[k : k + 1])
+            if qual:
+                outside = ~torch.from_numpy(batch.transforms[b].scored_region())
+                for s in qual:
+                    p = pix[scored.index(s)].cpu().masked_fill(outside, IGNORE_INDEX)
+                    res.qualitative[f"pred__{s}__{i}"] = p.numpy()
         res.images += len(batch)
     res.skipped = sorted(skipped.items())
     return res.all_reduce()
