@@ -18,8 +18,6 @@ left (about 1-4 per sub-cell, even for noise) are interpolated per pixel with
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -41,7 +39,7 @@ def upsampled_argmax(
     Equal to the argmax of ``transform.logits_to_original(grid_logits)`` over classes (ties to
     the lower class), computed as the module docstring says. Leading dimensions (e.g. stages)
     share the transform. At most about ``max_elements`` values are formed at once, whatever
-    C, H and W. Logits must be finite (-1e30 stands in for -inf).
+    C, H and W. Logits must be finite, within +-1e38 (evaluation clamps -inf to -1e30).
     """
     if grid_logits.dim() < 3 or grid_logits.shape[-1] != grid_logits.shape[-2]:
         raise ValueError(
@@ -156,7 +154,7 @@ def _candidates(
     """For each ambiguous sub-cell (at ``stage, fine_row, fine_col``, the ``[ambiguous]``
     order), its candidates by ascending class id, padded with C: (A, K); and their logits at
     the four corners of the sub-cell's cell, in the order (r, c), (r + 1, c), (r, c + 1),
-    (r + 1, c + 1): (A, 4, K)."""
+    (r + 1, c + 1): (A, 4, K), the lowest float32 for padding."""
     C, dev = last.shape[-1], last.device
     cand = candidate[ambiguous]  # (A, C)
     K = int(cand.sum(-1).max())
@@ -168,6 +166,9 @@ def _candidates(
     at = ids.clamp_max(C - 1)
     rows_cols = ((r, c), (nxt[r], c), (r, nxt[c]), (nxt[r], nxt[c]))
     table = torch.stack([last[stage, y, x].gather(-1, at) for y, x in rows_cols], dim=1)
+    # Padding reads the lowest float32 at every corner: its value (that, or -inf if the lerp
+    # overflows) never beats a real candidate, and a tie goes to the real one, in a lower slot.
+    table.masked_fill_((ids == C)[:, None], torch.finfo(torch.float32).min)
     return ids, table
 
 
@@ -206,6 +207,5 @@ def _best_candidate(
     w = wx[:, None, :]  # (A, 1, n)
     top, bottom = lerp(top_left, top_right, w), lerp(bottom_left, bottom_right, w)  # (A, K, n)
     value = lerp(top[:, :, None], bottom[:, :, None], wy[:, None, :, None])  # (A, K, m, n)
-    value = value.masked_fill(cls[:, :, None, None] == C, -math.inf)
     best = value.argmax(1)  # (A, m, n)
     return cls.gather(1, best.flatten(1)).view_as(best)
