@@ -53,7 +53,7 @@ def upsampled_argmax(
     (y0, y1, wy), rows = _distinct(y0, y1, wy)
     (x0, x1, wx), cols = _distinct(x0, x1, wx)
     taps = _Taps((y0, y1, wy, x0, x1, wx), g, logits.device)
-    per_stage = 4 * C * (g * SUBDIVISIONS) ** 2  # the sub-corner tests' largest temporaries
+    per_stage = 4 * C * (g * SUBDIVISIONS) ** 2  # the sub-cell tests' temporaries, at most
     step = max(1, max_elements // per_stage)
     pred = torch.cat([_argmax(part, taps, max_elements) for part in logits.split(step)])
     rows, cols = torch.from_numpy(rows).to(pred.device), torch.from_numpy(cols).to(pred.device)
@@ -99,72 +99,88 @@ def _argmax(logits: torch.Tensor, taps: _Taps, max_elements: int) -> torch.Tenso
     s, dev = SUBDIVISIONS, logits.device
     nxt = torch.arange(1, g + 1, device=dev).clamp_max(g - 1)  # the clamped next row / column
     last = logits.permute(0, 2, 3, 1)  # (S, g, g, C): classes last, for the reductions below
-    slack = torch.stack([last, last[:, nxt], last[:, :, nxt], last[:, nxt][:, :, nxt]])
-    slack = slack.abs().amax(0) * _SLACK  # (S, g, g, C): per class and cell
-    slack = slack[:, :, None, :, None].expand(S, g, s, g, s, C)  # each cell's sub-cells
-    fine = _sub_corner_values(last, nxt)  # (S, g s + 1, g s + 1, C)
-    best_fine = fine.argmax(-1)  # (S, g s + 1, g s + 1)
-    quarter = [(slice(None, -1), slice(None, -1)), (slice(1, None), slice(None, -1))]
-    quarter += [(slice(None, -1), slice(1, None)), (slice(1, None), slice(1, None))]
-    corners = [fine[:, y, x] for y, x in quarter]  # 4 x (S, g s, g s, C)
-    best = torch.stack([best_fine[:, y, x] for y, x in quarter], -1)  # (S, g s, g s, 4)
-    # At each corner, the mean of the distinct classes that win a corner (one winning several
-    # counts once), less the largest of their margins.
-    share = 1 / (best[..., :, None] == best[..., None, :]).sum(-1)  # (S, g s, g s, 4)
-    margin = slack.gather(-1, best.view(S, g, s, g, s, 4)).amax(-1).view(S, g * s, g * s)
-    candidate = torch.zeros(S, g, s, g, s, C, dtype=torch.bool, device=dev)
-    for v in corners:
-        floor = (v.gather(-1, best) * share).sum(-1) / share.sum(-1) - margin  # (S, g s, g s)
-        v, floor = v.reshape(S, g, s, g, s, C), floor.view(S, g, s, g, s, 1)
-        candidate |= v + slack >= floor
-    candidate = candidate.view(S, g * s, g * s, C)
-    count = candidate.sum(-1)  # (S, g s, g s)
-    fy, fx = taps.fine_y, taps.fine_x
-    pred = best[..., 0][:, fy][:, :, fx]  # (S, H, W): right where a sub-cell has one candidate
+    corners = [last, last[:, nxt], last[:, :, nxt], last[:, nxt][:, :, nxt]]  # of each cell
+    slack = torch.stack(corners).abs().amax(0) * _SLACK  # (S, g, g, C): per class and cell
+    # First whole cells: most are decided there. Then the sub-cells of the others (with pixels).
+    candidate, best = _survivors(corners, slack)  # (S, g, g, C), (S, g, g, 4)
+    winner = best[..., 0].repeat_interleave(s, 1).repeat_interleave(s, 2)  # (S, g s, g s)
+    has_rows, has_cols = taps.has_rows.view(g, s), taps.has_cols.view(g, s)
+    open_cells = (candidate.sum(-1) > 1) & has_rows.any(1)[:, None] & has_cols.any(1)[None]
+    stage, row, col = open_cells.nonzero().unbind(1)  # (A,) each
+    if len(stage):
+        sub_corners = _sub_corner_values([v[stage, row, col] for v in corners])
+        candidate, best = _survivors(sub_corners, slack[stage, row, col][:, None, None])
+        winner.view(S, g, s, g, s)[stage, row, :, col] = best[..., 0]  # (A, s, s)
+    pred = winner[:, taps.fine_y][:, :, taps.fine_x]  # (S, H, W): right where one candidate is
+    if not len(stage):
+        return pred
     # Sub-cells with several candidates (and pixels): interpolate their pixels, for the
     # candidates only, in buckets of up to 2, 4, 8, ... candidates and in chunks.
-    ambiguous = (count > 1) & taps.has_rows[:, None] & taps.has_cols[None, :]
-    if not ambiguous.any():
-        return pred
-    stage, fine_row, fine_col = ambiguous.nonzero().unbind(1)  # the order of ``[ambiguous]``
-    ids, table = _candidates(last, candidate, ambiguous, stage, fine_row, fine_col, nxt)
+    count = candidate.sum(-1)  # (A, s, s)
+    ambiguous = (count > 1) & has_rows[row][:, :, None] & has_cols[col][:, None, :]
+    cell, a, b = ambiguous.nonzero().unbind(1)  # the order of ``[ambiguous]``
+    stage, row, col = stage[cell], row[cell], col[cell]
+    fine_row, fine_col = row * s + a, col * s + b
+    ids, table = _candidates(last, candidate[ambiguous], stage, row, col, nxt)
     need = count[ambiguous]
     per_cell = taps.rows.shape[1] * taps.cols.shape[1]
     low = 1
-    for width in _bucket_widths(ids.shape[1]):
+    for width in _bucket_widths(ids.shape[1]) if len(ids) else ():
         chosen = ((need > low) & (need <= width)).nonzero()[:, 0]
         ids_w, table_w = ids[:, :width], table[:, :, :width]
         for part in chosen.split(max(1, max_elements // (width * per_cell))):
-            rows, cols = taps.rows[fine_row[part]], taps.cols[fine_col[part]]  # (A, m), (A, n)
+            rows, cols = taps.rows[fine_row[part]], taps.cols[fine_col[part]]  # (P, m), (P, n)
             win = _best_candidate(ids_w[part], C, table_w[part], taps.wy[rows], taps.wx[cols])
             pred[stage[part][:, None, None], rows[:, :, None], cols[:, None]] = win
         low = width
     return pred
 
 
+def _survivors(
+    corners: list[torch.Tensor], slack: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classes that can win somewhere in each rectangle, from their values at its four
+    corners (4 x (..., C), in the order (top, left), (bottom, left), (top, right), (bottom,
+    right)) and their rounding margins (broadcastable to (..., C)).
+
+    Returns:
+        (..., C) bool candidates (the corner winners always among them) and the (..., 4) class
+        winning each corner.
+    """
+    best = torch.stack([v.argmax(-1) for v in corners], -1)  # (..., 4)
+    # At each corner, the mean of the distinct classes that win a corner (one winning several
+    # counts once), less the largest of their margins.
+    share = 1 / (best[..., :, None] == best[..., None, :]).sum(-1)  # (..., 4)
+    margin = slack.expand_as(corners[0]).gather(-1, best).amax(-1, keepdim=True)
+    candidate = torch.zeros_like(corners[0], dtype=torch.bool)
+    for v in corners:
+        floor = (v.gather(-1, best) * share).sum(-1, keepdim=True) / share.sum(-1, keepdim=True)
+        candidate |= v + slack >= floor - margin
+    return candidate, best
+
+
 def _candidates(
     last: torch.Tensor,
     candidate: torch.Tensor,
-    ambiguous: torch.Tensor,
     stage: torch.Tensor,
-    fine_row: torch.Tensor,
-    fine_col: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
     nxt: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each ambiguous sub-cell (at ``stage, fine_row, fine_col``, the ``[ambiguous]``
-    order), its candidates by ascending class id, padded with C: (A, K); and their logits at
-    the four corners of the sub-cell's cell, in the order (r, c), (r + 1, c), (r, c + 1),
-    (r + 1, c + 1): (A, 4, K), the lowest float32 for padding."""
+    """For each ambiguous sub-cell (its (A, C) ``candidate`` mask, in cell (``row``, ``col``)
+    of ``stage``), its candidates by ascending class id, padded with C: (A, K); and their
+    logits at the four corners of the cell, in ``_survivors``' order: (A, 4, K), the lowest
+    float32 for padding."""
     C, dev = last.shape[-1], last.device
-    cand = candidate[ambiguous]  # (A, C)
-    K = int(cand.sum(-1).max())
-    slot = torch.where(cand, cand.cumsum(-1) - 1, K)  # non-candidates go to a spare slot K
-    ids = torch.full((len(cand), K + 1), C, dtype=torch.long, device=dev)
+    if not len(candidate):
+        return candidate.new_zeros((0, 0), dtype=torch.long), last.new_zeros((0, 4, 0))
+    K = int(candidate.sum(-1).max())
+    slot = torch.where(candidate, candidate.cumsum(-1) - 1, K)  # the rest go to a spare slot
+    ids = torch.full((len(candidate), K + 1), C, dtype=torch.long, device=dev)
     ids.scatter_(-1, slot, torch.arange(C, device=dev).expand_as(slot))
     ids = ids[:, :K]
-    r, c = fine_row // SUBDIVISIONS, fine_col // SUBDIVISIONS
     at = ids.clamp_max(C - 1)
-    rows_cols = ((r, c), (nxt[r], c), (r, nxt[c]), (nxt[r], nxt[c]))
+    rows_cols = ((row, col), (nxt[row], col), (row, nxt[col]), (nxt[row], nxt[col]))
     table = torch.stack([last[stage, y, x].gather(-1, at) for y, x in rows_cols], dim=1)
     # Padding reads the lowest float32 at every corner: its value (that, or -inf if the lerp
     # overflows) never beats a real candidate, and a tie goes to the real one, in a lower slot.
@@ -172,20 +188,20 @@ def _candidates(
     return ids, table
 
 
-def _sub_corner_values(last: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
-    """(S, g, g, C) -> (S, g s + 1, g s + 1, C): each class at every sub-cell corner.
+def _sub_corner_values(cell_corners: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The four (A, C) corner logits of A cells -> each class at the four corners of each of
+    their s x s sub-cells: 4 x (A, s, s, C), in ``_survivors``' order.
 
-    Point (r s + a, c s + b) of the fine grid sits at fraction (a / s, b / s) of cell (r, c)
-    (for a, b in 0..s-1), the last point at the far edge of the last cell; with float32
-    rounding like a pixel's (two lerps).
+    Sub-cell corner (a, b) sits at fraction (a / s, b / s) of its cell (a, b in 0..s), with
+    ``Transform.logits_to_original``'s expression (across columns, then rows), so its rounding
+    is a pixel's.
     """
-    g, s, dev = last.shape[1], SUBDIVISIONS, last.device
-    w = torch.arange(s, device=dev, dtype=torch.float32) / s  # exact: s is a power of two
-    cell = torch.arange(g, device=dev).repeat_interleave(s)  # (g s,)
-    w = w.repeat(g)
-    cell, w = torch.cat([cell, cell[-1:]]), torch.cat([w, w.new_ones(1)])  # the far edge
-    across = lerp(last[:, :, cell], last[:, :, nxt[cell]], w[:, None])  # (S, g, g s + 1, C)
-    return lerp(across[:, cell], across[:, nxt[cell]], w[:, None, None])
+    top_left, bottom_left, top_right, bottom_right = (v[:, None, :] for v in cell_corners)
+    s, dev = SUBDIVISIONS, top_left.device
+    w = (torch.arange(s + 1, device=dev, dtype=torch.float32) / s)[:, None]  # exact: s = 2^k
+    top, bottom = lerp(top_left, top_right, w), lerp(bottom_left, bottom_right, w)  # (A, s+1, C)
+    fine = lerp(top[:, None], bottom[:, None], w[:, :, None])  # (A, s + 1, s + 1, C)
+    return [fine[:, :-1, :-1], fine[:, 1:, :-1], fine[:, :-1, 1:], fine[:, 1:, 1:]]
 
 
 def _bucket_widths(k_max: int):
