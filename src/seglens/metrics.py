@@ -427,16 +427,16 @@ def confusion_of(
 
 
 def pixel_predictions(
-    grid_logits: torch.Tensor, transform: Transform, max_elements: int = 20_000_000
+    grid_logits: torch.Tensor, transform: Transform, max_elements: int | None = None
 ) -> torch.Tensor:
     """(..., C, g, g) grid logits -> (..., H, W) int64 class ids in the original frame.
 
     The argmax over classes of ``transform.logits_to_original(grid_logits)`` (bilinear
     upsampling through the geometry; ties to the lower class), bit for bit, computed by
     ``upsampling.upsampled_argmax`` without forming the (C, H, W) upsampled logits. At most
-    about ``max_elements`` values are formed at once. Leading dimensions (e.g. stages) share the
-    transform. Pixels outside ``transform.scored_region()`` get a prediction too;
-    ``pixel_target`` marks them ignore.
+    about ``max_elements`` values are formed at once (default: ``upsampling.MAX_ELEMENTS``).
+    Leading dimensions (e.g. stages) share the transform. Pixels outside
+    ``transform.scored_region()`` get a prediction too; ``pixel_target`` marks them ignore.
     """
     return upsampled_argmax(grid_logits, transform, max_elements)
 
