@@ -8,11 +8,12 @@ same class ids, bit for bit, while interpolating only the few classes that can w
 Why that is exact: inside one cell of the bilinear grid (between four token centres) a class's
 value is a bilinear function of the pixel position, and so is the difference of two classes,
 or of a class and the mean of several; a bilinear function is largest at a corner of any
-rectangle. Split each cell into ``SUBDIVISIONS``^2 sub-cells. At a sub-cell's four corners take
-the classes that win a corner and their mean: at every pixel of the sub-cell the mean is at most
-the best of those classes. A class below the mean at all four corners (by a margin that covers
-float32 rounding) is therefore below some class at every pixel: it never wins there. The classes
-left (about 1-4 per sub-cell, even for noise) are interpolated per pixel with
+rectangle. At a rectangle's four corners take the classes that win a corner and their mean: at
+every pixel inside, the mean is at most the best of those classes. A class below the mean at all
+four corners (by a margin that covers float32 rounding) is therefore below some class at every
+pixel: it never wins there. Whole cells are tested first (most are decided there, with one
+class left), then the ``SUBDIVISIONS``^2 sub-cells of the others. The classes left in a
+sub-cell (about 1-4, even for noise) are interpolated at its pixels with
 ``Transform.logits_to_original``'s expression, so their values are the same float32 numbers.
 """
 
@@ -52,10 +53,10 @@ def upsampled_argmax(
     logits = grid_logits.float().reshape(-1, C, g, g)  # (S, C, g, g)
     # Rows (columns) with the same taps get the same values: the band a crop removed and the
     # border beyond the outermost token centres. Solve the distinct ones, then expand.
-    y0, y1, wy, x0, x1, wx = transform.taps(g)
-    (y0, y1, wy), rows = _distinct(y0, y1, wy)
-    (x0, x1, wx), cols = _distinct(x0, x1, wx)
-    taps = _Taps((y0, y1, wy, x0, x1, wx), g, logits.device)
+    y0, _, wy, x0, _, wx = transform.taps(g)  # the second tap follows from the first
+    (y0, wy), rows = _distinct(y0, wy)
+    (x0, wx), cols = _distinct(x0, wx)
+    taps = _Taps(y0, wy, x0, wx, g, logits.device)
     if max_elements is None:
         max_elements = MAX_ELEMENTS["cpu" if grid_logits.device.type == "cpu" else "other"]
     per_stage = 4 * C * (g * SUBDIVISIONS) ** 2  # the sub-cell tests' temporaries, at most
@@ -65,21 +66,20 @@ def upsampled_argmax(
     return pred[:, rows][:, :, cols].reshape(*lead, transform.height, transform.width)
 
 
-def _distinct(lo: np.ndarray, hi: np.ndarray, w: np.ndarray) -> tuple[tuple, np.ndarray]:
-    """The distinct (lo, hi, w) taps, in order, and the index of each original one among them."""
-    key = np.stack([lo, w.view(np.int32)], axis=1)  # hi follows from lo
+def _distinct(lo: np.ndarray, w: np.ndarray) -> tuple[tuple, np.ndarray]:
+    """The distinct (lo, w) taps, in order, and the index of each original one among them."""
+    key = np.stack([lo, w.view(np.int32)], axis=1)
     _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
-    return (lo[first], hi[first], w[first]), inverse.reshape(-1)
+    return (lo[first], w[first]), inverse.reshape(-1)
 
 
 class _Taps:
-    """Bilinear taps of rows and columns (as ``Transform.taps`` gives them) on the logits'
-    device, and the rows (columns) of each sub-cell row (column)."""
+    """The first grid row and weight of every row (``Transform.taps``'s y0, wy), likewise of
+    every column, on the logits' device, and the rows (columns) of each sub-cell row (column)."""
 
-    def __init__(self, taps: tuple[np.ndarray, ...], g: int, device: torch.device):
-        y0, y1, wy, x0, x1, wx = (torch.from_numpy(t).to(device) for t in taps)
-        self.g, self.y0, self.y1, self.wy, self.x0, self.x1, self.wx = g, y0, y1, wy, x0, x1, wx
-        s = SUBDIVISIONS
+    def __init__(self, y0, wy, x0, wx, g: int, device: torch.device):
+        y0, wy, x0, wx = (torch.from_numpy(t).to(device) for t in (y0, wy, x0, wx))
+        self.wy, self.wx, s = wy, wx, SUBDIVISIONS
         # Row i lies in sub-row y0 * s + floor(wy * s) of the fine (g * s) grid; likewise columns.
         self.fine_y = y0 * s + (wy * s).long().clamp_max(s - 1)
         self.fine_x = x0 * s + (wx * s).long().clamp_max(s - 1)
