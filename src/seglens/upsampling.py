@@ -26,6 +26,10 @@ from seglens.data.geometry import Transform, lerp
 
 MAX_ELEMENTS = {"cpu": 20_000_000, "other": 400_000_000}  # default budgets of temporaries
 SUBDIVISIONS = 4  # sub-cells per cell side: a power of two, so the sub-corner weights are exact
+# The four corners of each sub-cell in an (s + 1, s + 1) grid of sub-cell corners, in
+# ``_survivors``' order: (top, left), (bottom, left), (top, right), (bottom, right).
+_QUARTERS = [(slice(None, -1), slice(None, -1)), (slice(1, None), slice(None, -1))]
+_QUARTERS += [(slice(None, -1), slice(1, None)), (slice(1, None), slice(1, None))]
 
 # Two float32 lerps round a value by at most ~6 units of 2^-24 of the largest |corner| they read,
 # both at a sub-corner and at a pixel; the margin allows 32 per class and per mean (the mean's
@@ -100,21 +104,24 @@ def _members(fine: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _argmax(logits: torch.Tensor, taps: _Taps, max_elements: int) -> torch.Tensor:
     """(S, C, g, g) -> (S, H, W) class ids (see ``upsampled_argmax``)."""
-    S, C, g, _ = logits.shape
+    S, _, g, _ = logits.shape
     s, dev = SUBDIVISIONS, logits.device
     nxt = torch.arange(1, g + 1, device=dev).clamp_max(g - 1)  # the clamped next row / column
-    last = logits.permute(0, 2, 3, 1)  # (S, g, g, C): classes last, for the reductions below
-    corners = [last, last[:, nxt], last[:, :, nxt], last[:, nxt][:, :, nxt]]  # of each cell
-    slack = torch.stack(corners).abs().amax(0) * _SLACK  # (S, g, g, C): per class and cell
+    last = logits.permute(0, 2, 3, 1).contiguous()  # (S, g, g, C): classes last, contiguous
+    corners = _corners_of(last, nxt)  # 4 x (S, g, g, C): each cell's corners
+    slack = torch.stack(_corners_of(last.abs(), nxt)).amax(0) * _SLACK  # per class and cell
     # First whole cells: most are decided there. Then the sub-cells of the others (with pixels).
-    candidate, best = _survivors(corners, slack)  # (S, g, g, C), (S, g, g, 4)
+    best = torch.stack(_corners_of(last.argmax(-1), nxt), -1)  # (S, g, g, 4): corner winners
+    candidate = _survivors(corners, slack, best)  # (S, g, g, C)
     winner = best[..., 0].repeat_interleave(s, 1).repeat_interleave(s, 2)  # (S, g s, g s)
     has_rows, has_cols = taps.has_rows.view(g, s), taps.has_cols.view(g, s)
     open_cells = (candidate.sum(-1) > 1) & has_rows.any(1)[:, None] & has_cols.any(1)[None]
     stage, row, col = open_cells.nonzero().unbind(1)  # (A,) each
     if len(stage):
-        sub_corners = _sub_corner_values([v[stage, row, col] for v in corners])
-        candidate, best = _survivors(sub_corners, slack[stage, row, col][:, None, None])
+        fine = _sub_corner_values([v[stage, row, col] for v in corners])  # (A, s+1, s+1, C)
+        sub_corners = [fine[:, y, x] for y, x in _QUARTERS]
+        best = torch.stack([fine.argmax(-1)[:, y, x] for y, x in _QUARTERS], -1)  # (A, s, s, 4)
+        candidate = _survivors(sub_corners, slack[stage, row, col][:, None, None], best)
         winner.view(S, g, s, g, s)[stage, row, :, col] = best[..., 0]  # (A, s, s)
     pred = winner[:, taps.fine_y][:, :, taps.fine_x]  # (S, H, W): right where one candidate is
     if not len(stage):
@@ -135,24 +142,25 @@ def _argmax(logits: torch.Tensor, taps: _Taps, max_elements: int) -> torch.Tenso
         ids_w, table_w = ids[:, :width], table[:, :, :width]
         for part in chosen.split(max(1, max_elements // (width * per_cell))):
             rows, cols = taps.rows[fine_row[part]], taps.cols[fine_col[part]]  # (P, m), (P, n)
-            win = _best_candidate(ids_w[part], C, table_w[part], taps.wy[rows], taps.wx[cols])
+            win = _best_candidate(ids_w[part], table_w[part], taps.wy[rows], taps.wx[cols])
             pred[stage[part][:, None, None], rows[:, :, None], cols[:, None]] = win
         low = width
     return pred
 
 
-def _survivors(
-    corners: list[torch.Tensor], slack: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The classes that can win somewhere in each rectangle, from their values at its four
-    corners (4 x (..., C), in the order (top, left), (bottom, left), (top, right), (bottom,
-    right)) and their rounding margins (broadcastable to (..., C)).
+def _corners_of(cells: torch.Tensor, nxt: torch.Tensor) -> list[torch.Tensor]:
+    """(S, g, g, ...) per grid point -> its value at the four corners of each cell, in
+    ``_survivors``' order."""
+    return [cells, cells[:, nxt], cells[:, :, nxt], cells[:, nxt][:, :, nxt]]
 
-    Returns:
-        (..., C) bool candidates (the corner winners always among them) and the (..., 4) class
-        winning each corner.
-    """
-    best = torch.stack([v.argmax(-1) for v in corners], -1)  # (..., 4)
+
+def _survivors(
+    corners: list[torch.Tensor], slack: torch.Tensor, best: torch.Tensor
+) -> torch.Tensor:
+    """(..., C) bool: the classes that can win somewhere in each rectangle (the corner winners
+    always among them), from their values at its four corners (4 x (..., C), in the order
+    (top, left), (bottom, left), (top, right), (bottom, right)), their rounding margins
+    (broadcastable to (..., C)) and the (..., 4) class winning each corner."""
     # At each corner, the mean of the distinct classes that win a corner (one winning several
     # counts once), less the largest of their margins.
     share = 1 / (best[..., :, None] == best[..., None, :]).sum(-1)  # (..., 4)
@@ -161,7 +169,7 @@ def _survivors(
     for v in corners:
         floor = (v.gather(-1, best) * share).sum(-1, keepdim=True) / share.sum(-1, keepdim=True)
         candidate |= v + slack >= floor - margin
-    return candidate, best
+    return candidate
 
 
 def _candidates(
@@ -193,9 +201,9 @@ def _candidates(
     return ids, table
 
 
-def _sub_corner_values(cell_corners: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The four (A, C) corner logits of A cells -> each class at the four corners of each of
-    their s x s sub-cells: 4 x (A, s, s, C), in ``_survivors``' order.
+def _sub_corner_values(cell_corners: list[torch.Tensor]) -> torch.Tensor:
+    """The four (A, C) corner logits of A cells -> each class at the (s + 1) x (s + 1) corners
+    of their s x s sub-cells: (A, s + 1, s + 1, C) (``_QUARTERS`` picks each sub-cell's four).
 
     Sub-cell corner (a, b) sits at fraction (a / s, b / s) of its cell (a, b in 0..s), with
     ``Transform.logits_to_original``'s expression (across columns, then rows), so its rounding
@@ -206,7 +214,7 @@ def _sub_corner_values(cell_corners: list[torch.Tensor]) -> list[torch.Tensor]:
     w = (torch.arange(s + 1, device=dev, dtype=torch.float32) / s)[:, None]  # exact: s = 2^k
     top, bottom = lerp(top_left, top_right, w), lerp(bottom_left, bottom_right, w)  # (A, s+1, C)
     fine = lerp(top[:, None], bottom[:, None], w[:, :, None])  # (A, s + 1, s + 1, C)
-    return [fine[:, :-1, :-1], fine[:, 1:, :-1], fine[:, :-1, 1:], fine[:, 1:, 1:]]
+    return fine
 
 
 def _bucket_widths(k_max: int):
@@ -218,15 +226,15 @@ def _bucket_widths(k_max: int):
 
 
 def _best_candidate(
-    cls: torch.Tensor, C: int, corner: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor
+    cls: torch.Tensor, corner: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor
 ) -> torch.Tensor:
     """(A, m, n): for each of A sub-cells, the class of each of its m x n pixels: the argmax
-    over the candidates ``cls`` (A, K; C marks padding) of the pixel's upsampled logits, from
-    the candidates' (A, 4, K) cell-corner logits and the pixels' row and column weights (A, m),
-    (A, n), with ``Transform.logits_to_original``'s expression (the same float32 values)."""
-    top_left, bottom_left, top_right, bottom_right = corner[..., None].unbind(1)  # (A, K, 1)
-    w = wx[:, None, :]  # (A, 1, n)
-    top, bottom = lerp(top_left, top_right, w), lerp(bottom_left, bottom_right, w)  # (A, K, n)
-    value = lerp(top[:, :, None], bottom[:, :, None], wy[:, None, :, None])  # (A, K, m, n)
-    best = value.argmax(1)  # (A, m, n)
+    over the candidates ``cls`` (A, K) of the pixel's upsampled logits, from the candidates'
+    (A, 4, K) cell-corner logits and the pixels' row and column weights (A, m), (A, n), with
+    ``Transform.logits_to_original``'s expression (the same float32 values)."""
+    top_left, bottom_left, top_right, bottom_right = corner[:, :, None].unbind(1)  # (A, 1, K)
+    w = wx[:, :, None]  # (A, n, 1)
+    top, bottom = lerp(top_left, top_right, w), lerp(bottom_left, bottom_right, w)  # (A, n, K)
+    value = lerp(top[:, None], bottom[:, None], wy[:, :, None, None])  # (A, m, n, K)
+    best = value.argmax(-1)  # (A, m, n)
     return cls.gather(1, best.flatten(1)).view_as(best)
