@@ -1,4 +1,5 @@
-"""One bincount per stage-image (``score_target`` + ``confusion_of`` + ``add_confusion``) gives
+"""One bincount per stage-image (``score_target`` + ``confusion_of`` + ``add_confusion``), or per
+image for all its stages (``tables``, ``add_tables``), gives
 exactly the counts of ``ConfusionMatrix.update`` and ``PerImageCounts.add``."""
 
 from __future__ import annotations
@@ -52,3 +53,31 @@ def test_bad_target_and_bad_shape_are_named():
         score_target(torch.tensor([[0, 9], [1, 255]]), 5)
     with pytest.raises(ValueError, match=r"expected \(B, 5, 5\)"):
         PerImageCounts(5).add_confusion(torch.zeros(4, 4, dtype=torch.int64))
+
+
+def test_stages_of_one_image_in_one_bincount_equal_one_per_stage():
+    """``confusion_of`` with leading dimensions and ``tables`` / ``add_tables`` for all stages at
+    once (the path ``evaluate_probes`` takes) give each stage's own counts."""
+    C = 7
+    _, target = _pairs(0, C)
+    scored = score_target(target, C)
+    preds = torch.stack([_pairs(seed, C)[0] for seed in range(1, 7)]).view(2, 3, 37, 53)
+    batched = confusion_of(preds, *scored, C)
+    assert batched.shape == (2, 3, C, C)
+    for a in range(2):
+        for b in range(3):
+            assert torch.equal(batched[a, b], confusion_of(preds[a, b], *scored, C))
+    tables = PerImageCounts.tables(batched.view(6, C, C))
+    one, each = PerImageCounts(C), PerImageCounts(C)
+    for k in range(6):
+        one.add_tables(tables[k : k + 1])
+        each.add(preds.view(6, 37, 53)[k], target)
+    assert np.array_equal(one._table(), each._table())
+
+
+def test_batched_shapes_are_checked():
+    _, target = _pairs(0, 5)
+    with pytest.raises(ValueError, match=r"pred shape \(2, 37, 52\) does not end in \(37, 53\)"):
+        confusion_of(torch.zeros(2, 37, 52, dtype=torch.int64), *score_target(target, 5), 5)
+    with pytest.raises(ValueError, match=r"tables have shape \(1, 11\); expected \(B, 12\)"):
+        PerImageCounts(5).add_tables(np.zeros((1, 11), np.int64))
