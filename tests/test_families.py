@@ -158,7 +158,7 @@ def test_inputs_match_the_hf_processor(vlm, random_images):
     """Token ids equal the HF processor's, and so do the pixels it feeds the model.
 
     On an S x S image (S = the geometry's side) every processor resize is the identity, so the
-    pixels compare exactly; families that reshape pixels (tiles) compare ``model_inputs``.
+    pixels compare exactly; families that reshape pixels (tiles) compare ``pixel_inputs``.
     """
     if not vlm.family.hf_processor:
         pytest.skip("no HF processor without torchvision; see the family's own input test")
@@ -175,8 +175,7 @@ def test_inputs_match_the_hf_processor(vlm, random_images):
     text = vlm.processor.apply_chat_template(conversation, add_generation_prompt=True)
     ref = vlm.processor(text=[text], images=[Image.fromarray(image)], return_tensors="pt")
     assert ref["input_ids"][0].tolist() == batch.input_ids[0].tolist()
-    model_inputs = getattr(vlm.family, "model_inputs", None)
-    got = model_inputs(batch.pixel_values) if model_inputs else {"pixel_values": batch.pixel_values}
+    got = vlm.family.pixel_inputs(batch.pixel_values)
     for key, value in got.items():
         torch.testing.assert_close(value, ref[key].to(value.dtype), rtol=0, atol=1e-5, msg=key)
 

@@ -71,7 +71,7 @@ def test_inputs_match_hf(vlm, random_images):
     image = random_images(1, S, S)[0]
     batch = vlm.prepare([image])
     ref = vlm.processor.image_processor([Image.fromarray(image)], return_tensors="pt")
-    got = vlm.family.model_inputs(batch.pixel_values)["pixel_values"]
+    got = vlm.family.pixel_inputs(batch.pixel_values)["pixel_values"]
     torch.testing.assert_close(ref["pixel_values"], got, rtol=0, atol=1e-5)
     tok, n = vlm.processor.tokenizer, vlm.num_image_tokens
     text = f"<fake_token_around_image><global-img>{'<image>' * n}<fake_token_around_image>"

@@ -118,7 +118,7 @@ def test_llava_next_sequence_layout(pinpoints, random_images):
         assert not (embeds[tiles] == newline).all(-1).any()
     # the HF path on the same crops gives the same base tokens
     with torch.no_grad():
-        feats = vlm.model.model.get_image_features(**vlm.family.model_inputs(batch.pixel_values))
+        feats = vlm.model.model.get_image_features(**vlm.family.pixel_inputs(batch.pixel_values))
     assert torch.equal(torch.stack([f[:n] for f in feats.pooler_output]), got["adapter"])
 
 

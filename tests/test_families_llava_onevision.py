@@ -40,7 +40,7 @@ def test_inputs_match_the_hf_processor(random_images):
     image = random_images(1, S, S)[0]
     batch = vlm.prepare([image])
     ref = vlm.processor.image_processor([Image.fromarray(image)], return_tensors="pt")
-    got = vlm.family.model_inputs(batch.pixel_values)
+    got = vlm.family.pixel_inputs(batch.pixel_values)
     torch.testing.assert_close(got["pixel_values"], ref["pixel_values"], rtol=0, atol=1e-5)
     assert got["image_sizes"].tolist() == ref["image_sizes"].tolist()
     ids = batch.input_ids[0]
@@ -75,7 +75,7 @@ def test_anyres_max_shrinks_the_tile_grid_as_hf(shrunk_vlm, random_images):
     finally:
         handle.remove()
     with torch.no_grad():
-        feats = vlm.model.model.get_image_features(**vlm.family.model_inputs(batch.pixel_values))
+        feats = vlm.model.model.get_image_features(**vlm.family.pixel_inputs(batch.pixel_values))
     n, newline = vlm.num_image_tokens, vlm.model.model.image_newline
     for b in range(2):
         placeholders = (batch.input_ids[b] == vlm.image_token_id).nonzero().flatten()

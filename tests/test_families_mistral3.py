@@ -125,4 +125,4 @@ def test_pixel_patch_feeds_its_row(vlm, random_images):
 def test_rejects_another_size(vlm, random_images):
     batch = vlm.prepare(random_images(1))
     with pytest.raises(ValueError, match="is set up for 168x168"):
-        vlm.family.model_inputs(batch.pixel_values[..., :-28, :-28])
+        vlm.family.pixel_inputs(batch.pixel_values[..., :-28, :-28])

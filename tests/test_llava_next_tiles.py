@@ -89,7 +89,7 @@ def test_stages_equal_independent_paths(tiles_vlm, batch):
     got = vlm.capture(batch, vlm.stages)
     B = len(batch)
     pixels = hf_pixels(batch.pixel_values)
-    assert torch.equal(vlm.family.model_inputs(batch.pixel_values)["pixel_values"], pixels)
+    assert torch.equal(vlm.family.pixel_inputs(batch.pixel_values)["pixel_values"], pixels)
     sizes = torch.tensor([[K * S, K * S]] * B)
     out, last_block = hf_forward_last(
         model,
@@ -250,4 +250,4 @@ def test_load_model_option_and_errors():
 
 def test_rejects_the_base_size(tiles_vlm, batch):
     with pytest.raises(ValueError, match="224x224"):
-        tiles_vlm.family.model_inputs(batch.pixel_values[..., :S, :S])
+        tiles_vlm.family.pixel_inputs(batch.pixel_values[..., :S, :S])

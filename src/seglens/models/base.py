@@ -235,6 +235,21 @@ class ModelFamily:
         """
         return contiguous_image_positions(input_ids, self.image_token_id, self.num_image_tokens)
 
+    def pixel_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, S, S) pixels -> the HF model's image inputs. Default: ``pixel_values`` as is
+        (families that tile or pack images override it)."""
+        return {"pixel_values": pixel_values}
+
     def forward(self, input_ids, pixel_values, attention_mask, **kwargs):
-        """One forward pass that stops before the LM head (no vocabulary logits)."""
-        raise NotImplementedError
+        """One forward pass that stops before the LM head (no vocabulary logits).
+
+        Default: the inner model's own forward on ``pixel_inputs(pixel_values)``, without a
+        KV cache. Families whose masks or inputs need more override it.
+        """
+        return self._inner(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            **self.pixel_inputs(pixel_values),
+            **kwargs,
+        )

@@ -115,7 +115,7 @@ class Idefics3Family(ModelFamily):
         taps["adapter"] = Tap(connector, "output", "all")
         return {**taps, **self.llm_taps()}
 
-    def model_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    def pixel_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, S, S) pixels -> HF's ``pixel_values`` (B, 1, 3, S, S) (one image per row).
 
         Raises:
@@ -128,15 +128,6 @@ class Idefics3Family(ModelFamily):
                 "normalisation; Idefics3 drops such images as batch padding. Use another image"
             )
         return {"pixel_values": pixel_values[:, None]}
-
-    def forward(self, input_ids, pixel_values, attention_mask, **kwargs):
-        return self._inner(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            use_cache=False,
-            **self.model_inputs(pixel_values),
-            **kwargs,
-        )
 
 
 class SmolVLMFamily(Idefics3Family):

@@ -128,15 +128,6 @@ class InternVLFamily(ModelFamily):
         taps["adapter"] = Tap(projector, "output", "all")
         return {**taps, **self.llm_taps()}
 
-    def forward(self, input_ids, pixel_values, attention_mask, **kwargs):
-        return self._inner(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            use_cache=False,
-            **kwargs,
-        )
-
 
 def tiny_internvl_hf(
     *,

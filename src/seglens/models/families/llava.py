@@ -118,15 +118,6 @@ class LlavaFamily(ModelFamily):
         taps["adapter"] = Tap(projector, "output", "patches")
         return {**taps, **self.llm_taps()}
 
-    def forward(self, input_ids, pixel_values, attention_mask, **kwargs):
-        return self._inner(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            use_cache=False,
-            **kwargs,
-        )
-
 
 def tiny_llava_hf(
     vision: str = "clip",

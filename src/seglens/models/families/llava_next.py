@@ -268,7 +268,7 @@ class LlavaNextFamily(LlavaFamily):
         keep = torch.arange(stitched.shape[1], device=stitched.device) % (cols + 1) != cols
         return stitched[:, keep]
 
-    def model_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    def pixel_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, s, s) pixels (s = ``image_size``) -> HF's ``pixel_values`` (B, 1 + T, 3, S, S)
         and ``image_sizes`` (s, s)."""
         side = self.image_size
@@ -282,15 +282,6 @@ class LlavaNextFamily(LlavaFamily):
             return {"pixel_values": tiled_pixels(pixel_values, self._k), "image_sizes": sizes}
         pixels = anyres_pixels(pixel_values, self._best, side)
         return {"pixel_values": pixels, "image_sizes": sizes}
-
-    def forward(self, input_ids, pixel_values, attention_mask, **kwargs):
-        return self._inner(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            use_cache=False,
-            **self.model_inputs(pixel_values),
-            **kwargs,
-        )
 
 
 def tiny_llava_next_hf(

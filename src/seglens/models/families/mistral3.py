@@ -138,7 +138,7 @@ class Mistral3Family(ModelFamily):
         taps["adapter"] = Tap(projector, "output", "fn", self._tokens)
         return {**taps, **self.llm_taps()}
 
-    def model_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    def pixel_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, S, S) pixels -> HF's ``pixel_values`` and ``image_sizes`` (S, S) per image."""
         if tuple(pixel_values.shape[-2:]) != (self._size, self._size):
             raise ValueError(
@@ -147,15 +147,6 @@ class Mistral3Family(ModelFamily):
             )
         sizes = torch.tensor([[self._size, self._size]] * pixel_values.shape[0])
         return {"pixel_values": pixel_values, "image_sizes": sizes.to(pixel_values.device)}
-
-    def forward(self, input_ids, pixel_values, attention_mask, **kwargs):
-        return self._inner(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            use_cache=False,
-            **self.model_inputs(pixel_values),
-            **kwargs,
-        )
 
 
 def tiny_mistral3_hf(
