@@ -53,6 +53,16 @@ def special_byte_tokenizer(
         core.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
         )
+    return wrap_tokenizer(core, named, chat_template, others=others)
+
+
+def wrap_tokenizer(
+    core, named: dict[str, str], chat_template: str, *, others: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
+    """A ``tokenizers.Tokenizer`` whose vocabulary starts <pad>, <s>, </s>, <unk> as a
+    ``PreTrainedTokenizerFast``: those four as its pad/bos/eos/unk, each ``named`` token an
+    atomic special token and an attribute (``tok.image_token``), ``others`` atomic too, and the
+    chat template."""
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<s>",

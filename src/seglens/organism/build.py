@@ -28,6 +28,7 @@ from seglens.models.tiny import (
     build_seeded,
     llava_processor,
     text_kwargs,
+    wrap_tokenizer,
 )
 
 #: Words of the default prompt and the LLaVA-1.5 conversation format.
@@ -60,17 +61,7 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     core.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
     )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return wrap_tokenizer(core, {"image_token": IMAGE_TOKEN}, CHAT_TEMPLATE)
 
 
 def per_patch(tower: torch.nn.Module) -> None:
