@@ -144,3 +144,15 @@ def test_impossible_config_is_a_one_line_error_naming_the_key(tmp_path, capsys, 
     line = _error(capsys)
     assert line.startswith("seglens probe: error: ")
     assert re.search(message, line), line
+
+
+def test_a_native_resolution_size_off_the_merge_unit_names_a_valid_one():
+    """``config.seglens_image_size`` must be a multiple of patch x merge (28 here)."""
+    from seglens.models.families.mistral3 import Mistral3Family, tiny_mistral3_hf
+    from seglens.models.families.qwen2_vl import Qwen2VLFamily, tiny_qwen2_vl_hf
+
+    for build, family in ((tiny_mistral3_hf, Mistral3Family), (tiny_qwen2_vl_hf, Qwen2VLFamily)):
+        model, _ = build()
+        model.config.seglens_image_size = 100
+        with pytest.raises(ValueError, match=r"image size 100 must be .* = 28 .*e\.g\. 84\)"):
+            family(model)

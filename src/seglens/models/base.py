@@ -64,6 +64,22 @@ def vision_blocks(tower: nn.Module, num_layers: int) -> nn.ModuleList:
     raise ValueError(f"could not find {num_layers} vision blocks in {type(tower).__name__}")
 
 
+def fixed_image_size(config, default: int, unit: int) -> int:
+    """S, the one square side a native-resolution family runs at: ``config.seglens_image_size``
+    or ``default``; it must be a multiple of ``unit`` (patch x spatial merge).
+
+    Raises:
+        ValueError: S is not a multiple of ``unit`` (the message names a size that is).
+    """
+    size = int(getattr(config, "seglens_image_size", None) or default)
+    if size % unit:
+        raise ValueError(
+            f"image size {size} must be a multiple of patch*merge = {unit} "
+            f"(set config.seglens_image_size to e.g. {unit * max(1, size // unit)})"
+        )
+    return size
+
+
 class ModelFamily:
     """Adapter for one VLM family.
 

@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from seglens.models.base import ModelFamily, Tap
+from seglens.models.base import ModelFamily, Tap, fixed_image_size
 from seglens.models.processing import TextImageProcessor
 from seglens.models.tiny import (
     CLIP_MEAN,
@@ -76,13 +76,8 @@ class Mistral3Family(ModelFamily):
         super().__init__(model)  # _inner: Mistral3Model (vision_tower, projector, language_model)
         cfg = model.config
         self._merge = int(cfg.spatial_merge_size)
-        self._size = int(getattr(cfg, "seglens_image_size", None) or DEFAULT_IMAGE_SIZE)
         unit = self.patch_size * self._merge
-        if self._size % unit:
-            raise ValueError(
-                f"image size {self._size} must be a multiple of patch*merge = {unit} "
-                f"(set config.seglens_image_size to e.g. {unit * max(1, self._size // unit)})"
-            )
+        self._size = fixed_image_size(cfg, DEFAULT_IMAGE_SIZE, unit)
         side = self._size // unit
         self._grid = (side, side)
         layer = cfg.vision_feature_layer
