@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import results_of
 from seglens.cli import main
@@ -28,6 +29,7 @@ from seglens.experiments.knockout import (
     select_pairs,
 )
 from seglens.experiments.knockout_sets import CONTROL_POOLS, blocked_keys, knockout_differences
+from seglens.interventions import intervene
 from seglens.probes import ProbeBank, load_probe
 
 LLM = [f"llm.{i}" for i in range(1, 5)]
@@ -179,6 +181,34 @@ def test_an_empty_key_set_changes_nothing(probe_run, tiny_models, random_images)
     ref = np.ones_like(labels, dtype=bool)
     counts = pair_counts(clean[:, :1], labels[:1], ref[:1], (1, 3))
     assert pair_counts(got[:, :1], labels[:1], ref[:1], (1, 3)).tolist() == counts.tolist()
+
+
+def test_the_clean_pass_takes_the_knockouts_attention_path(probe_run, tiny_models, random_images):
+    """The clean condition runs inside ``intervene(vlm, [])`` (a materialised 4D mask, as every
+    knockout), and on CPU that path is bitwise the plain model: features and predictions."""
+    vlm = tiny_models("clip")
+    probes = {s: load_probe(probe_run / f"probes/causal/{s}") for s in LLM}
+    batch = vlm.prepare(random_images(2))
+    masks = []
+    capture = vlm.capture
+
+    def spy(b, stages):
+        masks.append(vlm.attention_mask_override)
+        return capture(b, stages)
+
+    vlm.capture = spy
+    try:
+        clean = predict_stages(vlm, batch, probes)
+        plain = predict_stages(vlm, batch, probes, masked=False)
+    finally:
+        del vlm.capture
+    assert masks[0] is not None and masks[1] is None
+    np.testing.assert_array_equal(clean, plain)
+    with intervene(vlm, []):
+        routed = vlm.capture(batch, list(LLM))
+    reference = vlm.capture(batch, list(LLM))
+    for s in LLM:
+        assert torch.equal(routed[s], reference[s])
 
 
 def test_select_pairs_is_the_top_k_of_symmetric_confusion():

@@ -236,7 +236,7 @@ def _measure_pair(
     for batch, image_ids in batches:
         ids += image_ids
         labels = batch.labels.numpy()
-        ref_correct = predict_stages(vlm, batch, {reference: probe})[0] == labels
+        ref_correct = predict_stages(vlm, batch, {reference: probe}, masked=False)[0] == labels
         plan = query_plan(batch, labels, ref_correct, pair)
         with measure_attention(layers, plan, batch.attention_mask.bool()) as out:
             vlm.capture(batch, [f"llm.{L}"])  # every layer runs and is measured

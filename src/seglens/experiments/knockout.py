@@ -94,15 +94,30 @@ def _average(scores: Sequence[Mapping[str, float | None]]) -> dict[str, float | 
 
 # --- forwards -----------------------------------------------------------------------------------
 def predict_stages(
-    vlm: VLM, batch: Batch, probes: Mapping[str, Any], keys: np.ndarray | None = None, **spec
+    vlm: VLM,
+    batch: Batch,
+    probes: Mapping[str, Any],
+    keys: np.ndarray | None = None,
+    *,
+    masked: bool = True,
+    **spec,
 ) -> np.ndarray:
     """One forward (optionally with keys knocked out) -> every stage's clean-probe prediction.
+
+    The clean pass (``keys=None``) runs inside ``intervene(vlm, [])`` like every knocked-out
+    pass: both hand the decoder a materialised 4D mask, so both take the same attention kernel.
+    A plain forward would let HF send a causal batch to the fused ``is_causal`` (flash) kernel,
+    whose bf16 rounding differs from the masked one: "condition - none" would carry kernel noise.
+    On CPU the two paths are bitwise equal (``tests/test_knockout.py``).
 
     Args:
         vlm: the model.
         batch: B images.
         probes: {stage: fitted probe}, in the order of the output.
-        keys: (B, N) bool image slots no query may read (None: the plain model).
+        keys: (B, N) bool image slots no query may read (None: the clean model).
+        masked: route the clean pass through ``intervene(vlm, [])`` (False: the plain forward,
+            for callers that need no comparison with a knockout). Inside an active
+            ``intervene`` the clean pass already is on the masked path.
         **spec: more ``Knockout`` fields, e.g. ``layers=(3, 4)``.
 
     Returns:
@@ -113,11 +128,16 @@ def predict_stages(
     if keys is not None:
         knockout = Knockout(keys=TokenSet.from_mask(np.asarray(keys, bool)), **spec)
         context = intervene(vlm, [knockout])
+    elif masked and vlm.attention_mask_override is None:
+        context = intervene(vlm, [])
     with context:
         features = vlm.capture(batch, stages)
     with torch.inference_mode():
-        # .to: under device_map a stage may live on another GPU than the probes.
-        pred = torch.stack([probes[s].predict(features[s].to(vlm.device)) for s in stages])
+        # Each probe takes its stage's features to its own device (``_Probe._flat``); under a
+        # device_map the predictions are gathered on the first stage's device, one host copy.
+        preds = [probes[s].predict(features[s]) for s in stages]
+        home = preds[0].device
+        pred = torch.stack([p.to(home, non_blocking=True) for p in preds])
     return pred.cpu().numpy()
 
 
