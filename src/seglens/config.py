@@ -110,6 +110,21 @@ class ProbeConfig:
     holdout_fraction: float = _help(
         "share of training images held out to pick the learning rate", 0.1
     )
+    eval_every: int | None = _help(
+        "sgd early stopping: score the held-out loss every this many training batches (the "
+        "convergence check's granularity, so one epoch can converge); null: after every epoch",
+        None,
+    )
+    exact: bool = _help(
+        "float64 probe arithmetic (sgd gradient, lda scatter): bitwise equal across process "
+        "counts, but 1/32-1/64 speed on most GPUs; false: float32 GEMMs, float64 accumulation",
+        False,
+    )
+    gemm: str = _help(
+        "probe GEMM precision on the default path: float32, tf32 (CUDA tensor cores) or "
+        "bfloat16 (inputs rounded to bf16, float32 accumulation); float32 with exact",
+        "float32",
+    )
     warmup_batches: int = _help("batches used to estimate the frozen standardisation", 4)
     soft_labels: bool = _help("train on per-token class histograms instead of majority", False)
     shrinkage: float = _help("lda covariance shrinkage toward the scaled identity", 0.1)
@@ -149,6 +164,17 @@ class ProbeConfig:
             raise ValueError(f"probe.min_delta={self.min_delta} must be in [0, 1)")
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
             raise ValueError(f"probe.lrs={self.lrs} must be positive learning rates")
+        _check_choice("probe.gemm", self.gemm, ("float32", "tf32", "bfloat16"))
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError(
+                f"probe.eval_every={self.eval_every} must be >= 1 training batches (or null: "
+                "after every epoch)"
+            )
+        if self.exact and self.gemm != "float32":
+            raise ValueError(
+                f"probe.gemm={self.gemm!r} conflicts with probe.exact=true (float64 arithmetic); "
+                "set one of them"
+            )
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"probe.holdout_fraction={self.holdout_fraction} must be in [0, 1)")
         if not 0.0 <= self.shrinkage <= 1.0:
