@@ -242,6 +242,29 @@ class ModelFamily:
         widths["llm.final_norm"] = dt
         return widths
 
+    # --- readouts (the logit and embedding lens) ---------------------------------------------
+    def final_norm(self) -> nn.Module:
+        """The LLM's final norm, between the last decoder block and the LM head."""
+        return self.llm_taps()["llm.final_norm"].module
+
+    def unembedding(self) -> nn.Module | None:
+        """The LM head (a Linear from the LLM width to the vocabulary), None when there is none.
+
+        Tied or not, HF exposes it as ``get_output_embeddings()``.
+        """
+        return self.model.get_output_embeddings()
+
+    def input_embeddings(self) -> nn.Module:
+        """The token embedding table (its ``weight`` is (V, D); Gemma scales its output by
+        sqrt(D), which a cosine readout does not see)."""
+        return self.model.get_input_embeddings()
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """c of the final logit soft-capping ``c * tanh(z / c)`` (Gemma 2), None when off."""
+        cap = getattr(self._text_cfg, "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
     # --- sequence layout ----------------------------------------------------------------------
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, N) sequence positions of the grid tokens in raster order.
