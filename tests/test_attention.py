@@ -12,6 +12,7 @@ from conftest import results_of
 from seglens.experiments.attention import (
     CATEGORIES,
     category_mass,
+    key_category,
     measure_attention,
     query_plan,
     run_attention,
@@ -32,7 +33,7 @@ def _expected(weights, plan):
     rows = weights.float().mean(1)  # (B, T, T)
     pos = plan["positions"]
     probs = torch.stack([rows[b, pos[b]] for b in range(len(pos))])  # (B, Q, T)
-    onehot = torch.nn.functional.one_hot(plan["category"], 3).float()
+    onehot = torch.nn.functional.one_hot(key_category(plan).long(), 3).float()
     return torch.einsum("bqt,bqtc->bqc", probs, onehot)
 
 
@@ -61,7 +62,7 @@ def test_shares_equal_eager_output_attentions_and_sum_to_one(tiny_models, random
         # Uniform share = readable keys of the category / readable keys (causal, no padding).
         b, q = torch.nonzero(valid)[0]
         pos = int(plan["positions"][b, q])
-        cats = plan["category"][b, q, : pos + 1]
+        cats = key_category(plan)[b, q, : pos + 1].long()
         counts = torch.bincount(cats, minlength=3).float() / (pos + 1)
         torch.testing.assert_close(uniform[b, q], counts)
 
@@ -103,6 +104,44 @@ def test_sdpa_and_a_knockout_mask(tiny_models, random_images):
             torch.testing.assert_close(
                 results["sdpa"][layer][k], results["eager"][layer][k], atol=1e-5, rtol=1e-4
             )
+
+
+def test_query_chunks_bound_the_scores_and_change_nothing(tiny_models, random_images):
+    """With a chunk of 3 queries' scores, no softmax sees more than 3 query rows, and the shares
+    equal those of one chunk holding every query."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Softmaxes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten._softmax, torch.ops.aten.softmax):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    vlm = tiny_models("clip", "sdpa")
+    batch, labels, ref_correct = _plan_inputs(vlm, random_images, seed=2)
+    plan = query_plan(batch, labels, ref_correct, (0, 2))
+    layers, real = vlm.family.decoder_layers(), batch.attention_mask.bool()
+    heads = vlm.model.config.text_config.num_attention_heads
+    T = batch.input_ids.shape[1]
+    with measure_attention(layers, plan, real, chunk_bytes=1 << 40) as whole:
+        vlm.capture(batch, [f"llm.{len(layers)}"])
+    mode = Softmaxes()
+    three = 2 * heads * T * 4 * 3  # B = 2 images, 3 queries
+    with measure_attention(layers, plan, real, chunk_bytes=three) as chunked, mode:
+        vlm.capture(batch, [f"llm.{len(layers)}"])
+    scores = [s for s in mode.shapes if len(s) == 4 and s[1] == heads and s[-1] == T]
+    Q = plan["positions"].shape[1]
+    assert Q > 3 and len(scores) == len(layers) * -(-Q // 3)
+    assert max(s[2] for s in scores) == 3
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a[1], b[1])
+    assert plan["key_class"].dtype == torch.int16 and key_category(plan).dtype == torch.int8
 
 
 def test_category_mass_by_hand():

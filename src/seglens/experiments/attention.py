@@ -35,7 +35,8 @@ from seglens.rundir import RunDir
 from seglens.rundir.schema import confusion_key
 
 __all__ = ["CATEGORIES", "QUERY_GROUPS", "attention_rows", "attention_section", "category_mass"]
-__all__ += ["measure_attention", "query_plan", "readable_keys", "run_attention"]
+__all__ += ["attention_keys", "key_category", "measure_attention", "query_chunk", "query_plan"]
+__all__ += ["readable_keys", "run_attention"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ def attention_rows(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     readable: torch.Tensor,
     query_positions: torch.Tensor,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The attention probabilities of the chosen query rows, recomputed from the module's inputs.
 
@@ -97,30 +99,49 @@ def attention_rows(
         position_embeddings: (cos, sin), each (B, T, d).
         readable: (B, Q, T) bool keys each query may read (``readable_keys``).
         query_positions: (B, Q) positions of the queries.
+        keys: (B, Hkv, T, d) float32 rotated keys (``attention_keys``), to share them between
+            chunks of queries; computed here when None.
 
     Returns:
         (B, H, Q, T) float32 probabilities; each row sums to 1 over its readable keys.
     """
     apply = _rotary(module)
     B, T, _ = hidden_states.shape
-    d = module.head_dim
+    Q, d = query_positions.shape[1], module.head_dim
+    k = attention_keys(module, hidden_states, position_embeddings) if keys is None else keys
     take = query_positions[:, :, None].expand(-1, -1, hidden_states.shape[-1])
-    q = module.q_proj(hidden_states.gather(1, take)).view(B, query_positions.shape[1], -1, d)
-    k = module.k_proj(hidden_states).view(B, T, -1, d)
+    q = module.q_proj(hidden_states.gather(1, take)).view(B, Q, -1, d)
     if hasattr(module, "q_norm"):
-        q, k = module.q_norm(q), module.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, Q, d), (B, Hkv, T, d)
+        q = module.q_norm(q)
+    q = q.transpose(1, 2)  # (B, H, Q, d)
     cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # (1 or B, T, d) -> (B, T, d)
     rows = query_positions[:, :, None].expand(-1, -1, cos.shape[-1])
-    q = apply(q, q, cos.gather(1, rows), sin.gather(1, rows))[0]
-    k = apply(k, k, cos, sin)[1]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * module.scaling  # (B, H, Q, T)
+    q = apply(q, q, cos.gather(1, rows), sin.gather(1, rows))[0].float()
+    H, Hkv = q.shape[1], k.shape[1]
+    # Grouped heads read their shared key head without a repeated (B, H, T, d) copy of K.
+    q = q.reshape(B, Hkv, (H // Hkv) * Q, d)
+    scores = (q @ k.transpose(-1, -2)).view(B, H, Q, T) * module.scaling  # (B, H, Q, T)
     cap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
     if cap:
         scores = torch.tanh(scores / cap) * cap
-    scores = scores.masked_fill(~readable[:, None], -math.inf)
+    scores = scores.masked_fill_(~readable[:, None], -math.inf)
     return scores.softmax(-1)
+
+
+def attention_keys(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """(B, T, D) attention input -> (B, Hkv, T, d) float32 rotated keys (one per key head)."""
+    apply = _rotary(module)
+    B, T, _ = hidden_states.shape
+    k = module.k_proj(hidden_states).view(B, T, -1, module.head_dim)
+    if hasattr(module, "k_norm"):
+        k = module.k_norm(k)
+    k = k.transpose(1, 2)
+    cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)
+    return apply(k, k, cos, sin)[1].float()
 
 
 def category_mass(
@@ -130,29 +151,32 @@ def category_mass(
 
     Args:
         probs: (B, H, Q, T) attention probabilities.
-        category: (B, Q, T) int64 key category of each key for each query (``CATEGORIES``).
+        category: (B, Q, T) integer key category of each key for each query (``CATEGORIES``).
         readable: (B, Q, T) bool.
 
     Returns:
         ``(mass, uniform)``, each (B, Q, 3): the share of the query's attention on each category
         (rows sum to 1), and the share a uniform distribution over the readable keys gives.
     """
-    onehot = torch.nn.functional.one_hot(category, len(CATEGORIES)).float()  # (B, Q, T, 3)
-    mass = torch.einsum("bqt,bqtc->bqc", probs.mean(1), onehot)
-    counts = torch.einsum("bqt,bqtc->bqc", readable.float(), onehot)
+    mean = probs.mean(1)  # (B, Q, T)
+    mass = torch.stack([(mean * (category == c)).sum(-1) for c in range(len(CATEGORIES))], -1)
+    counts = torch.stack([(readable & (category == c)).sum(-1) for c in range(len(CATEGORIES))], -1)
+    counts = counts.float()
     return mass, counts / counts.sum(-1, keepdim=True).clamp_min(1)
 
 
 def query_plan(
     batch: Batch, labels: np.ndarray, ref_correct: np.ndarray, pair: Sequence[int]
 ) -> dict[str, torch.Tensor]:
-    """The queries (the pair's tokens) of a batch and every key's category for each of them.
+    """The queries (the pair's tokens) of a batch and what each key is to them, compactly.
 
     Returns:
         ``{"positions": (B, Q) sequence positions (padded with position 0), "valid": (B, Q)
-        bool, "correct": (B, Q) bool reference-correct, "category": (B, Q, T) int64}``; Q is the
-        most pair tokens in an image. Anchors of a query are the image tokens of its own class
-        that the reference probe gets right; non-image tokens (text, BOS) are ``text``.
+        bool, "correct": (B, Q) bool reference-correct, "query_class": (B, Q) int16,
+        "key_class": (B, T) int16 label of each key (-1: not an image token), "key_correct":
+        (B, T) bool reference-correct image keys}``; Q is the most pair tokens in an image.
+        ``key_category`` expands it to each query's key categories, chunk by chunk on the device
+        (a (B, Q, T) int64 plan would be ~43 MB per batch for LLaVA-1.5, ~1 GB for LLaVA-NeXT).
     """
     tokens = np.isin(labels, pair)  # (B, N)
     B = labels.shape[0]
@@ -164,47 +188,92 @@ def query_plan(
         idx = np.flatnonzero(tokens[b])
         slots[b, : len(idx)], valid[b, : len(idx)] = idx, True
     image_pos = batch.image_positions.numpy()  # (B, N)
-    qlab = np.take_along_axis(labels, slots, 1)  # (B, Q)
-    anchors = (labels[:, None, :] == qlab[:, :, None]) & ref_correct[:, None, :]  # (B, Q, N)
-    category = np.full((B, Q, T), 2, np.int64)
-    for b in range(B):
-        category[b][:, image_pos[b]] = np.where(anchors[b], 0, 1)
+    key_class = np.full((B, T), -1, np.int16)
+    key_correct = np.zeros((B, T), bool)
+    np.put_along_axis(key_class, image_pos, labels.astype(np.int16), 1)
+    np.put_along_axis(key_correct, image_pos, ref_correct, 1)
     return {
         "positions": torch.from_numpy(np.take_along_axis(image_pos, slots, 1)),
         "valid": torch.from_numpy(valid),
         "correct": torch.from_numpy(np.take_along_axis(ref_correct, slots, 1)),
-        "category": torch.from_numpy(category),
+        "query_class": torch.from_numpy(np.take_along_axis(labels, slots, 1).astype(np.int16)),
+        "key_class": torch.from_numpy(key_class),
+        "key_correct": torch.from_numpy(key_correct),
     }
+
+
+def key_category(plan: dict[str, torch.Tensor], rows: slice = slice(None)) -> torch.Tensor:
+    """(B, q, T) int8 category (``CATEGORIES`` index) of every key for the queries ``rows``.
+
+    Anchors of a query are the image keys of its own class that the reference probe gets right;
+    other image keys are ``other_image``; non-image keys (text, BOS) are ``text``.
+    """
+    key_class, query_class = plan["key_class"], plan["query_class"][:, rows]
+    anchor = (key_class[:, None, :] == query_class[:, :, None]) & plan["key_correct"][:, None, :]
+    image = (key_class >= 0)[:, None, :]
+    category = torch.where(anchor, 0, 1).to(torch.int8)
+    return category.masked_fill_(~image, 2)
+
+
+SCORE_CHUNK_BYTES = 128 * 2**20
+"""Default size of one chunk of (B, H, q, T) float32 scores in ``measure_attention``."""
+
+
+def query_chunk(batch: int, heads: int, keys: int, chunk_bytes: int = SCORE_CHUNK_BYTES) -> int:
+    """Queries per chunk so that a (batch, heads, q, keys) float32 score block fits
+    ``chunk_bytes`` (at least one query)."""
+    return max(1, chunk_bytes // (batch * heads * keys * 4))
 
 
 @contextmanager
 def measure_attention(
-    layers: Sequence[torch.nn.Module], plan: dict[str, torch.Tensor], real: torch.Tensor
+    layers: Sequence[torch.nn.Module],
+    plan: dict[str, torch.Tensor],
+    real: torch.Tensor,
+    *,
+    chunk_bytes: int = SCORE_CHUNK_BYTES,
 ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor] | None]]:
     """Forward pre-hooks on each decoder layer's attention that reduce its attention to the
     plan's queries at once (nothing per layer is kept but (B, Q, 3) shares); removed on exit.
 
+    The queries are taken in chunks so that one chunk's (B, H, q, T) float32 scores stay under
+    ``chunk_bytes``; the rotated keys are computed once per layer and shared by the chunks. The
+    plan goes to each layer's device once per batch (not once per layer), and the shares stay on
+    the device: the caller reads them back with one copy.
+
     Yields:
-        A list, per layer, of ``category_mass(...)`` results, filled by the forward.
+        A list, per layer, of ``category_mass(...)`` results (on the layer's device), filled by
+        the forward.
     """
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
     handles = []
+    moved: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def on(device: torch.device) -> dict[str, torch.Tensor]:
+        if device not in moved:
+            items = {**plan, "real": real}
+            moved[device] = {k: v.to(device, non_blocking=True) for k, v in items.items()}
+        return moved[device]
 
     def hook(index: int):
         def reduce(module, args, kwargs):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            device = hidden.device
-            positions = plan["positions"].to(device)
-            readable = readable_keys(
-                kwargs.get("attention_mask"),
-                positions,
-                real.to(device),
-                getattr(module, "sliding_window", None),
-            )
+            local = on(hidden.device)
+            positions, mask = local["positions"], kwargs.get("attention_mask")
+            window = getattr(module, "sliding_window", None)
             rope = kwargs.get("position_embeddings")
-            probs = attention_rows(module, hidden, rope, readable, positions)
-            mass, uniform = category_mass(probs, plan["category"].to(device), readable)
-            out[index] = (mass.cpu(), uniform.cpu())
+            keys = attention_keys(module, hidden, rope)
+            B, T = hidden.shape[:2]
+            heads = module.q_proj.out_features // module.head_dim
+            step = query_chunk(B, heads, T, chunk_bytes)
+            parts = []
+            for start in range(0, positions.shape[1], step):
+                rows = slice(start, start + step)
+                readable = readable_keys(mask, positions[:, rows], local["real"], window)
+                probs = attention_rows(module, hidden, rope, readable, positions[:, rows], keys)
+                parts.append(category_mass(probs, key_category(local, rows), readable))
+                del probs, readable
+            out[index] = tuple(torch.cat(p, 1) for p in zip(*parts, strict=True))
 
         return reduce
 
@@ -240,10 +309,12 @@ def _measure_pair(
         plan = query_plan(batch, labels, ref_correct, pair)
         with measure_attention(layers, plan, batch.attention_mask.bool()) as out:
             vlm.capture(batch, [f"llm.{L}"])  # every layer runs and is measured
+        home = out[0][0].device  # one host copy per batch, whatever the layers' devices
+        shares = torch.stack([torch.stack(o).to(home, non_blocking=True) for o in out]).cpu()
         groups = torch.stack([plan["valid"] & ~plan["correct"], plan["valid"] & plan["correct"]])
-        sel = groups.float()[:, :, :, None]  # (2, B, Q, 1)
-        mass = torch.stack([(out[i][0][None] * sel).sum(2) for i in range(L)], 1)  # (2, L, B, 3)
-        uniform = torch.stack([(out[i][1][None] * sel).sum(2) for i in range(L)], 1)
+        sel = groups.float()[:, None, :, :, None]  # (2, 1, B, Q, 1)
+        mass = (shares[:, 0][None] * sel).sum(3)  # (2, L, B, 3)
+        uniform = (shares[:, 1][None] * sel).sum(3)
         parts["mass"].append(mass.permute(2, 1, 0, 3).double().numpy())  # (B, L, 2, 3)
         parts["uniform"].append(uniform.permute(2, 1, 0, 3).double().numpy())
         parts["queries"].append(groups.sum(2).T.numpy())  # (B, 2)
