@@ -3,6 +3,9 @@ dataset, sharding, and the streaming loader's bad-sample policies."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from seglens.data.datasets import (
     VOC_CLASSES,
     voc_palette,
 )
+from seglens.data.io import check_exif_fit, read_mask
 from seglens.data.synthetic import class_colours
 
 H, W = 6, 8
@@ -254,7 +258,7 @@ def _folder(root: Path, n: int = 3, classes=("sky", "tree", "road")) -> Path:
 
 def test_folder_reads_images_masks_and_classes(tmp_path):
     _folder(tmp_path)
-    ds = load_dataset("folder", tmp_path)
+    ds = load_dataset("folder", tmp_path, None)
     assert len(ds) == 3
     assert ds.class_names == ["sky", "tree", "road"]
     assert ds.palette.shape == (3, 3)
@@ -275,21 +279,21 @@ def test_folder_label_out_of_range(tmp_path):
     with pytest.raises(
         BadSampleError, match=r"img0\.png: label values \[5, 7\] are outside 0\.\.2"
     ):
-        load_dataset("folder", tmp_path)[0]
+        load_dataset("folder", tmp_path, None)[0]
 
 
 def test_folder_mask_of_another_size(tmp_path):
     _folder(tmp_path, n=1)
     _save_mask(tmp_path / "masks" / "img0.png", np.zeros((H + 1, W), np.uint8))
     with pytest.raises(BadSampleError, match=r"img0\.png: mask is 8x7 .* image is 8x6"):
-        load_dataset("folder", tmp_path)[0]
+        load_dataset("folder", tmp_path, None)[0]
 
 
 def test_folder_colour_mask_is_rejected(tmp_path):
     _folder(tmp_path, n=1)
     Image.fromarray(_image()).save(tmp_path / "masks" / "img0.png")
     with pytest.raises(BadSampleError, match=r"img0\.png: .*single-channel label maps"):
-        load_dataset("folder", tmp_path)[0]
+        load_dataset("folder", tmp_path, None)[0]
 
 
 def test_folder_without_classes_file(tmp_path):
@@ -419,7 +423,7 @@ def _folder_with_bad_files(root: Path) -> Path:
 
 
 def test_loader_skip_counts_and_names_bad_samples(tmp_path):
-    ds = load_dataset("folder", _folder_with_bad_files(tmp_path))
+    ds = load_dataset("folder", _folder_with_bad_files(tmp_path), None)
     stream = iterate_samples(ds, batch_size=1, on_bad_sample="skip", progress=False)
     batches = list(stream)
     assert [[s.name for s in b] for b in batches] == [["img0"], ["img2"]]  # no empty batches
@@ -430,7 +434,7 @@ def test_loader_skip_counts_and_names_bad_samples(tmp_path):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_error_surfaces_the_original_message(tmp_path, num_workers):
-    ds = load_dataset("folder", _folder_with_bad_files(tmp_path))
+    ds = load_dataset("folder", _folder_with_bad_files(tmp_path), None)
     stream = iterate_samples(ds, batch_size=2, num_workers=num_workers, progress=False)
     with pytest.raises(BadSampleError, match=r"^\S*img1\.jpg: cannot read this image"):
         list(stream)
@@ -442,3 +446,164 @@ def test_loader_rejects_bad_options():
         iterate_samples(ds, batch_size=1, on_bad_sample="ignore")
     with pytest.raises(ValueError, match=r"batch_size=0"):
         iterate_samples(ds, batch_size=0)
+
+
+# ---------------------------------------------------------------- flat folder: seeded split
+
+
+def test_flat_folder_divides_into_disjoint_seeded_train_and_val(tmp_path):
+    _folder(tmp_path, n=10)
+    train = load_dataset("folder", tmp_path, "train")
+    val = load_dataset("folder", tmp_path, "validation")
+    names = lambda ds: [ds.name_of(i) for i in range(len(ds))]  # noqa: E731
+    assert (len(train), len(val)) == (8, 2)  # round(0.2 * 10) in val
+    assert not set(names(train)) & set(names(val))
+    assert sorted(names(train) + names(val)) == sorted(f"img{i}" for i in range(10))
+    assert names(train) == sorted(names(train))  # each part keeps the sorted order
+    assert names(val) == names(load_dataset("folder", tmp_path, "val"))  # same seed, same part
+    assert train.division == {"val_fraction": 0.2, "seed": 0}
+    parts = {tuple(names(load_dataset("folder", tmp_path, "val", split_seed=s))) for s in range(6)}
+    assert len(parts) > 1  # the seed draws the part
+    assert len(load_dataset("folder", tmp_path, "val", val_fraction=0.5)) == 5
+    assert len(load_dataset("folder", tmp_path, None)) == 10
+
+
+def test_flat_folder_split_follows_the_data_config(tmp_path):
+    from seglens.config import DataConfig
+    from seglens.experiments.common import build_dataset
+
+    _folder(tmp_path, n=10)
+    config = DataConfig(dataset="folder", root=str(tmp_path), folder_val_fraction=0.3)
+    config = dataclasses.replace(config, folder_split_seed=4)
+    train, val = build_dataset(config, "train", None), build_dataset(config, "val", None)
+    expected = load_dataset("folder", tmp_path, "val", val_fraction=0.3, split_seed=4)
+    assert [val.name_of(i) for i in range(3)] == [expected.name_of(i) for i in range(3)]
+    assert (len(train), len(val)) == (7, 3)
+    with pytest.raises(ValueError, match=r"data\.folder_val_fraction=0\.0 must be in \(0, 1\)"):
+        DataConfig(dataset="folder", folder_val_fraction=0.0)
+
+
+def test_flat_folder_refusals_say_how_to_lay_out_train_and_val(tmp_path):
+    _folder(tmp_path, n=1)
+    layout = rf"lay out {tmp_path}/train/\{{images,masks\}} and {tmp_path}/val/"
+    with pytest.raises(ValueError, match=rf"holds 1 image\(s\): too few .*{layout}"):
+        load_dataset("folder", tmp_path, "train")
+    _folder(tmp_path, n=3)
+    with pytest.raises(
+        ValueError, match=rf"split 'test', and a flat folder only divides .*{layout}"
+    ):
+        load_dataset("folder", tmp_path, "test")
+    with pytest.raises(ValueError, match=rf"folder_val_fraction=1\.0 leaves no .*{layout}"):
+        load_dataset("folder", tmp_path, "val", val_fraction=1.0)
+
+
+def test_folder_with_train_and_val_folders_is_not_divided(tmp_path):
+    _folder(tmp_path / "train", n=3)
+    _folder(tmp_path / "val", n=2)
+    train, val = load_dataset("folder", tmp_path, "train"), load_dataset("folder", tmp_path, "val")
+    assert (len(train), len(val), train.division, val.division) == (3, 2, None, None)
+
+
+# ---------------------------------------------------------------- a file as the root
+
+
+def test_a_zip_or_other_file_as_root_says_what_it_is_and_how_to_fix_it(tmp_path):
+    _folder(tmp_path / "data", n=2)
+    archive = shutil.make_archive(str(tmp_path / "data"), "zip", tmp_path / "data")
+    with pytest.raises(ValueError, match=r"data\.zip is a zip archive, not a folder\. Unzip it "):
+        load_dataset("folder", archive)
+    with pytest.raises(ValueError, match=rf"unzip {archive} -d {tmp_path / 'data'}\) and pass"):
+        load_dataset("ade20k", archive)
+    tarball = shutil.make_archive(str(tmp_path / "voc"), "gztar", tmp_path / "data")
+    with pytest.raises(ValueError, match=r"voc\.tar\.gz is a tar archive, not a folder. Extract"):
+        load_dataset("voc", tarball)
+    with pytest.raises(ValueError, match=r"classes\.txt is a file, not a folder. Pass the folder"):
+        load_dataset("folder", tmp_path / "data" / "classes.txt")
+
+
+# ---------------------------------------------------------------- EXIF orientation
+
+
+def _exif_image(path: Path, stored: np.ndarray, orientation: int) -> None:
+    """Save ``stored`` pixels (JPEG or PNG by suffix) with an EXIF orientation tag."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif.tobytes(), **({"quality": 95} if path.suffix == ".jpg" else {}))
+
+
+def _exif_folder(root: Path, suffix: str, shape: tuple[int, int], orientation: int) -> Path:
+    """A folder of one EXIF-tagged image and a mask drawn on the stored pixels."""
+    h, w = shape
+    stored = np.zeros((h, w, 3), np.uint8)
+    stored[: h // 2] = 200
+    _exif_image(root / "images" / f"img0{suffix}", stored, orientation)
+    labels = np.zeros((h, w), np.uint8)
+    labels[: h // 2] = 1
+    _save_mask(root / "masks" / "img0.png", labels)
+    (root / "classes.txt").write_text("floor\nsky\n")
+    return root
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_exif_rotated_image_with_a_mask_of_the_stored_pixels_is_refused(tmp_path, suffix):
+    root = _exif_folder(tmp_path, suffix, (16, 24), orientation=6)
+    ds = load_dataset("folder", root, None)
+    message = (
+        rf"img0\.png: mask is 24x16 \(WxH\), the size of its image \S*img0\{suffix} as stored, "
+        r"but the image carries EXIF orientation 6 and is read upright as 16x24\. seglens takes "
+        r"masks as drawn on the upright image \(PIL's ImageOps\.exif_transpose\)"
+    )
+    with pytest.raises(BadSampleError, match=message):
+        ds[0]
+
+
+def test_exif_rotated_image_with_a_mask_drawn_upright_is_read_as_drawn(tmp_path):
+    root = _exif_folder(tmp_path, ".jpg", (16, 24), orientation=6)
+    upright = np.rot90(read_mask(root / "masks" / "img0.png"), k=-1)  # 6: 90 degrees clockwise
+    _save_mask(root / "masks" / "img0.png", upright)
+    sample = load_dataset("folder", root, None)[0]
+    assert sample.image.shape == (24, 16, 3) and sample.notes == ()
+    np.testing.assert_array_equal(sample.mask, upright)
+    # the image turned the same way: its bright half lies where the mask's class 1 does
+    assert sample.image[sample.mask == 1].mean() > 150 > sample.image[sample.mask == 0].mean()
+
+
+@pytest.mark.parametrize(
+    ("suffix", "shape", "orientation"),
+    [(".jpg", (16, 16), 6), (".png", (16, 16), 8), (".jpg", (16, 24), 3), (".png", (16, 24), 2)],
+)
+def test_exif_orientation_that_cannot_be_checked_is_counted_and_warned(
+    tmp_path, caplog, suffix, shape, orientation
+):
+    """A square image turned by 90 degrees, or any image turned by 180 or mirrored: the mask fits
+    both readings, so the sample is kept (mask as drawn on the upright image) and counted."""
+    root = _exif_folder(tmp_path, suffix, shape, orientation)
+    _folder(tmp_path / "plain", n=2)
+    for name in ("img0.jpg", "img1.jpg"):
+        shutil.copy(tmp_path / "plain" / "images" / name, root / "images" / f"plain_{name}")
+    for name in ("img0.png", "img1.png"):
+        mask = read_mask(tmp_path / "plain" / "masks" / name).clip(0, 1)
+        _save_mask(root / "masks" / f"plain_{name}", mask)
+    ds = load_dataset("folder", root, None)
+    assert "EXIF orientation" in ds[0].notes[0]
+    stream = iterate_samples(ds, batch_size=2, progress=False)
+    with caplog.at_level(logging.WARNING, logger="seglens.data.loader"):
+        assert sum(len(b) for b in stream) == 3  # kept, not skipped
+    assert [name for name, _ in stream.noted] == ["img0"]
+    assert "1 of 3 images carry an EXIF orientation that cannot be checked" in caplog.text
+    assert f"EXIF orientation {orientation} on a" in caplog.text
+
+
+def test_check_exif_fit_cases():
+    fit = check_exif_fit
+    assert fit((4, 6), (4, 6, 3), 1, "m", "i") is None  # no orientation
+    assert fit((6, 4), (6, 4, 3), 6, "m", "i") is None  # drawn upright, unambiguous
+    assert fit((5, 5), (4, 6, 3), 6, "m", "i") is None  # another size: check_mask's to report
+    assert "square image" in fit((5, 5), (5, 5, 3), 5, "m", "i")
+    assert "keeps the size" in fit((4, 6), (4, 6, 3), 4, "m", "i")
+    with pytest.raises(
+        BadSampleError, match=r"m: mask is 6x4 \(WxH\), the size of its image i .* upright as 4x6"
+    ):
+        fit((4, 6), (6, 4, 3), 7, "m", "i")

@@ -61,7 +61,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = _help(
-        "ade20k, voc, cityscapes, coco-stuff, folder, synthetic or organism", "synthetic"
+        "ade20k, voc, cityscapes, coco-stuff, folder, hf, synthetic or organism", "synthetic"
     )
     root: str | None = _help("dataset root folder (not needed for synthetic)", None)
     train_split: str = _help("split the probes are trained on", "train")
@@ -76,9 +76,32 @@ class DataConfig:
         "images per split of a generated dataset; default 96 (synthetic), 800 (organism)", None
     )
     synthetic_classes: int = _help("synthetic dataset: number of classes", 6)
+    folder_val_fraction: float = _help(
+        "flat folder dataset (no train/ and val/): share of its images in the seeded val part",
+        0.2,
+    )
+    folder_split_seed: int = _help("flat folder dataset: seed of its train/val division", 0)
+    hf_image_column: str = _help("hf dataset: column of the images", "image")
+    hf_label_column: str | None = _help(
+        "hf dataset: column of the label maps; default the first of annotation, mask, label", None
+    )
+    hf_reduce_zero_label: bool = _help(
+        "hf dataset: ADE20K-style labels, raw 0 = other -> ignore and raw k -> class k-1", False
+    )
+    hf_classes: str | None = _help(
+        "hf dataset: class names, a classes.txt file or a dataset name (ade20k, voc, cityscapes, "
+        "coco-stuff); default the label column's ClassLabel, or classes.txt / id2label.json "
+        "beside the data",
+        None,
+    )
 
     def __post_init__(self):
         _check_choice("data.on_bad_sample", self.on_bad_sample, BAD_SAMPLE_POLICIES)
+        if not 0.0 < self.folder_val_fraction < 1.0:
+            raise ValueError(
+                f"data.folder_val_fraction={self.folder_val_fraction} must be in (0, 1): a flat "
+                "folder is divided into disjoint train and val parts (or lay out train/ and val/)"
+            )
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size={self.batch_size} must be >= 1")
         if not 0.0 < self.min_valid <= 1.0:

@@ -28,11 +28,14 @@ class Sample:
         mask: (H, W) int64, classes 0..C-1, IGNORE_INDEX for unlabelled pixels. None for
             image-only datasets.
         name: a stable identifier (file stem or synthetic index), used in errors and figures.
+        notes: doubts about the sample that do not stop it (e.g. an EXIF orientation that
+            cannot be checked against the mask); the stream counts them and warns.
     """
 
     image: np.ndarray
     mask: np.ndarray | None
     name: str
+    notes: tuple[str, ...] = ()
 
 
 class SegDataset:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import logging
+import tarfile
+import zipfile
 from collections.abc import Callable, Sequence
 from os import PathLike
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from seglens.data.base import IGNORE_INDEX, BadSampleError, Sample, SegDataset
-from seglens.data.io import read_image, read_mask
+from seglens.data.io import check_exif_fit, read_image_oriented, read_mask
 from seglens.data.organism import OrganismDataset
 from seglens.data.synthetic import SyntheticDataset
 
@@ -112,6 +114,8 @@ _ADE20K_SPLITS = {
     "val": "validation",
     "validation": "validation",
 }
+# Split names served by the seeded division of a flat folder dataset.
+_FLAT_SPLITS = {"train": "train", "training": "train", "val": "val", "validation": "val"}
 _COCO_STUFF_SPLITS = {
     "train": "train2017",
     "train2017": "train2017",
@@ -256,11 +260,13 @@ class _PairedDataset(SegDataset):
 
     def _load(self, key: tuple[Path, Path]) -> Sample:
         image_path, mask_path = key
-        image = read_image(image_path)
+        image, orientation = read_image_oriented(image_path)
         raw = read_mask(mask_path)
+        note = check_exif_fit(raw.shape, image.shape, orientation, str(mask_path), str(image_path))
         labels = raw if self._lut is None else _remap(raw, self._lut, str(mask_path), self.encoding)
         labels = self.check_mask(labels, image, str(mask_path))
-        return Sample(image=image, mask=labels, name=self._name(key))
+        notes = () if note is None else (note,)
+        return Sample(image=image, mask=labels, name=self._name(key), notes=notes)
 
 
 class ADE20K(_PairedDataset):
@@ -397,7 +403,10 @@ class FolderDataset(_PairedDataset):
     """A generic folder: ``images/*``, ``masks/<same stem>.png`` and ``classes.txt``.
 
     Masks hold class ids ``0..C-1`` (C = lines of ``classes.txt``) and 255 for ignore. With a
-    split, ``root/{split}/images`` is used when it exists, otherwise ``root/images``.
+    split, ``root/{split}/images`` is used when it exists. A flat folder (no ``train/`` or
+    ``val/``) is divided into a seeded, disjoint train / val part (``val_fraction`` of the images,
+    drawn with ``split_seed``), so a run never scores its probes on its training images; without
+    a split (``split=None``) it serves all its images.
     """
 
     name = "folder"
@@ -407,7 +416,13 @@ class FolderDataset(_PairedDataset):
         "root/{split}/images, root/{split}/masks"
     )
 
-    def __init__(self, root: str | PathLike, split: str | None = None):
+    def __init__(
+        self,
+        root: str | PathLike,
+        split: str | None = None,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+    ):
         root = Path(root)
         candidates = [root / split, root] if split is not None else [root]
         base = _find_base(candidates, "images", self.name, self.layout)
@@ -430,7 +445,98 @@ class FolderDataset(_PairedDataset):
         images = _list_images(image_dir, "*", self.name, self.layout)
         pairs = _pair(images, lambda p: mask_dir / f"{p.stem}.png", self.name)
         _warn_unpaired_masks(pairs, mask_dir, self.name)
+        # Divide root/images only when no split has a folder of its own: beside root/val,
+        # root/images is the train set as it always was.
+        flat = base == root and not any((root / s / "images").is_dir() for s in _FLAT_SPLITS)
+        if split is not None and flat:
+            pairs = split_flat(pairs, split, val_fraction, split_seed, root)
+        #: The seeded division this split came from (None: the split has its own folder).
+        self.division = {"val_fraction": val_fraction, "seed": split_seed} if flat else None
         super().__init__(pairs, names, voc_palette(len(names), start=1), base, split)
+
+
+def split_flat(
+    pairs: Sequence[tuple[Path, Path]],
+    split: str,
+    val_fraction: float,
+    seed: int,
+    root: Path,
+) -> list[tuple[Path, Path]]:
+    """One part of a seeded division of a flat folder's sorted pairs into train and val.
+
+    ``round(val_fraction * n)`` images (at least one) go to val, drawn by a permutation seeded
+    with ``seed``; the rest, at least one, to train. Each part keeps the sorted order.
+
+    Args:
+        pairs: all (image, mask) pairs of the folder, sorted.
+        split: ``train``/``training`` or ``val``/``validation``.
+        val_fraction: share of the images in the val part, in (0, 1).
+        seed: seed of the permutation (``data.folder_split_seed``).
+        root: the folder, for messages.
+
+    Returns:
+        The pairs of the requested part.
+
+    Raises:
+        ValueError: an unknown split name, a fraction outside (0, 1), or too few images to
+            divide; each message says how to lay out ``train/`` and ``val/`` instead.
+    """
+    fix = (
+        f"or lay out {root}/train/{{images,masks}} and {root}/val/{{images,masks}} "
+        "(classes.txt in either or in the root)"
+    )
+    part = _FLAT_SPLITS.get(split)
+    if part is None:
+        raise ValueError(
+            f"folder: no {root / split / 'images'} for split {split!r}, and a flat folder only "
+            f"divides into {sorted(_FLAT_SPLITS)}. Use one of those splits, {fix}."
+        )
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(
+            f"folder: {root} is flat (no train/ and val/ folders) and data.folder_val_fraction="
+            f"{val_fraction} leaves no disjoint train and val part; set it in (0, 1), {fix}."
+        )
+    n = len(pairs)
+    n_val = max(1, round(val_fraction * n))
+    if n - n_val < 1:
+        raise ValueError(
+            f"folder: {root} is flat and holds {n} image(s): too few to divide into disjoint "
+            f"train and val parts with data.folder_val_fraction={val_fraction}. Add images, {fix}."
+        )
+    in_val = np.zeros(n, dtype=bool)
+    in_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    chosen = [pair for pair, v in zip(pairs, in_val, strict=True) if v == (part == "val")]
+    logger.info(
+        "folder: %s is flat; seeded split (data.folder_split_seed=%d, data.folder_val_fraction="
+        "%s): %d train, %d val images; split %r has %d",
+        root,
+        seed,
+        val_fraction,
+        n - n_val,
+        n_val,
+        split,
+        len(chosen),
+    )
+    return chosen
+
+
+def not_a_folder(root: Path) -> str:
+    """What a file given as the dataset root is (zip, tar or other), and how to fix it."""
+    extracted = root.parent / root.name.split(".")[0]
+    if zipfile.is_zipfile(root):
+        return (
+            f"dataset root {root} is a zip archive, not a folder. Unzip it "
+            f"(unzip {root} -d {extracted}) and pass the extracted folder as --data-root."
+        )
+    if tarfile.is_tarfile(root):
+        return (
+            f"dataset root {root} is a tar archive, not a folder. Extract it (mkdir {extracted} "
+            f"&& tar -xf {root} -C {extracted}) and pass the extracted folder as --data-root."
+        )
+    return (
+        f"dataset root {root} is a file, not a folder. Pass the folder that holds the dataset "
+        "as --data-root."
+    )
 
 
 DATASETS: dict[str, type[SegDataset]] = {
@@ -447,21 +553,23 @@ GENERATED = (SyntheticDataset, OrganismDataset)
 
 
 def load_dataset(
-    name: str, root: str | PathLike | None = None, split: str = "train", **options
+    name: str, root: str | PathLike | None = None, split: str | None = "train", **options
 ) -> SegDataset:
     """Build a dataset from the registry.
 
     Args:
         name: a key of ``DATASETS`` (case and ``_``/``-`` insensitive).
         root: the dataset folder; must be None for the generated ``synthetic`` and ``organism``.
-        split: ``train``/``val`` (dataset-specific aliases such as ``validation`` work too).
+        split: ``train``/``val`` (dataset-specific aliases such as ``validation`` work too);
+            None serves all images of a flat ``folder`` dataset, undivided (to inspect it).
         **options: passed to the dataset class (e.g. ``num_images`` for ``synthetic``).
 
     Returns:
         The dataset, its items ordered deterministically.
 
     Raises:
-        ValueError: unknown name (with a suggestion), missing root, or an empty dataset.
+        ValueError: unknown name (with a suggestion), missing root, a root that is a file (an
+            archive: the message says how to extract it), or an empty dataset.
         FileNotFoundError: the expected folder or a mask is missing; the message shows the layout.
     """
     key = name.strip().lower().replace("_", "-")
@@ -479,10 +587,12 @@ def load_dataset(
     if root is None:
         raise ValueError(f"dataset {key!r} needs a root folder. Expected layout: {cls.layout}")
     root = Path(root).expanduser()
-    if not root.is_dir():
+    if not root.exists():
         raise FileNotFoundError(
             f"{key}: dataset root {root} does not exist. Expected layout: {cls.layout}"
         )
+    if not root.is_dir() and not getattr(cls, "accepts_files", False):
+        raise ValueError(f"{key}: {not_a_folder(root)} Expected layout: {cls.layout}")
     dataset = cls(root, split, **options)
     logger.info("loaded %r", dataset)
     return dataset

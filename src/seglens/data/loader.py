@@ -33,6 +33,15 @@ class _Failure:
     error: BadSampleError
 
 
+@dataclass
+class _Noted:
+    """A loaded item whose sample carried notes (doubts that do not stop it), for the stream."""
+
+    item: Any
+    name: str
+    notes: tuple[str, ...]
+
+
 class _Guarded(torch.utils.data.Dataset):
     """Load + transform one item; a BadSampleError becomes a ``_Failure`` record.
 
@@ -50,9 +59,10 @@ class _Guarded(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Any:
         try:
             sample = self.dataset[index]
-            return sample if self.transform is None else self.transform(sample)
+            item = sample if self.transform is None else self.transform(sample)
         except BadSampleError as e:
             return _Failure(index, self.dataset.name_of(index), e)
+        return _Noted(item, sample.name, sample.notes) if sample.notes else item
 
 
 def _collate_list(batch: list) -> list:
@@ -64,6 +74,8 @@ class SampleStream:
 
     Attributes:
         skipped: ``(sample name, error message)`` of every sample skipped in the latest pass.
+        noted: ``(sample name, note)`` of every sample kept with a doubt in the latest pass
+            (e.g. an EXIF orientation that cannot be checked against its mask).
     """
 
     def __init__(
@@ -91,6 +103,7 @@ class SampleStream:
         self.progress = progress
         self.desc = desc
         self.skipped: list[tuple[str, str]] = []
+        self.noted: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
         """Number of batches before skipping (an upper bound with ``on_bad_sample="skip"``)."""
@@ -98,6 +111,7 @@ class SampleStream:
 
     def __iter__(self) -> Iterator[list]:
         self.skipped = []
+        self.noted = []
         loader = torch.utils.data.DataLoader(
             _Guarded(self.dataset, self.transform),
             batch_size=self.batch_size,
@@ -115,6 +129,9 @@ class SampleStream:
             for batch in loader:
                 kept = []
                 for item in batch:
+                    if isinstance(item, _Noted):
+                        self.noted.extend((item.name, note) for note in item.notes)
+                        item = item.item
                     if not isinstance(item, _Failure):
                         kept.append(item)
                     elif self.on_bad_sample == "error":
@@ -136,6 +153,17 @@ class SampleStream:
                 total,
                 name,
                 reason,
+            )
+        if self.noted:
+            name, note = self.noted[0]
+            logger.warning(
+                "%d of %d images carry an EXIF orientation that cannot be checked against their "
+                "mask (first: %s); their masks are taken as drawn on the upright image. If they "
+                "were drawn on the stored pixels, turn them with ImageOps.exif_transpose or "
+                "remove the orientation tags.",
+                len({n for n, _ in self.noted}),
+                total,
+                note,
             )
 
 
@@ -165,7 +193,8 @@ def iterate_samples(
 
     Returns:
         An iterable of non-empty lists of transformed samples, with ``.skipped`` holding
-        ``(name, message)`` for each skipped sample once iteration has run.
+        ``(name, message)`` for each skipped sample and ``.noted`` ``(name, note)`` for each kept
+        sample with a doubt (logged as one warning with the count) once iteration has run.
     """
     return SampleStream(
         dataset,

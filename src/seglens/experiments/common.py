@@ -42,6 +42,18 @@ def build_dataset(config: DataConfig, split: str, limit: int | None, seed: int =
             options["num_images"] = config.synthetic_images
         if config.dataset == "synthetic":
             options["num_classes"] = config.synthetic_classes
+    elif config.dataset == "folder":
+        options = {
+            "val_fraction": config.folder_val_fraction,
+            "split_seed": config.folder_split_seed,
+        }
+    elif config.dataset == "hf":
+        options = {
+            "image_column": config.hf_image_column,
+            "label_column": config.hf_label_column,
+            "reduce_zero_label": config.hf_reduce_zero_label,
+            "classes": config.hf_classes,
+        }
     dataset = load_dataset(config.dataset, config.root, split, **options)
     if len(dataset) == 0:
         raise ValueError(f"dataset {config.dataset!r} split {split!r} is empty")
