@@ -28,7 +28,7 @@ import torch
 from seglens.distributed import gather_object, rank_world
 from seglens.experiments.knockout import _scan_labels, predict_stages, stream_batches
 from seglens.experiments.knockout_sets import pair_images, select_pairs
-from seglens.experiments.stats import percentile_interval, resample_weights
+from seglens.experiments.stats import centred_interval, resample_weights
 from seglens.models import VLM, Batch
 from seglens.probes import load_probe
 from seglens.rundir import RunDir
@@ -398,8 +398,8 @@ def attention_section(
             cell = _cells(mass[:, j, k].sum(0), uniform[:, j, k].sum(0), queries[:, k].sum())
             with np.errstate(invalid="ignore", divide="ignore"):
                 values = (weights @ mass[:, j, k, 0]) / (weights @ uniform[:, j, k, 0])
-            low, high = percentile_interval(values, confidence)
             estimate = (cell["ratio"] or {}).get("anchors")
+            low, high = centred_interval(estimate, values, confidence)
             cell["anchor_ratio"] = {"estimate": estimate, "low": low, "high": high, "n_images": n}
             if low is not None and low > 1:
                 anchor_layers[g].append(s)

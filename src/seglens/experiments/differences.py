@@ -3,9 +3,10 @@
 The claims are differences between stages or conditions measured on the same evaluation images:
 the change at the adapter, the gain across LLM layers, bidirectional minus causal attention, and
 whether bidirectional attention helps early token positions more than late ones. Each gets a paired
-percentile bootstrap over images (``seglens.experiments.stats``) from the per-image counts that the
-evaluation keeps; those counts are saved in the run's arrays (``image_counts__<stage>__<level>``)
-so that a later analysis (``seglens bidir``) can pair its condition with the saved one.
+bootstrap interval over images (``seglens.experiments.stats``, centred on its estimate) from the
+per-image counts that the evaluation keeps; those counts are saved in the run's arrays
+(``image_counts__<stage>__<level>``) so that a later analysis (``seglens bidir``) can pair its
+condition with the saved one.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import numpy as np
 
 from seglens.experiments.stats import (
     bootstrap_contrast,
+    centred_interval,
     metric_of,
     paired_bootstrap,
-    percentile_interval,
     resample_weights,
     resampled_metric,
 )
@@ -92,14 +93,14 @@ def probing_differences(
         n_resamples, confidence, seed: of the bootstrap (0 resamples: estimates only).
 
     Returns:
-        ``{"level", "metric": "miou", "confidence", "n_resamples", "seed",
+        ``{"level", "metric": "miou", "confidence", "n_resamples", "seed", "interval",
         "adapter_minus_encoder": I or None, "llm_minus_adapter": {stage: I},
         "best_llm_minus_adapter": {"stage", **I} or None}`` with I = ``{estimate, low, high,
         n_images}``. The best LLM layer is the one with the highest mIoU; in each resample the
         best layer is chosen again, so its interval includes the choice.
     """
     options = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
-    out: dict[str, Any] = {"level": level, "metric": "miou", **options}
+    out: dict[str, Any] = {"level": level, "metric": "miou", **options, "interval": "centred"}
     out |= {"adapter_minus_encoder": None, "llm_minus_adapter": {}, "best_llm_minus_adapter": None}
     if "adapter" not in per_stage:
         return out
@@ -129,7 +130,9 @@ def probing_differences(
         with np.errstate(all="ignore"):
             gain = np.nanmax(np.where(np.isnan(per_layer), -np.inf, per_layer), axis=0)
         gain = gain - resampled_metric(adapter, "miou", weights)
-        best_gain["low"], best_gain["high"] = percentile_interval(gain, confidence)
+        best_gain["low"], best_gain["high"] = centred_interval(
+            best_gain["estimate"], gain, confidence
+        )
     out["best_llm_minus_adapter"] = best_gain
     return out
 
@@ -157,14 +160,15 @@ def bidirectional_differences(
         n_resamples, confidence, seed: of the bootstrap.
 
     Returns:
-        ``{"level", "metric", "confidence", "n_resamples", "seed", "bidirectional_minus_causal":
+        ``{"level", "metric", "confidence", "n_resamples", "seed", "interval",
+        "bidirectional_minus_causal":
         {stage: I}, "early_minus_late_gain": {"stage", **I} or None, "missing": [...]}`` with I =
         ``{estimate, low, high, n_images}``. The band gain is ``(acc_b(early) - acc_c(early)) -
         (acc_b(late) - acc_c(late))``, band accuracy pooled over the band's tokens; ``missing``
         names the counts a run did not save (older runs).
     """
     options = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
-    out: dict[str, Any] = {"level": level, "metric": "miou", **options}
+    out: dict[str, Any] = {"level": level, "metric": "miou", **options, "interval": "centred"}
     out |= {"bidirectional_minus_causal": {}, "early_minus_late_gain": None, "missing": []}
     for s in stages:
         b, c = (counts_from_arrays(x, s, level, "miou") for x in (bidirectional, causal))

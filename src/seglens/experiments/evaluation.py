@@ -20,6 +20,7 @@ from seglens.distributed import gather_object as _gather
 from seglens.distributed import interleave
 from seglens.distributed import rank_world as _rank_world
 from seglens.distributed import sum_over_ranks as _sum_over_ranks
+from seglens.experiments.stats import bootstrap_contrast
 from seglens.experiments.streaming import qualitative_stages, shard_dataset, stream_batches
 from seglens.metrics import (
     ConfusionMatrix,
@@ -78,7 +79,11 @@ class StageResults:
     def _level(self, cm: ConfusionMatrix, counts: PerImageCounts, unit: str) -> dict:
         ci = {m: [None, None] for m in ("miou", "pixel_accuracy")}
         if self.bootstrap > 0 and len(counts):
-            ci = {m: list(counts.bootstrap(m, self.bootstrap, seed=self.seed)) for m in ci}
+            for m, name in (("miou", "miou"), ("pixel_accuracy", "accuracy")):
+                i = bootstrap_contrast(
+                    [(1.0, counts)], name, n_resamples=self.bootstrap, seed=self.seed
+                )
+                ci[m] = [i["low"], i["high"]]
         return {**cm.to_dict(), "ci": ci, unit: int(cm.matrix.sum())}
 
     def metrics(self) -> dict[str, dict]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from seglens.experiments.stats import percentile_interval, resample_weights
+from seglens.experiments.stats import centred_interval, resample_weights
 
 __all__ = ["CONTROL_POOLS", "COUNT_FIELDS", "MODES", "blocked_keys", "control_name", "key_sets"]
 __all__ += ["knockout_differences", "layer_windows", "pair_counts", "pair_images", "pair_scores"]
@@ -340,8 +340,8 @@ def knockout_differences(
             diffs = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(acc[c1], acc[c2], strict=True)]
             est, res = (_pair_mean([d[k] for d in diffs], len(stages)) for k in (0, 1))
             for j, stage in enumerate(stages):
-                low, high = percentile_interval(res[:, j], confidence)
                 value = float(est[0, j]) if len(est) else float("nan")
+                low, high = centred_interval(value, res[:, j], confidence)
                 out[group][stage][name] = {
                     "estimate": value if np.isfinite(value) else None,
                     "low": low,
