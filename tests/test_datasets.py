@@ -313,6 +313,7 @@ def test_registry_names():
         "cityscapes",
         "coco-stuff",
         "folder",
+        "hf",
         "synthetic",
         "organism",
     }

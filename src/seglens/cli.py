@@ -60,6 +60,29 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         help="ade20k, voc, cityscapes, coco-stuff, folder, synthetic",
     )
     parser.add_argument("--data-root", dest="data.root", help="dataset root folder")
+    parser.add_argument(
+        "--folder-val-fraction",
+        dest="data.folder_val_fraction",
+        type=float,
+        help="flat folder dataset: share of its images in the seeded val part (default 0.2)",
+    )
+    parser.add_argument("--hf-image-column", dest="data.hf_image_column", help="hf: image column")
+    parser.add_argument(
+        "--hf-label-column",
+        dest="data.hf_label_column",
+        help="hf: label-map column (default: annotation, mask or label)",
+    )
+    parser.add_argument(
+        "--hf-reduce-zero-label",
+        dest="data.hf_reduce_zero_label",
+        **FLAG,
+        help="hf: ADE20K-style labels (raw 0 = other -> ignore, raw k -> class k-1)",
+    )
+    parser.add_argument(
+        "--hf-classes",
+        dest="data.hf_classes",
+        help="hf: class names, a classes.txt file or ade20k, voc, cityscapes, coco-stuff",
+    )
     parser.add_argument("--train-split", dest="data.train_split")
     parser.add_argument("--eval-split", dest="data.eval_split")
     parser.add_argument(

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from seglens.data.base import IGNORE_INDEX, BadSampleError, Sample, SegDataset
+from seglens.data.hf import HFDataset
 from seglens.data.io import check_exif_fit, read_image_oriented, read_mask
 from seglens.data.organism import OrganismDataset
 from seglens.data.synthetic import SyntheticDataset
@@ -545,6 +546,7 @@ DATASETS: dict[str, type[SegDataset]] = {
     "cityscapes": Cityscapes,
     "coco-stuff": COCOStuff,
     "folder": FolderDataset,
+    "hf": HFDataset,
     "synthetic": SyntheticDataset,
     "organism": OrganismDataset,
 }
