@@ -7,6 +7,9 @@ target. The ``prefixed`` pair names nested state the way checkpoints store it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -15,6 +18,55 @@ from seglens.data.base import IGNORE_INDEX
 from seglens.distributed import sum_over_ranks, world
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
+
+#: Unit roundoff of a GEMM's inputs per ``probe.gemm`` (float32: 24-bit, tf32: 11-bit, bf16: 8-bit
+#: significands): the scale of the rounding noise in a float32 result, used by the sgd noise floor.
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "tf32": 2.0**-11, "bfloat16": 2.0**-8}
+GEMMS = tuple(UNIT_ROUNDOFF)
+
+
+def accumulate_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of cheap accumulations (per-batch sums, the lda statistics, the final solve):
+    float64, except on MPS, which has no float64 kernels (float32 there)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+@functools.cache
+def _warn_tf32(device_type: str) -> None:
+    log.warning(
+        "probe.gemm='tf32' applies to CUDA tensor cores only; on %s the probe GEMMs run in "
+        "float32 (set probe.gemm=float32 or bfloat16 there)",
+        device_type,
+    )
+
+
+def matmul(a: Tensor, b: Tensor, gemm: str = "float32") -> Tensor:
+    """float32 (M, K) x (K, N) -> float32 (M, N) at the precision ``gemm`` names.
+
+    float32: a plain float32 GEMM (with TF32 off on CUDA, whatever the global setting); tf32:
+    CUDA tensor cores with 10-bit mantissas (float32 elsewhere, with a warning once); bfloat16:
+    inputs rounded to bf16, the product returned as float32.
+    """
+    if gemm == "bfloat16":
+        return (a.bfloat16() @ b.bfloat16()).float()
+    if a.device.type != "cuda":
+        if gemm == "tf32":
+            _warn_tf32(a.device.type)
+        return a @ b
+    with _fp32_precision("high" if gemm == "tf32" else "highest"):
+        return a @ b
+
+
+@contextlib.contextmanager
+def _fp32_precision(precision: str):
+    """Set torch's float32 matmul precision for the block and restore it afterwards."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def all_reduce_sum(tensors: Sequence[Tensor]) -> list[Tensor]:

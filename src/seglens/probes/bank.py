@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from seglens.probes._common import Tensor, check_batch, targets, unprefixed
+from seglens.distributed import world
+from seglens.probes._common import Tensor, all_reduce_sum, check_batch, targets, unprefixed
 from seglens.probes.base import _Probe
 from seglens.probes.io import FORMAT, read_probe, write_meta
 from seglens.probes.lda import LDAProbe
-from seglens.probes.sgd import LinearProbe
+from seglens.probes.sgd import LinearProbe, pack_gradients, unpack_gradients
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,14 @@ SOLVERS = tuple(_PROBES)
 _STAGE_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
-def load_probe(stem: str | os.PathLike, device: str | torch.device = "cpu") -> _Probe:
+def load_probe(stem: str | os.PathLike, map_location: str | torch.device = "cpu") -> _Probe:
     """Load a probe written by ``save(stem)``: it predicts bit for bit as the saved one did.
 
     The result is for inference: optimiser moments and LDA statistics live in ``state_dict``.
+    ``map_location`` is where its tensors go (default the CPU, whatever device it was saved
+    from); features on any other device are moved to it when predicting.
     """
-    meta, tensors = read_probe(stem, _PROBES, device)
+    meta, tensors = read_probe(stem, _PROBES, map_location)
     hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["hyperparameters"].items()}
     cls = _PROBES[meta["solver"]]
     probe = cls(meta["n_classes"], class_names=meta["class_names"], name=meta["name"], **hyper)
@@ -99,10 +102,32 @@ class ProbeBank:
             log.debug("batch without valid tokens skipped")
             return self
         per_device: dict[torch.device, tuple[Tensor, Tensor]] = {}  # targets once per device
+        if self.solver == "sgd" and world() > 1:
+            return self._sgd_step(flat, per_device)
         for stage, (x, y, h) in flat.items():
             if x.device not in per_device:
                 per_device[x.device] = targets(y, h, self.n_classes)
             self.probes[stage]._update(x, *per_device[x.device])
+        return self
+
+    def _sgd_step(self, flat: Mapping[str, tuple], per_device: dict) -> ProbeBank:
+        """sgd under torch.distributed: every stage's gradients (all K lrs) in one flat buffer
+        per device, summed over ranks by ONE all_reduce, then every stage's AdamW step."""
+        grads: dict[str, dict[str, Tensor]] = {}
+        for stage, (x, y, h) in flat.items():
+            if x.device not in per_device:
+                per_device[x.device] = targets(y, h, self.n_classes)
+            g = self.probes[stage]._gradients(x, *per_device[x.device])
+            if g is not None:  # warming up or stopped: the same on every rank
+                grads[stage] = g
+        by_device: dict[torch.device, list[str]] = {}
+        for stage, g in grads.items():
+            by_device.setdefault(g["W"].device, []).append(stage)
+        for stages in by_device.values():
+            parts = [grads[s] for s in stages]
+            summed = all_reduce_sum([pack_gradients(parts)])[0]
+            for stage, g in zip(stages, unpack_gradients(summed, parts), strict=True):
+                self.probes[stage]._apply(g)
         return self
 
     def validate(self, features: Mapping[str, Tensor], labels: Tensor) -> ProbeBank:
@@ -161,11 +186,13 @@ class ProbeBank:
         write_meta(directory / "bank.json", meta | {"stages": list(self.probes)})
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> ProbeBank:
-        """Load a bank written by ``save``, ready to predict."""
+    def load(
+        cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+    ) -> ProbeBank:
+        """Load a bank written by ``save``, ready to predict, its tensors on ``map_location``."""
         meta = json.loads((Path(directory) / "bank.json").read_text())
         bank = cls(meta["stages"], meta["n_classes"], solver=meta["solver"])
-        bank.probes = {s: load_probe(Path(directory) / s, device) for s in meta["stages"]}
+        bank.probes = {s: load_probe(Path(directory) / s, map_location) for s in meta["stages"]}
         return bank
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -16,10 +16,43 @@ import torch
 
 from seglens.data.base import IGNORE_INDEX
 from seglens.distributed import world
-from seglens.probes._common import Tensor, all_reduce_sum, confusion, miou, prefixed, unprefixed
+from seglens.probes._common import (
+    GEMMS,
+    UNIT_ROUNDOFF,
+    Tensor,
+    all_reduce_sum,
+    confusion,
+    matmul,
+    miou,
+    prefixed,
+    unprefixed,
+)
 from seglens.probes.base import _Probe
 from seglens.probes.convergence import EarlyStopping, lr_at_edge
 from seglens.probes.standardize import Standardizer
+
+#: The noise floor in AdamW's denominator (default path), in units of the GEMM's rounding:
+#: NOISE_FLOOR * u * |z_d| |G_kc| / n. Gradient elements whose cosine between feature d and the
+#: error column kc is below ~NOISE_FLOOR * u (1e-6 in float32) take steps < lr instead of +-lr.
+NOISE_FLOOR = 16.0
+
+
+def pack_gradients(grads: Sequence[Mapping[str, Tensor]]) -> Tensor:
+    """Several probes' ``_gradients`` -> one flat buffer (one all_reduce for all of them)."""
+    return torch.cat([g[k].reshape(-1).to(g["W"].dtype) for g in grads for k in sorted(g)])
+
+
+def unpack_gradients(flat: Tensor, like: Sequence[Mapping[str, Tensor]]) -> list[dict]:
+    """``pack_gradients``'s inverse: views of ``flat`` shaped and typed as ``like``."""
+    out, i = [], 0
+    for g in like:
+        part = {}
+        for k in sorted(g):
+            n = g[k].numel()
+            part[k] = flat[i : i + n].view(g[k].shape).to(g[k].dtype)
+            i += n
+        out.append(part)
+    return out
 
 
 class LinearProbe(_Probe):
@@ -50,6 +83,11 @@ class LinearProbe(_Probe):
             stops improving, keep each candidate's best-epoch weights and select the candidate
             with the lowest held-out loss (without it: the best validation mIoU after training).
         patience, min_delta: the stopping rule (see ``EarlyStopping``).
+        exact: float64 gradient GEMM (bitwise equal across batch splits and process counts,
+            1/32-1/64 speed on most GPUs). Default: float32 GEMMs (``gemm``) with a noise floor
+            (``NOISE_FLOOR``) in AdamW's denominator, so rounding noise in gradients that cancel
+            (absent classes) does not become lr-sized steps.
+        gemm: ``float32``, ``tf32`` or ``bfloat16``: the GEMMs' precision when not ``exact``.
         class_names, name: metadata (the name appears in errors).
     """
 
@@ -74,6 +112,8 @@ class LinearProbe(_Probe):
         early_stopping: bool = False,
         patience: int = 2,
         min_delta: float = 0.005,
+        exact: bool = False,
+        gemm: str = "float32",
         class_names: Sequence[str] | None = None,
         name: str | None = None,
     ):
@@ -85,6 +125,12 @@ class LinearProbe(_Probe):
                 "need weight_decay >= 0, epochs >= 1, batch_size >= 1, 0 < validation_fraction "
                 f"< 1; got {weight_decay}, {epochs}, {batch_size}, {validation_fraction}"
             )
+        if gemm not in GEMMS or (exact and gemm != "float32"):
+            raise ValueError(
+                f"gemm must be one of {GEMMS} (float32 with exact=True), got {gemm!r} with "
+                f"exact={exact}"
+            )
+        self.exact, self.gemm = bool(exact), gemm
         self.lrs = tuple(float(lr) for lr in lrs)
         self.weight_decay, self.betas, self.eps = float(weight_decay), tuple(betas), float(eps)
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
@@ -113,7 +159,9 @@ class LinearProbe(_Probe):
         """Standardised (M, D) -> (M, K, C) logits of all K candidates, in one GEMM."""
         p = self._params
         D, K, C = p["W"].shape
-        return torch.addmm(p["b"].view(-1), z, p["W"].view(D, K * C)).view(-1, K, C)
+        if self.exact or (self.gemm == "float32" and z.device.type != "cuda"):
+            return torch.addmm(p["b"].view(-1), z, p["W"].view(D, K * C)).view(-1, K, C)
+        return matmul(z, p["W"].view(D, K * C), self.gemm).add_(p["b"].view(-1)).view(-1, K, C)
 
     @property
     def stopped(self) -> bool:
@@ -121,11 +169,26 @@ class LinearProbe(_Probe):
         return self.stopping is not None and self.stopping.stopped
 
     def _update(self, x: Tensor, T: Tensor, valid: Tensor) -> None:
+        grads = self._gradients(x, T, valid)
+        if grads is None:
+            return
+        if self.sync_gradients and world() > 1:
+            # Sum gradients and counts separately: the mean over ALL ranks' valid tokens, i.e.
+            # one process's step on the union of the ranks' batches (not a mean of means).
+            flat = all_reduce_sum([pack_gradients([grads])])[0]
+            grads = unpack_gradients(flat, [grads])[0]
+        self._apply(grads)
+
+    def _gradients(self, x: Tensor, T: Tensor, valid: Tensor) -> dict[str, Tensor] | None:
+        """This batch's summed per-token gradients, before any all_reduce: ``W`` (D, K, C),
+        ``b`` (K, C), the valid-token count ``n`` and, on the default path, the column norms
+        ``zz`` (D,) and ``gg`` (K*C,) (squared) that set the noise floor. None while the
+        standardiser is still warming up or once the probe has stopped."""
         if not self.standardizer.frozen:
             self.standardizer.partial_fit(x)
-            return
+            return None
         if self.stopped:
-            return
+            return None
         self._fitted, self._conf = None, None  # new weights: old selection and scores are stale
         p = self._params
         if not p:
@@ -138,26 +201,45 @@ class LinearProbe(_Probe):
         z = self.standardizer.transform(x)  # (M, D)
         D, K, C = p["W"].shape
         logits = self._logits(z)
-        n_valid = valid.sum()
-        # Sum of per-token gradients (M, K, C), divided by the valid-token count below. The sums
-        # are float64: a class absent from a batch gets a gradient that cancels to rounding noise
-        # (~1e-8), which AdamW would blow up to +-lr; in float64 the noise stays ~1e-16, so the
-        # result does not depend on how tokens are split into batches or over ranks.
-        G = (logits.softmax(-1) - T[:, None, :]).mul_(valid.float()[:, None, None]).double()
-        grads = {"W": (z.double().T @ G.view(-1, K * C)).view(D, K, C), "b": G.sum(0)}
-        n = n_valid
-        if self.sync_gradients and world() > 1:
-            # Sum gradients and counts separately: the mean over ALL ranks' valid tokens, i.e.
-            # exactly one process's step on the union of the ranks' batches (not a mean of means).
-            grads["W"], grads["b"], n = all_reduce_sum([grads["W"], grads["b"], n])
-            if not n > 0:  # no rank had a valid token: one process would skip this batch
-                return
-        # Mean over valid tokens, as ignore_index does.
-        self._adamw({k: (g / n.clamp_min(1)).float() for k, g in grads.items()})
-        p["n_tokens"] += n  # over all ranks
+        G = (logits.softmax(-1) - T[:, None, :]).mul_(valid.float()[:, None, None])  # (M, K, C)
+        if self.exact:
+            # float64: a class absent from a batch gets a gradient that cancels to rounding noise
+            # (~1e-8 in float32), which AdamW would blow up to +-lr; in float64 the noise stays
+            # ~1e-16, so the result does not depend on how tokens are split into batches or ranks.
+            G = G.double()
+            W = (z.double().T @ G.view(-1, K * C)).view(D, K, C)
+            return {"W": W, "b": G.sum(0), "n": valid.sum().double()}
+        G2 = G.view(-1, K * C)
+        W = matmul(z.T, G2, self.gemm).view(D, K, C)
+        # The bias sum and the norms are O(M (D + K C)): cheap next to the GEMMs.
+        b = G.sum(0, dtype=torch.float64).float()
+        zz, gg = z.square().sum(0), G2.square().sum(0)
+        return {"W": W, "b": b, "n": valid.sum().float(), "zz": zz, "gg": gg}
 
-    def _adamw(self, grads: Mapping[str, Tensor]) -> None:
-        """torch.optim.AdamW's update, with the (K,) lrs broadcast over the candidate axis."""
+    def _apply(self, grads: Mapping[str, Tensor]) -> None:
+        """One AdamW step from summed gradients (over ranks too): the mean over valid tokens,
+        as ignore_index does; with no valid token anywhere, no step (as one process)."""
+        n = grads["n"]
+        if world() > 1 and not n > 0:  # no rank had a valid token: one process would skip it
+            return
+        n1 = n.clamp_min(1)
+        mean = {k: (grads[k] / n1).float() for k in ("W", "b")}
+        floor = None
+        if not self.exact:
+            # Rounding noise of a float32 dot product over the batch is at most ~u |z| |G|
+            # (Cauchy-Schwarz); a gradient element far below that floor is noise, e.g. an absent
+            # class whose terms cancel. As AdamW's eps it turns such noise into steps of
+            # <= lr / NOISE_FLOOR instead of +-lr, continuously (no threshold to flip).
+            u = NOISE_FLOOR * UNIT_ROUNDOFF[self.gemm]
+            D, K, C = mean["W"].shape
+            scale = grads["zz"].sqrt()[:, None] * grads["gg"].sqrt()[None, :]
+            floor = (scale * (u / n1.float())).view(D, K, C)
+        self._adamw(mean, floor)
+        self._params["n_tokens"] += n.long()  # over all ranks
+
+    def _adamw(self, grads: Mapping[str, Tensor], floor: Tensor | None = None) -> None:
+        """torch.optim.AdamW's update, with the (K,) lrs broadcast over the candidate axis;
+        ``floor`` (D, K, C), if given, replaces eps for the weights where it is larger."""
         self._step += 1
         (b1, b2), p = self.betas, self._params
         bc1, bc2_sqrt = 1 - b1**self._step, math.sqrt(1 - b2**self._step)
@@ -167,7 +249,8 @@ class LinearProbe(_Probe):
                 param.mul_(1 - lr * self.weight_decay)
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            param.sub_(m / (v.sqrt() / bc2_sqrt + self.eps) * (lr / bc1))
+            eps = self.eps if floor is None or key == "b" else floor.clamp_min(self.eps)
+            param.sub_(m / (v.sqrt() / bc2_sqrt + eps) * (lr / bc1))
 
     # --- held-out loss, early stopping ----------------------------------------------------------
     def _validate(self, x: Tensor, y: Tensor) -> None:
@@ -247,7 +330,7 @@ class LinearProbe(_Probe):
     def _hyperparameters(self) -> dict:
         keys = ("lrs", "weight_decay", "betas", "eps", "warmup_batches", "warmup_tokens")
         keys += ("epochs", "batch_size", "seed", "validation_fraction", "soft_labels")
-        keys += ("early_stopping", "patience", "min_delta")
+        keys += ("early_stopping", "patience", "min_delta", "exact", "gemm")
         return {k: getattr(self, k) for k in keys}
 
     def _fit_info(self) -> dict:

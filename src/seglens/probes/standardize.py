@@ -80,10 +80,16 @@ class Standardizer:
         n = self._sum.new_tensor(float(self._count))
         return self.set_moments(*all_reduce_sum([self._sum, self._sumsq, n]))
 
-    def set_moments(self, s: Tensor, ss: Tensor, n: Tensor | float) -> Standardizer:
-        """Freeze from feature sums ``s`` (D,), sums of squares ``ss`` (D,) and count ``n``."""
+    def set_moments(
+        self, s: Tensor, ss: Tensor, n: Tensor | float, shift: Tensor | None = None
+    ) -> Standardizer:
+        """Freeze from feature sums ``s`` (D,), sums of squares ``ss`` (D,) and count ``n``,
+        of features shifted by ``shift`` (D,) if given (the spread is shift-free, the mean is
+        the shifted mean plus the shift)."""
         mean = s / n
         std = (ss / n - mean.square()).clamp_min(0).sqrt()
+        if shift is not None:
+            mean = mean + shift.to(mean)
         self.mean_, self.scale_ = mean.float(), torch.where(std < self.eps, 1.0, std).float()
         return self
 
