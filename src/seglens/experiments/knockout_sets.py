@@ -20,7 +20,7 @@ from seglens.experiments.stats import centred_interval, resample_weights
 
 __all__ = ["CONTROL_POOLS", "COUNT_FIELDS", "MODES", "blocked_keys", "control_name", "key_sets"]
 __all__ += ["knockout_differences", "layer_windows", "pair_counts", "pair_images", "pair_scores"]
-__all__ += ["random_control", "select_pairs"]
+__all__ += ["random_control", "select_pairs", "sink_key_sets"]
 
 CONTROL_POOLS = ("outside_pair", "pair", "image")
 MODES = ("block", "keep_only")
@@ -203,6 +203,23 @@ def random_control(
             out[i, take] = True
             need -= len(take)
     return out
+
+
+def sink_key_sets(sinks: np.ndarray, rngs: Sequence[np.random.Generator]) -> dict:
+    """Sink tokens as a knockout source set, with its size-matched random control.
+
+    Args:
+        sinks: (B, N) bool, the sink tokens of each image (``seglens.readouts.sinks.flag_sinks``
+            at a reference stage).
+        rngs: one generator per image.
+
+    Returns:
+        ``{"block_sinks": sinks, "random_sinks": (B, N) bool}``: the control holds as many
+        tokens per image as the sinks, drawn among the image's other tokens (only an image that
+        is nearly all sinks gets sinks in its control).
+    """
+    sinks = np.asarray(sinks, dtype=bool)
+    return {"block_sinks": sinks, "random_sinks": random_control(sinks, sinks, rngs)}
 
 
 def blocked_keys(named: np.ndarray, mode: str) -> np.ndarray:
