@@ -313,3 +313,85 @@ def _umap_section() -> dict:
         "neighbors": 15,
         "seed": 0,
     }
+
+
+# --- intervals that figures must draw whatever they are (issue 19 item 8) -----------------------
+ODD_INTERVALS = [
+    (0.030, 0.034, 0.167),  # entirely above its estimate (the issue's interval)
+    (0.5, 0.1, 0.2),  # entirely below
+    (0.3, 0.3, 0.3),  # empty
+    (0.4, 0.45, 0.2),  # ends swapped
+    (0.2, None, 0.4),  # one end missing
+    (None, 0.1, 0.2),  # no estimate
+    (0.2, float("nan"), float("nan")),  # nan ends
+    (0.2, 0.0, 0.9),  # wide, asymmetric
+]
+
+
+def _make_intervals_odd(node, counter):
+    """Rewrite every interval ({estimate, low, high} dicts and ``ci`` pairs) in place, cycling
+    through ``ODD_INTERVALS``."""
+    if isinstance(node, dict):
+        if {"estimate", "low", "high"} <= set(node):
+            _, low, high = ODD_INTERVALS[next(counter) % len(ODD_INTERVALS)]
+            node["low"], node["high"] = low, high
+        if isinstance(node.get("ci"), dict):
+            for metric in node["ci"]:
+                _, low, high = ODD_INTERVALS[next(counter) % len(ODD_INTERVALS)]
+                node["ci"][metric] = [low, high]
+        for value in node.values():
+            _make_intervals_odd(value, counter)
+    elif isinstance(node, list):
+        for value in node:
+            _make_intervals_odd(value, counter)
+
+
+INTERVAL_FIGURES = ("layerwise_miou", "differences", "knockout_gaps")
+
+
+def test_every_figure_draws_any_interval(full_run, tmp_path):
+    import copy
+    import itertools
+
+    run, _, _ = full_run
+    results = copy.deepcopy(read_json(run / "results.json"))
+    counter = itertools.count()
+    _make_intervals_odd(results, counter)
+    assert next(counter) > 3 * len(ODD_INTERVALS)  # the rewrite reached many intervals
+    for name in INTERVAL_FIGURES:
+        fig = FIGURES[name](results, run)
+        assert fig is not None, name
+        fig.canvas.draw()  # rendering is where matplotlib checks error bars
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    write_json(odd / "results.json", results)
+    _assert_png(compare_runs([odd, run], tmp_path / "compare.png"))
+
+
+def test_interval_bars_span_low_to_high_whatever_the_estimate():
+    from seglens.report.canvas import interval_bars, new_figure
+
+    fig = new_figure(3, 2)
+    ax = fig.subplots()
+    est, low, high = (list(v) for v in zip(*ODD_INTERVALS, strict=True))
+    interval_bars(ax, range(len(est)), est, low, high, "k", "odd")
+    (bars,) = [
+        c
+        for c in ax.collections
+        if len(c.get_segments()) and c.get_segments()[0][0, 0] == c.get_segments()[0][1, 0]
+    ]
+    spans = sorted(
+        (float(s[0, 0]), *sorted((float(s[0, 1]), float(s[1, 1])))) for s in bars.get_segments()
+    )
+    # Bars exactly where both ends exist, from the lower end to the upper one.
+    assert spans == [
+        (0, 0.034, 0.167),
+        (1, 0.1, 0.2),
+        (2, 0.3, 0.3),
+        (3, 0.2, 0.45),
+        (5, 0.1, 0.2),
+        (7, 0.0, 0.9),
+    ]
+    (markers,) = ax.lines
+    assert list(markers.get_xdata()) == [0, 1, 2, 3, 4, 6, 7]  # every finite estimate
+    fig.canvas.draw()

@@ -1,8 +1,10 @@
-"""Drawing primitives shared by the figure modules: figures, saving, stage order and colours.
+"""Drawing primitives shared by the figure modules: figures, saving, intervals, stage order and
+colours.
 
 Figures are ``matplotlib.figure.Figure`` objects on an Agg canvas (no pyplot, no global state),
-saved through ``atomic_write``. Stage order and class colours are defined once here so every
-figure and the HTML report agree on them.
+saved through ``atomic_write``. Stage order, class colours and the drawing of intervals
+(``interval_bars``, ``interval_band``: any interval, from its low to its high end) are defined
+once here so every figure and the HTML report agree on them.
 """
 
 from __future__ import annotations
@@ -131,3 +133,66 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     counts = np.convolve(finite.astype(np.float64), kernel, mode="same")
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+# --- intervals --------------------------------------------------------------------------------
+def interval_arrays(
+    estimate: Sequence[Any], low: Sequence[Any], high: Sequence[Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three float arrays (None -> nan), the ends ordered so that low <= high where both exist.
+
+    An interval is drawn from its low to its high end whatever the estimate: one that excludes
+    its estimate, is empty (low == high) or has one end missing is still drawn (or skipped).
+    """
+
+    def floats(values: Sequence[Any]) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+    est, lo, hi = floats(estimate), floats(low), floats(high)
+    return est, np.minimum(lo, hi), np.maximum(lo, hi)  # nan if either end is missing
+
+
+def interval_bars(
+    ax: Any,
+    x: Sequence[float],
+    estimate: Sequence[Any],
+    low: Sequence[Any],
+    high: Sequence[Any],
+    colour: Any,
+    label: str | None = None,
+    marker: str = "o",
+) -> None:
+    """Estimates as markers and each interval as a vertical bar with caps from low to high.
+
+    Never raises on the values: None/nan estimates draw no marker, an interval with a missing end
+    draws no bar, and a bar need not contain its estimate (unlike ``ax.errorbar``'s offsets).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    est, lo, hi = interval_arrays(estimate, low, high)
+    both = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(x)
+    if both.any():
+        ax.vlines(x[both], lo[both], hi[both], color=colour, linewidth=1.2)
+        width = 0.12 * (np.ptp(x) / max(len(x) - 1, 1) if len(x) > 1 else 1.0)
+        for end in (lo, hi):
+            ax.hlines(end[both], x[both] - width, x[both] + width, color=colour, linewidth=1.0)
+    shown = np.isfinite(est) & np.isfinite(x)
+    ax.plot(x[shown], est[shown], marker, ms=3, linestyle="none", color=colour, label=label)
+
+
+def interval_band(
+    ax: Any, x: Sequence[float], low: Sequence[Any], high: Sequence[Any], colour: Any
+) -> None:
+    """A shaded band from low to high along x; gaps where an end is missing; never raises."""
+    x = np.asarray(x, dtype=np.float64)
+    _, lo, hi = interval_arrays([None] * len(x), low, high)
+    both = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(x)
+    if both.any():
+        ax.fill_between(
+            x,
+            np.where(both, lo, 0),
+            np.where(both, hi, 0),
+            where=both,
+            color=colour,
+            alpha=0.18,
+            linewidth=0,
+        )

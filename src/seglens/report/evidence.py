@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from seglens.report.canvas import label_stage_axis, new_figure, series_colour
+from seglens.report.canvas import interval_bars, label_stage_axis, new_figure, series_colour
 from seglens.stages import llm_layer
 from seglens.stages import order as order_stages
 
@@ -140,11 +140,9 @@ def differences_figure(results: dict[str, Any], run_dir: str | Path | None = Non
 
 
 def _bars(ax: Any, x: np.ndarray, cells: Sequence[dict], colour: Any, label: str) -> None:
-    est = np.array([c["estimate"] for c in cells], dtype=float)
-    low = np.array([np.nan if c.get("low") is None else c["low"] for c in cells], dtype=float)
-    high = np.array([np.nan if c.get("high") is None else c["high"] for c in cells], dtype=float)
-    yerr = np.vstack([np.nan_to_num(est - low), np.nan_to_num(high - est)])
-    ax.errorbar(x, est, yerr=yerr, fmt="o", ms=3, capsize=2, color=colour, label=label or None)
+    cells = [c or {} for c in cells]
+    est, low, high = ([c.get(k) for c in cells] for k in ("estimate", "low", "high"))
+    interval_bars(ax, x, est, low, high, colour, label or None)
 
 
 # --- knockout ---------------------------------------------------------------------------------
@@ -161,7 +159,7 @@ def knockout_gaps_figure(results: dict[str, Any], run_dir: str | Path | None = N
         stages = _llm(per_stage)
         x = np.arange(len(stages), dtype=float)
         for j, name in enumerate(("block_correct_minus_control", "block_incorrect_minus_control")):
-            cells = [per_stage[s][name] for s in stages]
+            cells = [(per_stage.get(s) or {}).get(name) or {} for s in stages]
             keep = [i for i, c in enumerate(cells) if c.get("estimate") is not None]
             label = name.replace("_minus_control", " - control")
             _bars(ax, x[keep] + 0.15 * j, [cells[i] for i in keep], series_colour(j), label)

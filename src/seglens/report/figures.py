@@ -22,6 +22,7 @@ from seglens.report.canvas import (
     class_legend,
     class_name,
     colourise,
+    interval_band,
     label_stage_axis,
     llm_layer,
     new_figure,
@@ -68,8 +69,7 @@ def _levels_present(blocks: Sequence[dict[str, Any]]) -> list[str]:
 
 def _plot_series(ax: Any, x: np.ndarray, series: np.ndarray, colour: Any, label: str) -> None:
     ax.plot(x, series[:, 0], "o-", color=colour, markersize=3, linewidth=1.5, label=label)
-    if np.isfinite(series[:, 1:]).any():
-        ax.fill_between(x, series[:, 1], series[:, 2], color=colour, alpha=0.18, linewidth=0)
+    interval_band(ax, x, series[:, 1], series[:, 2], colour)
 
 
 # --- layerwise curve --------------------------------------------------------------------------
