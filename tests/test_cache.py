@@ -74,7 +74,8 @@ def test_fp16_cache_through_the_config_is_close_to_live(tmp_path, vlm, train):
     live = train_probes(vlm, train, STAGES, cfg, data_config=DATA, seed=1, progress=False)
     cached_cfg = replace(cfg, cache_dir=str(tmp_path / "c"))
     cached = train_probes(vlm, train, STAGES, cached_cfg, data_config=DATA, seed=1, progress=False)
-    manifest = json.loads((tmp_path / "c/causal/manifest.json").read_text())
+    (path,) = (tmp_path / "c/causal").glob("*/manifest.json")  # one entry, named by its identity
+    manifest = json.loads(path.read_text())
     assert manifest["dtype"] == "float16" and manifest["stages"] == STAGES
     assert len(manifest["cached"]) == 9  # the 3 holdout images are scored live, not cached
     assert cached.training_["train_images"] == live.training_["train_images"] == 9
@@ -145,19 +146,23 @@ def test_one_cache_per_condition_and_model(tmp_path, vlm, train):
         train_probes(vlm, part, ["llm.2"], cfg, condition="bidirectional_image", **options)
         stream = iterate_samples(part, batch_size=4, transform=vlm.preprocessor(C), progress=False)
         live = vlm.capture(vlm.collate(next(iter(stream))), ["llm.2"])["llm.2"]
-    causal = FeatureCache(tmp_path / "c/causal")
-    bidir = FeatureCache(tmp_path / "c/bidirectional_image")
-    assert bidir.manifest["source"] == {"model": vlm.name, "condition": "bidirectional_image"}
+    (causal,) = (FeatureCache(p.parent) for p in (tmp_path / "c/causal").glob("*/manifest.json"))
+    (bidir,) = (
+        FeatureCache(p.parent) for p in (tmp_path / "c/bidirectional_image").glob("*/manifest.json")
+    )
+    assert bidir.manifest["source"]["condition"] == "bidirectional_image"
+    assert bidir.manifest["source"]["model"] == causal.manifest["source"]["model"]
     (feats_b, *_), (feats_c, *_) = (
         next(iter(iterate_cache(c, [0, 1, 2, 3], batch_size=4))) for c in (bidir, causal)
     )
     torch.testing.assert_close(feats_b["llm.2"].float(), live.half().float())
     assert not torch.equal(feats_b["llm.2"], feats_c["llm.2"])
-    manifest = tmp_path / "c/causal/manifest.json"
+    # Another model (here: its description altered in place) is a new entry, not a reuse.
+    manifest = causal.dir / "manifest.json"
     data = json.loads(manifest.read_text())
-    data["source"]["model"] = "another-model"
+    data["source"]["model"]["num_llm_layers"] = 99
     manifest.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"holds features of .*another-model.*choose a new"):
+    with pytest.raises(ValueError, match=r"model.num_llm_layers: 99 -> \d+\); delete"):
         train_probes(vlm, part, ["llm.2"], cfg, condition="causal", **options)
 
 

@@ -242,9 +242,10 @@ def test_pickled_weights_are_refused(saved_tiny, tmp_path):
 
 
 def test_overwrite_replaces_only_what_seglens_wrote(tmp_path):
-    """--overwrite drops the old run's outputs (no stale probe or figure survives) and keeps
-    files seglens did not write."""
+    """--overwrite builds the new run beside the old one; once complete it replaces the old
+    run's outputs (no stale probe or figure survives) and keeps files seglens did not write."""
     from seglens.results import RUN_OUTPUTS, prepare_run_dir
+    from seglens.rundir.run import commit_overwrite
 
     run = tmp_path / "run"
     (run / "probes" / "causal").mkdir(parents=True)
@@ -255,6 +256,11 @@ def test_overwrite_replaces_only_what_seglens_wrote(tmp_path):
     (run / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="already holds a run"):
         prepare_run_dir(run)
-    prepare_run_dir(run, overwrite=True)
-    assert not any((run / name).exists() for name in RUN_OUTPUTS)
+    build = prepare_run_dir(run, overwrite=True)
+    assert build == tmp_path / ".run.overwrite" and (run / "figures" / "old.png").exists()
+    (build / "results.json").write_text('{"new": 1}')
+    assert commit_overwrite(build) == run.absolute()
+    assert not any((run / name).exists() for name in RUN_OUTPUTS if name != "results.json")
+    assert (run / "results.json").read_text() == '{"new": 1}'
     assert (run / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

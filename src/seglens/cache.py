@@ -81,8 +81,8 @@ def write_cache(
         shard_images: images per shard file.
         seed: seeds the token subsampling.
         progress: show a progress bar.
-        source: what produced the features (model name, attention condition), recorded in the
-            manifest so that a cache is never reused for another model or condition.
+        source: what the features depend on (``seglens.rundir.identity.cache_identity``),
+            recorded in the manifest so that a cache is never reused for other features.
 
     Returns:
         ``out_dir``. Shards hold ``feat.<stage>`` (n, T, D), ``labels`` (n, T) int64, ``hist``
@@ -361,34 +361,50 @@ def cached_features(
     seed: int = 0,
     progress: bool = True,
 ) -> CachedFeatures:
-    """The feature cache of ``dataset`` under ``condition``, written on first use.
+    """The feature cache entry of ``dataset`` under ``condition``, written on first use.
 
-    The cache lives in ``<probe.cache_dir>/<condition>`` (``condition`` names the attention the
-    model runs under: the features of an intervened model are other features) and holds
-    ``probe.cache_stages`` (default ``stages``), ``probe.cache_tokens_per_image`` tokens per
-    image, fp16. It is reused when its manifest names the same model, condition, images and
-    stages, refused (naming the difference) otherwise. A folder left without a manifest by a
-    killed write is written again.
+    An entry holds ``probe.cache_stages`` (default ``stages``), ``probe.cache_tokens_per_image``
+    tokens per image, fp16, and lives in ``<probe.cache_dir>/<condition>/<key>``, where ``key``
+    is a digest of its identity (``seglens.rundir.identity.cache_identity``: the model and its
+    preprocessing, the images' files, ``min_valid``, the condition, what is stored). A hit needs
+    the whole identity; anything else is a new entry written beside the others, never over them
+    (the log names the first difference from the latest entry). A folder left without a manifest
+    by a killed write is written again.
     """
+    from seglens.rundir import identity
+
     cfg = probe_config
-    cache_dir = Path(cfg.cache_dir) / condition
-    source = {"model": vlm.name, "condition": condition}
-    names = [dataset.name_of(i) for i in range(len(dataset))]
+    cached_stages = list(cfg.cache_stages) if cfg.cache_stages else list(stages)
+    source = identity.cache_identity(
+        vlm,
+        dataset,
+        stages=cached_stages,
+        condition=condition,
+        min_valid=data_config.min_valid,
+        on_bad_sample=data_config.on_bad_sample,
+        tokens_per_image=cfg.cache_tokens_per_image,
+        seed=seed,
+        dtype="float16",
+    )
+    parent = Path(cfg.cache_dir) / condition
+    cache_dir = parent / identity.digest(source)[:16]
     if (cache_dir / MANIFEST).is_file():
         cache = FeatureCache(cache_dir)
-        if cache.manifest.get("source") != source:
+        identity.check(
+            cache.manifest.get("source") or {},
+            source,
+            f"the feature cache entry {cache_dir}",
+            f"delete {cache_dir} (its name is a digest of its identity: it was altered)",
+        )
+        missing = sorted(set(stages) - set(cache.stages))
+        if missing:  # cache_stages names fewer stages than are probed
             raise ValueError(
-                f"probe.cache_dir={cfg.cache_dir} holds features of "
-                f"{cache.manifest.get('source')}, not of {source}; choose a new directory or "
-                f"delete {cache_dir}"
-            )
-        if cache.manifest["images"] != names or set(stages) - set(cache.stages):
-            raise ValueError(
-                f"probe.cache_dir={cfg.cache_dir} holds a cache of other images or stages "
-                f"({cache.stages}); choose a new directory"
+                f"the feature cache {cache_dir} holds stages {cache.stages}, not {missing}; add "
+                "them to probe.cache_stages (or leave it unset to cache every probed stage)"
             )
         log.info("reusing the feature cache in %s", cache_dir)
     else:
+        _log_miss(parent, cache_dir, source)
         if distributed.is_main() and cache_dir.is_dir():
             partial = list(cache_dir.glob("shard-r*.safetensors"))
             if partial:  # a killed write: no manifest, so nothing has read these shards
@@ -399,7 +415,7 @@ def cached_features(
         write_cache(
             vlm,
             dataset,
-            list(cfg.cache_stages) if cfg.cache_stages else list(stages),
+            cached_stages,
             cache_dir,
             data_config=data_config,
             tokens_per_image=cfg.cache_tokens_per_image,
@@ -410,4 +426,26 @@ def cached_features(
         cache = FeatureCache(cache_dir)
     return CachedFeatures(
         cache, dataset, stages, batch_size=data_config.batch_size, device=vlm.device
+    )
+
+
+def _log_miss(parent: Path, cache_dir: Path, source: dict) -> None:
+    """Log that no entry matches, naming the first difference from the latest entry."""
+    from seglens.rundir import identity
+
+    entries = sorted(parent.glob(f"*/{MANIFEST}"), key=lambda p: p.stat().st_mtime)
+    if not entries:
+        log.info("feature cache: writing a new entry in %s", cache_dir)
+        return
+    try:
+        latest = json.loads(entries[-1].read_text()).get("source") or {}
+    except ValueError:
+        latest = {}
+    log.info(
+        "feature cache: no entry in %s matches (the latest, %s, differs: %s); writing a new "
+        "entry in %s",
+        parent,
+        entries[-1].parent.name,
+        identity.first_difference(latest, source) or "it has no recorded identity",
+        cache_dir,
     )

@@ -253,13 +253,20 @@ class Checkpointer:
         write_json(self._meta_path, meta | extra)
 
     def complete(self) -> None:
-        """Mark the run complete and drop the tensors: a later resume has nothing to redo."""
+        """Mark the run complete and drop the tensors: a later resume has nothing to redo.
+
+        A run built beside the one it replaces (``--overwrite``) takes its place now
+        (``seglens.rundir.run.commit_overwrite``).
+        """
+        from seglens.rundir.run import commit_overwrite
+
         self.complete_, self._current = True, None
         if not self.enabled:
             return
         self._write_meta(tensors=None, state=None)
         for path in self._tensor_files():
             path.unlink(missing_ok=True)
+        commit_overwrite(self.directory.parent)
 
     # --- components and phases -------------------------------------------------------------------
     def register(self, name: str, get: Callable[[], Any], set_: Callable[[Any], None]) -> None:
