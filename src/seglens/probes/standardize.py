@@ -76,7 +76,13 @@ class Standardizer:
     def freeze(self) -> Standardizer:
         """Freeze from the accumulated moments, summed over ranks under torch.distributed."""
         if self._sum is None:
-            raise ValueError("the standardiser saw no data: feed training batches first")
+            raise ValueError(
+                "no labelled training token reached the probes (their standardisers saw no "
+                "data): every sample of the warm-up batches was skipped (see --on-bad-sample "
+                "and the skipped files logged above), or every pixel is ignore (255) or too few "
+                "pixels per token are labelled for data.min_valid. Check the masks, lower "
+                "data.min_valid, or raise probe.warmup_batches; then run the same command again"
+            )
         n = self._sum.new_tensor(float(self._count))
         return self.set_moments(*all_reduce_sum([self._sum, self._sumsq, n]))
 
