@@ -41,6 +41,8 @@ _EXPORTS = {
     "run": "seglens.experiments.pipeline",
     "write_report": "seglens.report",
     "compare_runs": "seglens.report",
+    "open_run": "seglens.tables",
+    "write_tables": "seglens.tables",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -21,6 +21,7 @@ from seglens.report.figures import draw_all, level_values, probing_summary
 from seglens.report.mechanisms import knockout_conditions
 from seglens.rundir import CONFIG, RESULTS, load_results
 from seglens.rundir.files import atomic_write
+from seglens.tables import write_tables
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def write_report(run_dir: str | Path, *, redraw: bool = False) -> Path:
     if redraw or not figures or any(not (run_dir / p).is_file() for p in figures.values()):
         draw_all(run_dir)
         results = load_results(run_dir / RESULTS)
+    write_tables(run_dir, results)  # RUN/tables/*.csv: every run with a report has its tables
     page = render(results, run_dir)
     path = run_dir / REPORT
     with atomic_write(path, "wb") as handle:
