@@ -36,13 +36,51 @@ def command(name: str, help_text: str):
     return register
 
 
+class RegistryHelp:
+    """An option's help text, built from a registry when the help is printed.
+
+    The registries live in modules that import torch and transformers; building the text only
+    when argparse formats it keeps the parser (and ``seglens --help``) from waiting for them, and
+    a registry's names can never go stale in the help.
+    """
+
+    def __init__(self, render: Callable[[], str]):
+        self._render = render
+
+    def __str__(self) -> str:
+        return self._render()
+
+    def __mod__(self, params) -> str:  # argparse expands a help text with ``help % params``
+        return str(self) % params
+
+    def strip(self) -> str:
+        return str(self).strip()
+
+
+def _model_help() -> str:
+    from seglens.models.loading import NAMED_MODELS, TINY_MODELS
+
+    names = ", ".join([*NAMED_MODELS, *sorted(TINY_MODELS)])
+    return f"a registered model ({names}), a hub id or a local checkpoint folder"
+
+
+def _dataset_help() -> str:
+    from seglens.data.datasets import DATASETS, GENERATED
+
+    generated = [name for name, cls in DATASETS.items() if cls in GENERATED]
+    return (
+        f"{', '.join(DATASETS)} (README: layouts; {' and '.join(generated)} are generated and "
+        "take no --data-root)"
+    )
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by everything that runs a model on a dataset (default None = not given)."""
     parser.add_argument("--config", help="YAML config file (CLI options override it)")
     parser.add_argument(
         "--model",
         dest="model.name",
-        help="tiny-clip | tiny-siglip | tiny-dinov2 | hub id | local checkpoint folder",
+        help=RegistryHelp(_model_help),
     )
     parser.add_argument("--dtype", dest="model.dtype", help="auto, float32, bfloat16, float16")
     parser.add_argument("--device", dest="model.device", help="cuda, cuda:1, cpu")
@@ -57,9 +95,13 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
         dest="data.dataset",
-        help="ade20k, voc, cityscapes, coco-stuff, folder, synthetic",
+        help=RegistryHelp(_dataset_help),
     )
-    parser.add_argument("--data-root", dest="data.root", help="dataset root folder")
+    parser.add_argument(
+        "--data-root",
+        dest="data.root",
+        help="dataset root folder (hf: also one .parquet file); an archive must be extracted first",
+    )
     parser.add_argument(
         "--folder-val-fraction",
         dest="data.folder_val_fraction",
@@ -159,8 +201,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(error: BaseException) -> str | None:
+    """The one-line message of an error a user can fix (None for a bug: show the traceback).
+
+    Refusals and bad input (``ValueError``, missing or existing files, a run in use) keep their
+    message; a full disk, a read-only or forbidden ``--out`` and other failed file operations
+    name the file and what to do.
+    """
+    import errno
+
+    from seglens.rundir.lock import RunInUseError
+
+    if isinstance(error, ValueError | FileNotFoundError | FileExistsError | RunInUseError):
+        return str(error)
+    if not isinstance(error, OSError):
+        return None
+    where = error.filename or "a file"
+    if error.errno == errno.ENOSPC or error.errno == errno.EDQUOT:
+        return (
+            f"no space left on the device writing {where}: free space or choose another --out. "
+            "Every file is replaced whole or not at all, so nothing written is corrupt; run the "
+            "same command with --resume to continue from the last checkpoint"
+        )
+    if isinstance(error, PermissionError) or error.errno == errno.EROFS:
+        return (
+            f"cannot write {where}: {error.strerror or 'permission denied'}; choose an --out "
+            "you can write to (or fix the folder's permissions)"
+        )
+    return f"{where}: {error.strerror or error}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the exit status. Errors a user can fix print one line, not a trace."""
+    """Run the CLI; return the exit status.
+
+    An error a user can fix (``user_error``) prints one line naming the file or value, the
+    cause and the fix, and returns 2 (``-v`` shows the traceback instead); Ctrl-C says how to
+    continue and returns 130. Run-directory locks are released when the command ends.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -169,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     from seglens import distributed
+    from seglens.rundir import lock
 
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 speaks for all
         logging.getLogger().setLevel(logging.WARNING)
@@ -180,14 +258,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             quiet = contextlib.redirect_stdout(io.StringIO()) if rank else contextlib.nullcontext()
             with quiet:
                 return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except KeyboardInterrupt:
         if args.verbose:
             raise
-        print(f"seglens {args.command}: error{where}: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if not where or args.verbose:
-            raise
-        # Usually a collective broken by a peer that failed first and printed its own error.
-        print(f"seglens {args.command}: stopped{where}: {e}", file=sys.stderr)
-        return 1
+        again = "Run the same command again"
+        if hasattr(args, "resume"):  # commands that run a model into --out checkpoint it
+            again += " with --resume to continue from the last checkpoint"
+        print(
+            f"seglens {args.command}: interrupted{where}; every file it wrote is whole (files "
+            f"are replaced whole or not at all). {again}",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as e:
+        message = user_error(e)
+        if message is not None and not args.verbose:
+            one_line = " ".join(message.split())
+            print(f"seglens {args.command}: error{where}: {one_line}", file=sys.stderr)
+            return 2
+        if isinstance(e, RuntimeError) and where and not args.verbose:
+            # Usually a collective broken by a peer that failed first and printed its own error.
+            print(f"seglens {args.command}: stopped{where}: {e}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        lock.release_all()

@@ -289,6 +289,12 @@ def load_model(
             f"attn_implementation {attn_implementation!r}: seglens needs a backend that honours "
             "custom 4D masks; use 'sdpa' (default) or 'eager'"
         )
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "sees no CUDA GPU"
+        raise ValueError(
+            f"--device {device}: this torch {torch.__version__} is {build}; pass --device cpu, "
+            "or install a CUDA build of torch (https://pytorch.org/get-started/locally/)"
+        )
     if device_map is not None:
         import importlib.util
 

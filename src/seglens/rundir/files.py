@@ -101,9 +101,30 @@ def save_arrays(path: str | Path, **arrays: np.ndarray) -> None:
 
 
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` file, read without pickle."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    """Every array of an ``.npz`` file, read without pickle.
+
+    Raises:
+        ValueError: the file is truncated or damaged (named, with the fix), or holds objects
+            (refused: reading them would unpickle).
+    """
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise
+        error: Exception = e
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
+        error = e
+    raise ValueError(
+        f"{path} cannot be read ({type(error).__name__}: {error}): truncated or damaged; rerun "
+        "the analysis that wrote it (its command with --overwrite, or --resume for a run that "
+        "did not finish), or restore the file"
+    ) from error
 
 
 def save_tensors(path: str | Path, tensors: dict[str, Any]) -> None:
