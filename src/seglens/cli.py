@@ -46,9 +46,12 @@ class RegistryHelp:
 
     def __init__(self, render: Callable[[], str]):
         self._render = render
+        self._text: str | None = None
 
     def __str__(self) -> str:
-        return self._render()
+        if self._text is None:
+            self._text = self._render()
+        return self._text
 
     def __mod__(self, params) -> str:  # argparse expands a help text with ``help % params``
         return str(self) % params
