@@ -308,10 +308,11 @@ def test_a_folder_without_a_dataset_or_a_zip_says_what_is_wrong(tmp_path):
 
 def test_missing_datasets_library_says_how_to_install_it(ade, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
-    with pytest.raises(ImportError, match=r"needs the Hugging Face datasets library, which is not"):
+    message = r"needs the Hugging Face datasets library, which is not installed: pip install 's"
+    with pytest.raises(ValueError, match=message):
         load_dataset("hf", ade["disk"], "train")
-    with pytest.raises(ImportError, match=r"pip install 'seglens\[hf\]'"):
-        load_dataset("hf", ade["disk"], "train")
+    with pytest.raises(ValueError, match=r"pip install 'seglens\[hf\]'"):
+        load_dataset("hf", ade["parquet"], "train")
 
 
 def test_exif_convention_holds_for_rows_too(tmp_path):

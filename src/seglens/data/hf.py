@@ -38,12 +38,17 @@ _FIX = "Check data.hf_label_column, data.hf_classes and data.hf_reduce_zero_labe
 
 
 def import_datasets():
-    """The ``datasets`` module, offline; ImportError saying how to install it when missing."""
+    """The ``datasets`` module, offline.
+
+    Raises:
+        ValueError: ``datasets`` is not installed (a setting, ``--dataset hf``, needs it, as
+            ``device_map`` needs accelerate); the message says how to install it.
+    """
     os.environ["HF_DATASETS_OFFLINE"] = "1"  # before the import: datasets reads it once
     try:
         import datasets
     except ImportError as e:
-        raise ImportError(
+        raise ValueError(
             "--dataset hf needs the Hugging Face datasets library, which is not installed: "
             "pip install 'seglens[hf]'"
         ) from e
