@@ -395,3 +395,10 @@ def test_interval_bars_span_low_to_high_whatever_the_estimate():
     (markers,) = ax.lines
     assert list(markers.get_xdata()) == [0, 1, 2, 3, 4, 6, 7]  # every finite estimate
     fig.canvas.draw()
+
+
+def test_write_report_writes_the_tables(full_run):
+    from seglens.tables import TABLES
+
+    run, _, _ = full_run
+    assert sorted(p.name for p in (run / "tables").iterdir()) == sorted(f"{n}.csv" for n in TABLES)

@@ -302,7 +302,7 @@ def open_run(path: str | Path, label: str | None = None) -> RunTables:
     for name, columns in TABLES.items():
         csv_path = path / TABLE_DIR / f"{name}.csv"
         if csv_path.is_file():
-            frame = pd.read_csv(csv_path)
+            frame = pd.read_csv(csv_path, float_precision="round_trip")  # exact floats
         else:
             computed = computed if computed is not None else table_rows(path, results)
             frame = pd.DataFrame(computed[name], columns=list(columns))

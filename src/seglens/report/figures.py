@@ -46,7 +46,8 @@ MAX_LEGEND_CLASSES = 24
 
 
 # --- numbers shared with the HTML readings: the schema's (one rule, one sign) -------------------
-__all__ = ["FIGURES", "compare_runs", "draw_all", "level_values", "main_condition"]
+__all__ = ["FIGURES", "compare_figure", "compare_runs", "draw_all", "level_values"]
+__all__ += ["main_condition"]
 __all__ += ["probing_summary"]
 
 
@@ -157,9 +158,11 @@ def compare_runs(
     out_path: str | Path,
     labels: Sequence[str] | None = None,
 ) -> Path:
-    """Overlay the layerwise curves (main condition) of several runs in one PNG.
+    """Overlay the layerwise curves (main condition) of any number of runs in one PNG.
 
-    Runs with the same stages share categorical stage ticks; runs whose LLMs differ in depth are
+    The paper's Figure 3: one curve per run with its 95% interval band, a star at the run's best
+    stage, and its total LLM gain (last LLM layer minus adapter) written at the right edge. Runs
+    with the same stages share categorical stage ticks; runs whose LLMs differ in depth are
     placed on a relative depth axis (adapter at 0, the last LLM block at 1).
 
     Args:
@@ -171,6 +174,11 @@ def compare_runs(
     Returns:
         ``out_path`` as a Path.
     """
+    return save_figure(compare_figure(run_dirs, labels), out_path)
+
+
+def compare_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None) -> Any:
+    """The ``compare_runs`` figure (a ``Figure``, not saved)."""
     if not run_dirs:
         raise ValueError("compare_runs needs at least one run directory")
     runs = [load_results(Path(d) / RESULTS) for d in run_dirs]
@@ -200,7 +208,9 @@ def compare_runs(
             if np.isfinite(series[:, 0]).any():
                 best = int(np.nanargmax(series[:, 0]))
                 ax.plot(x[best], series[best, 0], "*", color=series_colour(i), markersize=13)
+            _mark_total_gain(ax, stages, series, series_colour(i))
         ax.set_ylabel(f"{level} mIoU")
+        ax.set_title("star: best stage; right edge: last LLM layer - adapter", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     if normalise:
@@ -211,7 +221,29 @@ def compare_runs(
     else:
         label_stage_axis(axes[-1], union)
     fig.suptitle("Layerwise linear probes across runs", fontsize=10)
-    return save_figure(fig, out_path)
+    return fig
+
+
+def _mark_total_gain(ax: Any, stages: list[str], series: np.ndarray, colour: Any) -> None:
+    """Write the run's total LLM gain (last LLM layer minus adapter) at the axes' right edge,
+    level with the last LLM layer's value."""
+    llm = [i for i, s in enumerate(stages) if llm_layer(s) is not None]
+    if "adapter" not in stages or not llm:
+        return
+    last, adapter = series[llm[-1], 0], series[stages.index("adapter"), 0]
+    if not (np.isfinite(last) and np.isfinite(adapter)):
+        return
+    ax.annotate(
+        f"{last - adapter:+.2f}",
+        xy=(1.0, last),
+        xycoords=("axes fraction", "data"),
+        xytext=(4, 0),
+        textcoords="offset points",
+        va="center",
+        fontsize=8,
+        color=colour,
+        annotation_clip=False,
+    )
 
 
 def _run_labels(
