@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -173,8 +174,6 @@ def test_nothing_touches_the_network(ade, monkeypatch):
     for layout in ("disk", "parquet"):
         hf = load_dataset("hf", ade[layout], "val", reduce_zero_label=True, classes="ade20k")
         assert hf[0].mask.shape == SHAPES[0]
-    import os
-
     assert os.environ["HF_DATASETS_OFFLINE"] == "1"
 
 
@@ -344,3 +343,52 @@ def test_probe_runs_on_an_hf_dataset_from_the_cli(ade, tmp_path, caplog):
     assert results["dataset"]["name"] == "hf"
     assert results["dataset"]["num_classes"] == 150
     assert (results["dataset"]["train_images"], results["dataset"]["eval_images"]) == (3, 3)
+
+
+def test_the_run_identity_sees_which_files_a_split_reads(ade, voc, tmp_path):
+    from seglens.rundir.identity import dataset_identity
+
+    def identity(root, split="train", **options):
+        return dataset_identity(load_dataset("hf", root, split, **options))
+
+    for layout in ("disk", "parquet"):
+        same = identity(ade[layout], classes="ade20k")
+        assert same == identity(ade[layout], classes="ade20k")
+        assert same != identity(ade[layout], "val", classes="ade20k")
+    # a dataset with the same row count and columns, other files: another identity
+    assert identity(ade["parquet"], classes="voc") != identity(voc["parquet"], classes="voc")
+    copy = tmp_path / "voc_train.parquet"
+    copy.write_bytes((voc["parquet"] / "train.parquet").read_bytes())
+    before = identity(copy, classes="voc")
+    os.utime(copy, ns=(1, 1))  # the same rows, touched: the fingerprint notices
+    assert identity(copy, classes="voc") != before
+
+
+@pytest.mark.parametrize("layout", ["disk", "parquet"])
+def test_worker_processes_read_the_same_rows(ade, layout):
+    from seglens.data import iterate_samples
+
+    hf = load_dataset("hf", ade[layout], "train", reduce_zero_label=True, classes="ade20k")
+
+    def run(workers):
+        stream = iterate_samples(hf, batch_size=2, num_workers=workers, progress=False)
+        return [(s.name, s.mask.tobytes(), s.image.tobytes()) for b in stream for s in b]
+
+    assert run(2) == run(0)
+
+
+@pytest.mark.parametrize(
+    ("path", "split"),
+    [
+        ("data/train-00000-of-00002.parquet", "train"),
+        ("data/validation-00001-of-00002.parquet", "validation"),
+        ("default/train/0000.parquet", "train"),
+        ("ade20k_validation.parquet", "validation"),
+        ("scene_parse_150-test.parquet", "test"),
+        ("shard.parquet", "shard"),
+    ],
+)
+def test_parquet_file_names_give_their_split(path, split):
+    from seglens.data.hf import _split_of_file
+
+    assert _split_of_file(Path(path)) == split

@@ -10,9 +10,11 @@ exactly as the same file in a folder layout. Nothing here touches the network.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -34,6 +36,7 @@ _SPLIT_ALIASES = {
     "val": ("val", "validation", "valid"),
     "validation": ("validation", "val", "valid"),
 }
+_SPLIT_WORDS = ("train", "training", "val", "validation", "valid", "test", "testing")
 _FIX = "Check data.hf_label_column, data.hf_classes and data.hf_reduce_zero_label"
 
 
@@ -56,7 +59,15 @@ def import_datasets():
 
 
 def _split_of_file(path: Path) -> str:
-    """``train-00000-of-00002.parquet`` -> train; ``train/0000.parquet`` -> train."""
+    """The split a parquet file belongs to, by the Hugging Face file-naming conventions.
+
+    ``train-00000-of-00002.parquet`` and ``train/0000.parquet`` -> train; a split word anywhere
+    in the name counts (``ade20k_validation.parquet`` -> validation); else the name's first part.
+    """
+    words = re.split(r"[-_.]", path.stem.lower())
+    known = next((w for w in words if w in _SPLIT_WORDS), None)
+    if known is not None:
+        return known
     head = path.stem.split("-")[0]
     return path.parent.name if head.isdigit() else head
 
@@ -123,6 +134,7 @@ class _ArrowRows:
     def __init__(self, dataset):
         self.dataset = dataset.with_format("arrow")
         self.schema = dataset.data.schema
+        self.files = [Path(f["filename"]) for f in dataset.cache_files]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -292,6 +304,9 @@ class HFDataset(SegDataset):
         self.image_column, self.label_column = image_column, label_column
         self.reduce_zero_label = reduce_zero_label
         self.class_source = source
+        #: sha256 of the data files' (name, size, mtime): a run's identity records it, so a
+        #: changed or other dataset under the same root is noticed (see seglens.rundir.identity).
+        self.fingerprint = _fingerprint(rows.files)
         self._rows = rows
         self._names = _row_names(rows, image_column, disk_split)
         logger.info(
@@ -382,6 +397,14 @@ def _decode(value: Any, where: str, folder: Path, image: bool):
             f"{array.shape} of {array.dtype}"
         )
     return array.astype(np.int64)
+
+
+def _fingerprint(files: Sequence[Path]) -> str:
+    entries = []
+    for path in files:
+        stat = path.stat()
+        entries.append([path.name, stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 def _row_names(rows, image_column: str, split: str) -> list[str]:
