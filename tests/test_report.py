@@ -358,10 +358,13 @@ def test_every_figure_draws_any_interval(full_run, tmp_path):
     counter = itertools.count()
     _make_intervals_odd(results, counter)
     assert next(counter) > 3 * len(ODD_INTERVALS)  # the rewrite reached many intervals
+    from seglens.report.overview import overview_figure
+
     for name in INTERVAL_FIGURES:
         fig = FIGURES[name](results, run)
         assert fig is not None, name
         fig.canvas.draw()  # rendering is where matplotlib checks error bars
+    overview_figure(results, run).canvas.draw()
     odd = tmp_path / "odd"
     odd.mkdir()
     write_json(odd / "results.json", results)
