@@ -63,3 +63,27 @@ def test_help_is_built_only_when_printed(monkeypatch):
 def test_config_help_of_the_dataset_names_every_registered_dataset():
     help_text = next(text for key, text, _ in config_help() if key == "data.dataset")
     assert not [name for name in DATASETS if name not in _names_in(help_text)]
+
+
+def test_building_the_parser_imports_no_torch():
+    """``seglens --help`` stays fast: no subcommand's options import torch until printed."""
+    import subprocess
+    import sys
+
+    code = "import sys; from seglens.cli import build_parser; build_parser(); "
+    code += "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_organism_help_shows_the_recipe_defaults(capsys, monkeypatch):
+    from seglens.organism import Recipe
+
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        main(["organism", "--help"])
+    text = capsys.readouterr().out
+    for name in ("scenes", "tower_steps", "text_steps", "steps", "batch_size"):
+        assert f"recipe: {name} (default {getattr(Recipe(), name)})" in text
+    args = cli.build_parser().parse_args(["organism", "train", "--out", "o", "--steps", "3"])
+    assert (args.steps, args.scenes) == (3, None)  # None: the recipe's default applies

@@ -36,12 +36,12 @@ def command(name: str, help_text: str):
     return register
 
 
-class RegistryHelp:
-    """An option's help text, built from a registry when the help is printed.
+class LazyHelp:
+    """An option's help text, built (once) when argparse prints the help.
 
-    The registries live in modules that import torch and transformers; building the text only
-    when argparse formats it keeps the parser (and ``seglens --help``) from waiting for them, and
-    a registry's names can never go stale in the help.
+    The registries and recipes the texts come from live in modules that import torch and
+    transformers; building the text only when it is printed keeps the parser (and every
+    ``seglens ... --help``) from waiting for them, and a registry's names never go stale in it.
     """
 
     def __init__(self, render: Callable[[], str]):
@@ -83,7 +83,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         dest="model.name",
-        help=RegistryHelp(_model_help),
+        help=LazyHelp(_model_help),
     )
     parser.add_argument("--dtype", dest="model.dtype", help="auto, float32, bfloat16, float16")
     parser.add_argument("--device", dest="model.device", help="cuda, cuda:1, cpu")
@@ -98,7 +98,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
         dest="data.dataset",
-        help=RegistryHelp(_dataset_help),
+        help=LazyHelp(_dataset_help),
     )
     parser.add_argument(
         "--data-root",
