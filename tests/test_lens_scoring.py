@@ -175,3 +175,25 @@ def test_only_chosen_readouts_and_patch_level(organism, scenes):
     section = lens_section(scorer.finish(), None, bootstrap=0)
     assert section["readouts"]["embedding/present"]["minus_probe"] == {}
     assert section["readouts"]["embedding/present"]["summary"]["level"] == "patch"
+
+
+def test_present_mode_upsamples_only_the_present_classes_with_the_same_result(organism, scenes):
+    from seglens.metrics import pixel_target, score_target
+    from seglens.readouts.lens import present_classes, restrict
+    from seglens.readouts.scoring import _stage_results, score_batch
+
+    batch = _batch(organism, scenes, 4)
+    states = organism.capture(batch, ["adapter", "llm.4"])
+    scorer = LensScorer(organism, scenes.class_names, ["adapter", "llm.4"], dataset="organism")
+    C, N = scenes.num_classes, organism.num_image_tokens
+    present = present_classes(batch.masks, C)
+    z = torch.stack([scorer.lens.logit_lens(states[s]) for s in ("adapter", "llm.4")])
+    z = restrict(z.flatten(0, 1), present.repeat(2, 1)).reshape(z.shape)
+    pairs = zip(batch.masks, batch.transforms, strict=True)
+    targets = [score_target(torch.from_numpy(pixel_target(m, t)), C) for m, t in pairs]
+    fast, slow = (_stage_results(["a", "b"], C, N, 1, True, 0, 0, "cpu") for _ in range(2))
+    score_batch(fast, z, batch, organism.grid, targets, torch.tensor([True, True]), present)
+    score_batch(slow, z, batch, organism.grid, targets)
+    for s in ("a", "b"):
+        assert torch.equal(fast.pixel[s].matrix, slow.pixel[s].matrix)
+        assert fast.pixel[s].matrix.sum() > 0

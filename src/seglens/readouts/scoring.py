@@ -81,11 +81,22 @@ def _stage_results(stages, C, N, band, pixel, bootstrap, seed, device) -> StageR
 
 
 def score_batch(
-    res: StageResults, z: torch.Tensor, batch, grid: tuple[int, int], targets: list | None
+    res: StageResults,
+    z: torch.Tensor,
+    batch,
+    grid: tuple[int, int],
+    targets: list | None,
+    restricted: torch.Tensor | None = None,
+    present: torch.Tensor | None = None,
 ) -> None:
     """Add one batch of (S, B, N, C) stage scores to ``res`` as the probe's evaluation does:
     patch argmax vs token labels; pixel argmax of the upsampled grid scores vs the original mask
-    (``targets``: per image ``score_target(pixel_target(...))``; None when pixel level is off)."""
+    (``targets``: per image ``score_target(pixel_target(...))``; None when pixel level is off).
+
+    ``restricted`` (S,) bool marks maps whose absent classes (``present``: (B, C) bool) are at
+    ``NEG``: their pixel argmax is taken over the image's present classes only, which gives the
+    same map (an absent class never wins) for a fraction of the upsampling work.
+    """
     dev = z.device
     labels = batch.labels.to(dev)
     pred = z.argmax(-1)  # (S, B, N)
@@ -98,9 +109,24 @@ def score_batch(
     if targets is None:
         return
     C, S = res.num_classes, len(res.stages)
+    if restricted is None:
+        restricted = torch.zeros(S, dtype=torch.bool)
+    full = torch.nonzero(~restricted.cpu()).flatten().tolist()
+    some = torch.nonzero(restricted.cpu()).flatten().tolist()
     for b in range(len(batch)):
         grids = z[:, b].transpose(1, 2).reshape(S, C, *grid)  # tokens in raster order
-        pix = pixel_predictions(grids, batch.transforms[b])  # (S, H, W)
+        tf = batch.transforms[b]
+        pix = None
+        if full:
+            pix_full = pixel_predictions(grids[full], tf)  # (S', H, W)
+            pix = pix_full.new_empty((S, *pix_full.shape[1:]))
+            pix[full] = pix_full
+        if some:
+            keep = torch.nonzero(present[b]).flatten().to(grids.device)  # ascending: same ties
+            sub = keep[pixel_predictions(grids[some][:, keep], tf)]
+            if pix is None:
+                pix = sub.new_empty((S, *sub.shape[1:]))
+            pix[some] = sub
         confusion = confusion_of(pix, *targets[b], C)  # (S, C, C)
         tables = PerImageCounts.tables(confusion)
         for k, s in enumerate(res.stages):
@@ -210,7 +236,10 @@ class LensScorer:
                 zm = z if mode == "all" else restrict(z.flatten(0, 1), present.repeat(len(z), 1))
                 blocks.append(zm.reshape(z.shape))
         z = torch.cat(blocks).clamp_min(NEG)  # (K S, B, N, C)
-        score_batch(self.combined, z, batch, self.grid, targets)
+        restricted = torch.tensor(
+            [key.endswith("/present") for key in self.keys for _ in self.stages]
+        )
+        score_batch(self.combined, z, batch, self.grid, targets, restricted, present)
         self.images += len(batch)
 
     def finish(self) -> LensScorer:
