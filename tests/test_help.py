@@ -58,6 +58,10 @@ def test_help_is_built_only_when_printed(monkeypatch):
     assert sorted(calls) == ["dataset", "model"]
     assert "MODELS model.name" in text  # argparse's %-expansion still applies
     assert "DATASETS" in text
+    defaults = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_options(defaults)
+    assert "DATASETS (default: None)" in defaults.format_help()
+    assert sorted(calls) == ["dataset", "dataset", "model", "model"]  # once per parser
 
 
 def test_config_help_of_the_dataset_names_every_registered_dataset():

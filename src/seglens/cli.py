@@ -53,11 +53,24 @@ class LazyHelp:
             self._text = self._render()
         return self._text
 
-    def __mod__(self, params) -> str:  # argparse expands a help text with ``help % params``
+    # argparse treats a help text as a str: ``help % params``, ``"%" in help``, ``help.strip()``,
+    # ``help + " (default: ...)"`` (ArgumentDefaultsHelpFormatter); each builds the text first.
+    def __mod__(self, params) -> str:
         return str(self) % params
 
-    def strip(self) -> str:
-        return str(self).strip()
+    def __contains__(self, part: str) -> bool:
+        return part in str(self)
+
+    def __add__(self, other: str) -> str:
+        return str(self) + other
+
+    def __len__(self) -> int:
+        return len(str(self))
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # never for _render / _text (copy and pickle probe these)
+            raise AttributeError(name)
+        return getattr(str(self), name)
 
 
 def _model_help() -> str:
