@@ -234,11 +234,7 @@ class PerImageCounts:
     def tables(confusion: torch.Tensor) -> np.ndarray:
         """(..., C, C) confusion counts -> (..., 2C + 2) int64 rows for ``add_tables``: per class
         intersection and union, then correct and total; one host copy for all of them."""
-        m = confusion.long()
-        inter = m.diagonal(dim1=-2, dim2=-1)
-        union = m.sum(dim=-1) + m.sum(dim=-2) - inter
-        total = m.sum(dim=(-2, -1))[..., None]
-        return torch.cat([inter, union, inter.sum(dim=-1, keepdim=True), total], -1).cpu().numpy()
+        return confusion_tables(confusion).cpu().numpy()
 
     def add_tables(self, tables: np.ndarray) -> PerImageCounts:
         """Add B images from their (B, 2C + 2) rows (``tables``)."""
@@ -389,6 +385,84 @@ class PositionAccuracy(_Counter):
     def accuracy(self) -> np.ndarray:
         """(N,) float64 accuracy per position, nan where no target was scored."""
         return _ratio(self.correct.cpu().numpy(), self.total.cpu().numpy())
+
+
+def count_bins(index: torch.Tensor, size: int) -> torch.Tensor:
+    """(...) int64 bin ids in 0..size (``size`` is a dump bin, dropped) -> (size,) int64 counts.
+
+    Never syncs: on an accelerator the counts go through ``index_add_`` (CUDA's ``bincount``
+    reads the input's min and max back to the host); on the CPU ``bincount`` (faster there).
+    """
+    flat = index.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.bincount(flat, minlength=size + 1)[:size]
+    ones = torch.ones(1, dtype=torch.int64, device=flat.device).expand(flat.numel())
+    counts = torch.zeros(size + 1, dtype=torch.int64, device=flat.device)
+    return counts.index_add_(0, flat, ones)[:size]
+
+
+def count_confusions(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """(L, *shape) predictions of L scorers (e.g. stages) against one (*shape) target ->
+    (L, C, C) int64 confusions (rows true), without a host sync.
+
+    Elements whose target is ``ignore_index`` (or outside 0..C-1: see ``invalid_labels``) go to
+    a dump bin through ``masked_fill`` instead of boolean indexing (which syncs on CUDA).
+    Predictions must be class ids in 0..C-1 (an argmax); they are not re-checked.
+    """
+    C, L = num_classes, pred.shape[0]
+    if tuple(pred.shape[1:]) != tuple(target.shape):
+        raise ValueError(f"pred shape {tuple(pred.shape)} is not (L, *{tuple(target.shape)})")
+    t = target.to(pred.device, non_blocking=True).long()
+    dump = (t < 0) | (t >= C)  # the ignore index and invalid labels
+    row = (t.masked_fill(dump, 0) * C).unsqueeze(0)  # (1, *shape)
+    lead = (torch.arange(L, device=pred.device) * C * C).view(L, *[1] * t.dim())
+    index = (lead + row + pred.long()).masked_fill(dump.unsqueeze(0), L * C * C)
+    return count_bins(index, L * C * C).view(L, C, C)
+
+
+def invalid_labels(
+    target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """0-dim int64 count of target values outside 0..C-1 that are not ``ignore_index``, on the
+    target's device (the caller reads it back with its other counts: no sync of its own)."""
+    t = target.long()
+    return (((t < 0) | (t >= num_classes)) & (t != ignore_index)).sum()
+
+
+def image_tables(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """(L, B, ...) predictions of L scorers, (B, ...) targets -> (L, B, 2C + 2) int64
+    ``PerImageCounts`` rows (per class intersection and union, correct, total) of every scorer
+    and image, without a host sync and without forming (L, B, C, C) confusions."""
+    C, (L, B) = num_classes, pred.shape[:2]
+    if tuple(pred.shape[1:]) != tuple(target.shape):
+        raise ValueError(f"pred shape {tuple(pred.shape)} is not (L, *{tuple(target.shape)})")
+    t = target.to(pred.device, non_blocking=True).long().reshape(1, B, -1)
+    p = pred.long().reshape(L, B, -1)
+    dump = (t < 0) | (t >= C)
+    cell = torch.arange(L * B, device=p.device).view(L, B, 1) * C  # each (scorer, image)
+    n = L * B * C
+    truth = (cell + t.masked_fill(dump, 0)).masked_fill(dump, 3 * n)
+    guess = (cell + p + n).masked_fill(dump, 3 * n)
+    hit = (cell + p + 2 * n).masked_fill(dump | (p != t), 3 * n)
+    counts = count_bins(torch.cat([truth.expand_as(p), guess, hit], -1), 3 * n).view(3, L, B, C)
+    inter = counts[2]
+    union = counts[0] + counts[1] - inter
+    total = counts[0].sum(-1, keepdim=True)
+    return torch.cat([inter, union, inter.sum(-1, keepdim=True), total], -1)
+
+
+def confusion_tables(confusion: torch.Tensor) -> torch.Tensor:
+    """(..., C, C) confusion counts -> (..., 2C + 2) int64 ``PerImageCounts`` rows, on the
+    confusion's device (``PerImageCounts.tables`` copies them to the host)."""
+    m = confusion.long()
+    inter = m.diagonal(dim1=-2, dim2=-1)
+    union = m.sum(dim=-1) + m.sum(dim=-2) - inter
+    total = m.sum(dim=(-2, -1))[..., None]
+    return torch.cat([inter, union, inter.sum(dim=-1, keepdim=True), total], -1)
 
 
 def score_target(

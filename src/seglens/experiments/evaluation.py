@@ -26,10 +26,12 @@ from seglens.metrics import (
     ConfusionMatrix,
     PerImageCounts,
     PositionAccuracy,
-    confusion_of,
+    confusion_tables,
+    count_confusions,
+    image_tables,
+    invalid_labels,
     pixel_predictions,
     pixel_target,
-    score_target,
 )
 from seglens.models import VLM, Batch
 from seglens.probes import ProbeBank
@@ -213,48 +215,107 @@ def evaluate_probes(
         states = vlm.capture(batch, stages)  # {stage: (B, N, D)}
         if on_batch is not None:
             on_batch(batch, states)
-        logits = bank.decision_function(states)  # {stage: (B, N, C)}
+        logits = bank.decision_function(states)  # {stage: (B, N, C)}, each on its probe's device
         del states
-        labels = batch.labels.to(dev)
-        targets = []  # per image: (H, W) original mask, outside the scored region ignored
-        if cfg.pixel_level:  # checked once per image, scored per stage with one bincount
-            pairs = zip(batch.masks, batch.transforms, strict=True)
-            targets = [torch.from_numpy(pixel_target(m, t)).to(dev) for m, t in pairs]
-            targets = [score_target(t, C) for t in targets]
-        first_new = len(res.qualitative_names)
-        for b in range(min(len(batch), n_qual - first_new)):
-            i = first_new + b
-            res.qualitative[f"image__{i}"] = np.asarray(batch.images[b], np.uint8)
-            res.qualitative[f"mask__{i}"] = np.asarray(batch.masks[b])
-            res.qualitative_names.append(batch.names[b])
-        z = torch.stack([logits[s] for s in stages]).clamp_min(_NEG)  # (S, B, N, C)
-        pred = z.argmax(-1)  # (S, B, N)
-        for k, s in enumerate(stages):
-            res.patch[s].update(pred[k], labels)
-            res.patch_images[s].add_batch(pred[k], labels)
-            res.positions[s].update(pred[k], labels)
-            res.early_images[s].add_batch(pred[k, :, : res.band], labels[:, : res.band])
-            res.late_images[s].add_batch(pred[k, :, -res.band :], labels[:, -res.band :])
-        for b in range(len(batch)):
-            i = res.images + b
-            qual = res.qualitative_stages if i < n_qual else []
-            scored = stages if cfg.pixel_level else qual
-            if not scored:
-                continue
-            rows = [stages.index(s) for s in scored]
-            grids = z[rows, b].transpose(1, 2).reshape(len(rows), C, *g)  # tokens: raster order
-            pix = pixel_predictions(grids, batch.transforms[b])  # (S, H, W), all stages at once
-            if cfg.pixel_level:
-                confusion = confusion_of(pix, *targets[b], C)  # (S, C, C)
-                tables = PerImageCounts.tables(confusion)  # one host copy for all stages
-                for k, s in enumerate(scored):
-                    res.pixel[s].matrix += confusion[k].to(res.pixel[s].matrix.device)
-                    res.pixel_images[s].add_tables(tables[k : k + 1])
-            if qual:
-                outside = ~torch.from_numpy(batch.transforms[b].scored_region())
-                for s in qual:
-                    p = pix[scored.index(s)].cpu().masked_fill(outside, IGNORE_INDEX)
-                    res.qualitative[f"pred__{s}__{i}"] = p.numpy()
-        res.images += len(batch)
+        _score_batch(res, batch, logits, dev, g, n_qual, cfg.pixel_level)
     res.skipped = sorted(skipped.items())
     return res.all_reduce()
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``: pinned and non-blocking when that is a GPU."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _small_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Label maps in a small integer type that holds every value (uint8 below 255 classes: the
+    ignore index 255 fits), so the host-to-device copy of a mask moves 1 byte per pixel.
+    Lossless: values outside the type's range keep a wider one (and are refused on the device)."""
+    lo, hi = int(labels.min(initial=0)), int(labels.max(initial=0))
+    if num_classes < IGNORE_INDEX and lo >= 0 and hi <= 255:
+        return labels.astype(np.uint8)
+    return labels.astype(np.int16) if lo >= -(2**15) and hi < 2**15 else labels
+
+
+def _score_batch(
+    res: StageResults,
+    batch: Batch,
+    logits: dict[str, torch.Tensor],
+    dev: torch.device,
+    grid: tuple[int, int],
+    n_qual: int,
+    pixel_level: bool,
+) -> None:
+    """Add one batch's counts to ``res``, with one host copy for all of them.
+
+    Counts are formed on ``dev`` without boolean indexing or ``bincount`` (``count_bins``);
+    invalid labels are counted there too and raise after the copy. Only the pixel upsampler
+    (data-dependent pruning, a few syncs per image) and the first images' qualitative maps
+    read anything back besides.
+    """
+    stages, C = res.stages, res.num_classes
+    # Under a device_map each stage's probe sits on its layer's GPU: gather the logits on dev.
+    z = torch.stack([logits[s].to(dev, non_blocking=True) for s in stages]).clamp_min(_NEG)
+    pred = z.argmax(-1)  # (S, B, N)
+    labels = _to_device(_small_labels(batch.labels.numpy(), C), dev).long()  # (B, N)
+    bad = [invalid_labels(labels, C)]
+    band = res.band
+    confusion = count_confusions(pred, labels, C)  # (S, C, C)
+    tables = [
+        image_tables(pred, labels, C),  # (S, B, 2C + 2) each
+        image_tables(pred[:, :, :band], labels[:, :band], C),
+        image_tables(pred[:, :, -band:], labels[:, -band:], C),
+    ]
+    for k, s in enumerate(stages):
+        res.patch[s].matrix += confusion[k]
+        res.positions[s].update(pred[k], labels)
+    first_new = len(res.qualitative_names)
+    for b in range(min(len(batch), n_qual - first_new)):
+        i = first_new + b
+        res.qualitative[f"image__{i}"] = np.asarray(batch.images[b], np.uint8)
+        res.qualitative[f"mask__{i}"] = np.asarray(batch.masks[b])
+        res.qualitative_names.append(batch.names[b])
+    pixel_tables, qual_maps = [], []
+    for b in range(len(batch)):
+        i = res.images + b
+        qual = res.qualitative_stages if i < n_qual else []
+        scored = stages if pixel_level else qual
+        if not scored:
+            continue
+        rows = slice(None) if scored == stages else [stages.index(s) for s in scored]
+        grids = z[rows, b].transpose(1, 2).reshape(len(scored), C, *grid)  # raster order
+        transform = batch.transforms[b]
+        pix = pixel_predictions(grids, transform)  # (S, H, W), all stages at once
+        if pixel_level:
+            target = _to_device(_small_labels(pixel_target(batch.masks[b], transform), C), dev)
+            bad.append(invalid_labels(target, C))
+            image = count_confusions(pix, target, C)  # (S, C, C)
+            pixel_tables.append(confusion_tables(image))  # (S, 2C + 2)
+            for k, s in enumerate(scored):
+                res.pixel[s].matrix += image[k].to(res.pixel[s].matrix.device)
+        qual_maps += [(f"pred__{s}__{i}", b, pix[scored.index(s)]) for s in qual]
+    # One host copy per batch: the per-image rows of every stage and the label check.
+    parts = [t.reshape(-1) for t in tables] + [torch.stack(bad).reshape(-1)]
+    if pixel_tables:
+        parts.insert(3, torch.stack(pixel_tables, 1).reshape(-1))  # (S, B, 2C + 2)
+    host = torch.cat(parts).cpu().numpy()
+    if host[-len(bad) :].any():
+        raise ValueError(
+            f"batch {batch.names}: label values outside 0..{C - 1} that are not the ignore "
+            f"index {IGNORE_INDEX}; check the dataset's class count and label encoding"
+        )
+    width, B = 2 * C + 2, len(batch)
+    chunks = np.split(host[: -len(bad)], np.cumsum([t.numel() for t in parts[:-2]]))
+    per_stage = [c.reshape(len(stages), -1, width) for c in chunks]
+    targets = [res.patch_images, res.early_images, res.late_images]
+    targets += [res.pixel_images] if pixel_tables else []
+    for table, counts in zip(targets, per_stage, strict=True):
+        for k, s in enumerate(stages):
+            table[s].add_tables(counts[k])
+    for name, b, pix in qual_maps:  # the first images only (rank 0)
+        outside = torch.from_numpy(~batch.transforms[b].scored_region())
+        res.qualitative[name] = pix.cpu().masked_fill(outside, IGNORE_INDEX).numpy()
+    res.images += B

@@ -64,8 +64,24 @@ class _Probe:
         self._fitted: tuple[int, Tensor, Tensor] | None = None  # (k, coef (D, C), intercept (C,))
 
     # --- inputs ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device | None:
+        """Where the probe's state lives; None before its first batch (it then follows it)."""
+        fitted = None if self._fitted is None else self._fitted[1]
+        state = [fitted, self.standardizer.mean_, self.standardizer._sum]
+        for solver_state in ("_params", "_stats"):  # sgd weights, lda sums (dicts of tensors)
+            state += list((getattr(self, solver_state, None) or {}).values())
+        return next((t.device for t in state if isinstance(t, Tensor)), None)
+
     def _flat(self, x: Tensor, y: Tensor | None = None, hist: Tensor | None = None) -> tuple:
-        """(..., D), (...), (..., C) -> (M, D), (M,), (M, C); labels moved to the features."""
+        """(..., D), (...), (..., C) -> (M, D), (M,), (M, C), all on the probe's device.
+
+        The one place where inputs go to the probe: under a ``device_map`` (or with features
+        cached on one GPU) a stage's features may come from another device than its probe's.
+        """
+        device = self.device
+        if device is not None and x.device != device:
+            x = x.to(device, non_blocking=True)
         if x.ndim < 2:
             raise ValueError(f"features must be (B, N, D) or (M, D), got shape {tuple(x.shape)}")
         if self.n_features_in_ is None:
@@ -229,8 +245,9 @@ class _Probe:
 
     def score(self, x: Tensor, y: Tensor) -> float:
         """Token accuracy over labels != ``IGNORE_INDEX``."""
-        y = y.to(x.device)
-        return float((self.predict(x) == y)[y != IGNORE_INDEX].float().mean())
+        pred = self.predict(x)
+        y = y.to(pred.device)
+        return float((pred == y)[y != IGNORE_INDEX].float().mean())
 
     # --- persistence -------------------------------------------------------------------------
     def save(self, stem: str | os.PathLike) -> None:
