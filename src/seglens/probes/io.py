@@ -41,9 +41,12 @@ def write_probe(
 
 
 def read_probe(
-    stem: str | os.PathLike, solvers: Container[str], device: str | torch.device = "cpu"
+    stem: str | os.PathLike, solvers: Container[str], map_location: str | torch.device = "cpu"
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Read what ``write_probe`` wrote: (meta, tensors on ``device``).
+    """Read what ``write_probe`` wrote: (meta, tensors on ``map_location``).
+
+    The tensors are read on the CPU and then moved, so any device torch knows works, whatever
+    device the probe was trained on.
 
     Raises:
         ValueError: ``<stem>.json`` has another format tag or a solver not in ``solvers``.
@@ -51,4 +54,5 @@ def read_probe(
     meta = json.loads(Path(f"{stem}.json").read_text())
     if meta.get("format") != FORMAT or meta.get("solver") not in solvers:
         raise ValueError(f"{stem}.json is not a {FORMAT} probe (format {meta.get('format')!r})")
-    return meta, load_file(f"{stem}.safetensors", device=str(device))
+    tensors = load_file(f"{stem}.safetensors", device="cpu")
+    return meta, {k: v.to(map_location) for k, v in tensors.items()}
