@@ -262,7 +262,8 @@ def test_class_names_from_id2label_json(voc, tmp_path):
             "train",
             r"no class names for .*disk: column 'annotation' holds no ClassLabel and there is no "
             r"classes\.txt or id2label\.json beside the data\. Write .*classes\.txt .* or set "
-            r"data\.hf_classes \(--hf-classes\)",
+            r"data\.hf_classes \(--hf-classes\) .* The columns are scene_parse_150's \(ADE20K\): "
+            r"pass --hf-classes ade20k --hf-reduce-zero-label\.",
         ),
         (
             {"classes": "ade20k"},
@@ -392,3 +393,27 @@ def test_parquet_file_names_give_their_split(path, split):
     from seglens.data.hf import _split_of_file
 
     assert _split_of_file(Path(path)) == split
+
+
+def test_dataset_options_of_another_dataset_are_refused():
+    from seglens.config import DataConfig
+
+    with pytest.raises(
+        ValueError, match=r"data\.hf_classes='ade20k' applies to --dataset hf only, "
+    ):
+        DataConfig(dataset="folder", hf_classes="ade20k")
+    with pytest.raises(ValueError, match=r"data\.folder_val_fraction=0\.5 applies to --dataset fo"):
+        DataConfig(dataset="hf", folder_val_fraction=0.5)
+    assert DataConfig(dataset="HF", hf_reduce_zero_label=True).hf_reduce_zero_label
+
+
+def test_data_config_options_reach_the_loader(ade):
+    from seglens.config import DataConfig
+    from seglens.experiments.common import build_dataset
+
+    config = DataConfig(
+        dataset="hf", root=str(ade["parquet"]), hf_reduce_zero_label=True, hf_classes="ade20k"
+    )
+    hf = build_dataset(config, "val", 2)
+    assert (len(hf), hf.reduce_zero_label, hf.class_source) == (2, True, "the ade20k class names")
+    assert hf.label_column == "annotation" and hf.image_column == "image"

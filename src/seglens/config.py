@@ -102,6 +102,14 @@ class DataConfig:
                 f"data.folder_val_fraction={self.folder_val_fraction} must be in (0, 1): a flat "
                 "folder is divided into disjoint train and val parts (or lay out train/ and val/)"
             )
+        dataset = self.dataset.strip().lower()
+        for f in fields(self):
+            prefix, value = f.name.split("_")[0], getattr(self, f.name)
+            if prefix in ("folder", "hf") and dataset != prefix and value != f.default:
+                raise ValueError(
+                    f"data.{f.name}={value!r} applies to --dataset {prefix} only, but "
+                    f"data.dataset={self.dataset!r}; remove it or use {prefix}"
+                )
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size={self.batch_size} must be >= 1")
         if not 0.0 < self.min_valid <= 1.0:

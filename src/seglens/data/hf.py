@@ -205,7 +205,7 @@ def _read_names_file(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def _class_names(classes: str | None, feature, folder: Path, column: str):
+def _class_names(classes: str | None, feature, folder: Path, column: str, columns: list[str]):
     """(names, palette, where they came from)."""
     from seglens.data import datasets as registry
 
@@ -235,11 +235,17 @@ def _class_names(classes: str | None, feature, folder: Path, column: str):
     for candidate in (folder / "classes.txt", folder / "id2label.json"):
         if candidate.is_file():
             return _read_names_file(candidate), None, str(candidate)
+    hint = ""
+    if {"annotation", "scene_category"} <= set(columns):
+        hint = (
+            " The columns are scene_parse_150's (ADE20K): pass --hf-classes ade20k "
+            "--hf-reduce-zero-label."
+        )
     raise FileNotFoundError(
         f"hf: no class names for {folder}: column {column!r} holds no ClassLabel and there is no "
         f"classes.txt or id2label.json beside the data. Write {folder / 'classes.txt'} (one name "
         "per line, in label order), or set data.hf_classes (--hf-classes) to a names file or "
-        f"to one of {', '.join(sorted(known))}."
+        f"to one of {', '.join(sorted(known))}.{hint}"
     )
 
 
@@ -290,7 +296,7 @@ class HFDataset(SegDataset):
                 "classification dataset); seglens needs a per-pixel label map. Set "
                 "data.hf_label_column to the column of the masks."
             )
-        names, palette, source = _class_names(classes, feature, folder, label_column)
+        names, palette, source = _class_names(classes, feature, folder, label_column, columns)
         if not 1 <= len(names) < IGNORE_INDEX:
             raise ValueError(
                 f"hf: {source} lists {len(names)} classes; need 1..254 (255 is ignore)"

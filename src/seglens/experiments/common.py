@@ -42,12 +42,12 @@ def build_dataset(config: DataConfig, split: str, limit: int | None, seed: int =
             options["num_images"] = config.synthetic_images
         if config.dataset == "synthetic":
             options["num_classes"] = config.synthetic_classes
-    elif config.dataset == "folder":
+    elif config.dataset.strip().lower() == "folder":
         options = {
             "val_fraction": config.folder_val_fraction,
             "split_seed": config.folder_split_seed,
         }
-    elif config.dataset == "hf":
+    elif config.dataset.strip().lower() == "hf":
         options = {
             "image_column": config.hf_image_column,
             "label_column": config.hf_label_column,
