@@ -40,7 +40,9 @@ class LensConfig:
     subtokens: str = _help(
         "a multi-token class name reads its first, max or mean sub-token", "first"
     )
-    pixel_level: bool = _help("also score the lens at pixel level", True)
+    pixel_level: bool | None = _help(
+        "also score at pixel level; default: as probe.pixel_level", None
+    )
     sink_rule: str = _help("sink tokens by state norm, massive dimension, or either", "norm")
     sink_norm_factor: float = _help("a sink's norm exceeds this times the image's median", 5.0)
     sink_massive_factor: float = _help("a sink's max |value| exceeds this times the median", 50.0)
@@ -51,10 +53,10 @@ class LensConfig:
         if self.sink_rule not in SINK_RULES:  # pragma: no cover - sink_options raises first
             raise ValueError(f"lens.sink_rule {self.sink_rule!r} is not one of {SINK_RULES}")
 
-    def lens_options(self) -> LensOptions:
-        return LensOptions(
-            tuple(self.readouts), tuple(self.modes), self.subtokens, self.pixel_level
-        )
+    def lens_options(self, pixel_level: bool = True) -> LensOptions:
+        """The scorer options; ``pixel_level`` (the probe's) applies when this one is None."""
+        pixel = pixel_level if self.pixel_level is None else self.pixel_level
+        return LensOptions(tuple(self.readouts), tuple(self.modes), self.subtokens, pixel)
 
     def sink_options(self) -> SinkOptions:
         return SinkOptions(self.sink_rule, self.sink_norm_factor, self.sink_massive_factor)
@@ -84,6 +86,7 @@ def lens_tap(
     seed: int = 0,
     position_band: float = 0.125,
     bank=None,
+    pixel_level: bool = True,
 ) -> LensTap:
     """The scorers for a pass capturing ``stages``: the lens reads ``adapter`` and ``llm.*``,
     sinks are flagged at every stage; the sinks' readers are the logit lens (all classes) and,
@@ -92,7 +95,7 @@ def lens_tap(
         vlm,
         class_names,
         stages,
-        config.lens_options(),
+        config.lens_options(pixel_level),
         dataset=dataset,
         bootstrap=bootstrap,
         seed=seed,
@@ -220,6 +223,7 @@ def run_lens(
             seed=rc.seed,
             position_band=rc.probe.position_band,
             bank=bank,
+            pixel_level=rc.probe.pixel_level,
         )
         class_names = list(evaluation.class_names)
         run_pass(vlm, tap.offer, tap.stages, evaluation, data, progress=progress)
