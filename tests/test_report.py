@@ -18,7 +18,7 @@ from seglens.report.figures import FIGURES, probing_summary
 from seglens.report.html import SECTIONS
 from seglens.results import read_json, write_json
 
-PROBING_ONLY = {"layerwise_miou", "per_class_iou", "qualitative", "differences"}
+PROBING_ONLY = {"overview", "layerwise_miou", "per_class_iou", "qualitative", "differences"}
 
 
 def _assert_png(path) -> None:
@@ -61,7 +61,7 @@ def test_run_without_qualitative_or_pixel_level(tmp_path):
     for metrics in results["probing"]["causal"]["metrics"].values():
         metrics["pixel"] = None
     write_json(run / "results.json", results)
-    assert set(draw_all(run)) == {"layerwise_miou", "per_class_iou", "differences"}
+    assert set(draw_all(run)) == {"overview", "layerwise_miou", "per_class_iou", "differences"}
 
 
 def test_draw_all_keeps_the_rest_of_results(tmp_path):

@@ -33,6 +33,7 @@ from seglens.report.canvas import (
     save_figure,
     series_colour,
 )
+from seglens.report.overview import overview_figure
 from seglens.rundir import RESULTS, load_results, put_section
 from seglens.rundir.schema import level_values, main_condition, probing_summary
 from seglens.stages import vision_block
@@ -356,6 +357,7 @@ def qualitative_figure(results: dict[str, Any], run_dir: str | Path) -> Any:
 FigureFn = Callable[[dict[str, Any], Path], Any]
 
 FIGURES: dict[str, FigureFn] = {
+    "overview": overview_figure,  # the report's first screen
     "layerwise_miou": layerwise_figure,
     "per_class_iou": per_class_figure,
     "qualitative": qualitative_figure,

@@ -61,11 +61,24 @@ table { border-collapse: collapse; margin: .6rem 0; font-size: .88rem; }
 th, td { border: 1px solid #ddd; padding: .25rem .55rem; text-align: left; }
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.best td { font-weight: 600; background: #fff8e1; }
-figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: .92rem; color: #333; margin-top: .3rem; }
 pre { background: #f7f7f7; padding: .8rem; overflow-x: auto; font-size: .8rem; }
 details summary { cursor: pointer; } .muted { color: #777; } code { font-size: .9em; }
+table { display: block; max-width: 100%; overflow-x: auto; }
+td, th, li, p, code { overflow-wrap: anywhere; }
 """
+"""No sideways scroll at 1200 px: long values (paths, hashes) wrap, a wide table scrolls inside
+itself, figures shrink to the page (tests/test_first_screen.py)."""
+
+OVERVIEW_CAPTION = (
+    "The run at a glance. (a) Probe mIoU per stage with its 95% interval: the change at the "
+    "adapter (red) and the gain across the LLM to its best layer (green); the star marks the "
+    "best stage. (b) Pair-token accuracy when the tokens the reference probe classifies "
+    "correctly (or incorrectly) are blocked, minus a size-matched random control, per LLM "
+    "layer, with 95% paired intervals. (c) Per-position pixel accuracy under causal and "
+    "bidirectional image attention. The findings below test each of these."
+)
 
 
 def write_report(run_dir: str | Path, *, redraw: bool = False) -> Path:
@@ -103,6 +116,7 @@ def render(results: dict[str, Any], run_dir: str | Path) -> str:
     title = f"seglens report: {model} on {dataset}"
     body = [
         f"<h1>{_e(title)}</h1>",
+        page.figure("overview", OVERVIEW_CAPTION),  # the first screen: the run at a glance
         _section("findings", _findings(results)),
         _section("question", f"<p>{_e(QUESTION)}</p>"),
         _section("facts", _facts(results)),
