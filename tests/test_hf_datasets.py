@@ -238,6 +238,12 @@ def test_class_names_from_id2label_json(voc, tmp_path):
     (voc["parquet"] / "id2label.json").write_text(json.dumps(mapping))
     try:
         assert load_dataset("hf", voc["parquet"], "train").class_names == list(VOC_CLASSES)
+        (voc["parquet"] / "id2label.json").write_text(json.dumps({"0": "a", "2": "b"}))
+        with pytest.raises(ValueError, match=r"id2label\.json maps ids \[0, 2\].* without gaps"):
+            load_dataset("hf", voc["parquet"], "train")
+        (voc["parquet"] / "id2label.json").write_text(json.dumps(["a", "b"]))
+        with pytest.raises(ValueError, match=r"id2label\.json is not an id2label mapping"):
+            load_dataset("hf", voc["parquet"], "train")
     finally:
         (voc["parquet"] / "id2label.json").unlink()
 

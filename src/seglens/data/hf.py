@@ -195,13 +195,19 @@ def _class_label_names(feature) -> list[str] | None:
 
 def _read_names_file(path: Path) -> list[str]:
     if path.suffix == ".json":
-        mapping = json.loads(path.read_text())
-        ids = sorted(int(k) for k in mapping)
+        try:
+            mapping = {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, AttributeError) as e:
+            raise ValueError(
+                f"hf: {path} is not an id2label mapping ({e}); write it as "
+                '{"0": "first class", "1": "second class", ...}'
+            ) from e
+        ids = sorted(mapping)
         if ids != list(range(len(ids))):
             raise ValueError(
                 f"hf: {path} maps ids {ids[:5]}...; class ids must run 0..C-1 without gaps"
             )
-        return [mapping[str(i)] for i in ids]
+        return [mapping[i] for i in ids]
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
