@@ -75,6 +75,7 @@ def browse(browser: str, page, profile, *extra: str) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.slow  # a real browser: ~15 s on 2 shared cores
 @pytest.mark.skipif(
     chromium() is None and not os.environ.get("SEGLENS_REQUIRE_BROWSER"),
     reason="no chromium here (.ci/run installs it and sets SEGLENS_REQUIRE_BROWSER=1)",
