@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from seglens import __version__
@@ -49,10 +50,42 @@ def read_probe(
     device the probe was trained on.
 
     Raises:
-        ValueError: ``<stem>.json`` has another format tag or a solver not in ``solvers``.
+        ValueError: a file is truncated or damaged, or ``<stem>.json`` has another format tag or
+            a solver not in ``solvers`` (the message names the file and the fix).
+        FileNotFoundError: a file is missing.
     """
-    meta = json.loads(Path(f"{stem}.json").read_text())
-    if meta.get("format") != FORMAT or meta.get("solver") not in solvers:
-        raise ValueError(f"{stem}.json is not a {FORMAT} probe (format {meta.get('format')!r})")
-    tensors = load_file(f"{stem}.safetensors", device="cpu")
+    meta = _read_meta(Path(f"{stem}.json"), solvers)
+    tensors = _read_tensors(Path(f"{stem}.safetensors"))
     return meta, {k: v.to(map_location) for k, v in tensors.items()}
+
+
+_FIX = "rerun the analysis that wrote it (e.g. `seglens probe --overwrite`) or restore it"
+
+
+def _read_meta(path: Path, solvers: Container[str]) -> dict[str, Any]:
+    """A probe's JSON, naming the file when it is missing, truncated or of another format."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the probe is missing; {_FIX}")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): truncated or damaged; {_FIX}") from e
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if found != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} probe (format {found!r}); {_FIX}")
+    if meta.get("solver") not in solvers:
+        raise ValueError(f"{path}: unknown probe solver {meta.get('solver')!r}; {_FIX}")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    """A probe's safetensors on the CPU, naming the file when it is missing or damaged."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (its .json does); {_FIX}")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"{path} cannot be read ({path.stat().st_size} bytes; {e}): truncated or damaged; "
+            f"{_FIX}"
+        ) from e
