@@ -93,8 +93,11 @@ def train_probes(
     ``probe_config.holdout_fraction``) is set aside; a warm-up pass over the first
     ``warmup_batches`` batches estimates the frozen standardisers; then ``epochs`` passes over
     the training images, each in a seeded order, update all K learning rates side by side; the
-    holdout images pick one lr per stage. lda: one pass over all training images, then the closed
-    form (no holdout is needed). Under torch.distributed each rank streams its shard.
+    holdout images pick one lr per stage. With early stopping the held-out loss is scored
+    after every epoch, or every ``probe_config.eval_every`` training batches (then one pass can
+    converge, and training ends as soon as every stage has). lda: one pass over all training
+    images, then the closed form (no holdout is needed). Under torch.distributed each rank
+    streams its shard.
 
     Args:
         vlm: the model (may be inside ``intervene(...)``: only ``vlm.capture`` is used).
@@ -110,7 +113,8 @@ def train_probes(
             ``seglens.cache.cached_features(...)`` with ``probe.cache_dir``); the holdout is
             always scored live.
         checkpoint: saves the bank and the position during each phase (``train.warmup``,
-            ``train.epoch<e>``, ``train.holdout``, ``train.lda``) and restores them on resume.
+            ``train.epoch<e>`` or with ``eval_every`` ``train.epoch<e>.<j>``, the holdout
+            checks ``train.holdout<e>[.<j>]``, ``train.lda``) and restores them on resume.
 
     Returns:
         The selected ``ProbeBank``, with ``bank.training_`` = {"train_images", "holdout_images",
@@ -145,6 +149,7 @@ def train_probes(
     if cfg.solver == "sgd":
         options = dict(lrs=cfg.lrs, weight_decay=cfg.weight_decay, warmup_batches=warmup)
         early = cfg.early_stopping and hold is not None
+        eval_every = cfg.eval_every if early else None
         options |= dict(early_stopping=early, patience=cfg.patience, min_delta=cfg.min_delta)
         options |= dict(epochs=cfg.epochs)
         if cfg.early_stopping and hold is None:
@@ -155,7 +160,8 @@ def train_probes(
                 cfg.epochs,
             )
     else:
-        options = dict(shrinkage=cfg.shrinkage)
+        options, eval_every = dict(shrinkage=cfg.shrinkage), None
+    options |= dict(exact=cfg.exact, gemm=cfg.gemm)
     names = train_dataset.class_names
     bank = ProbeBank(stages, C, solver=cfg.solver, class_names=names, soft_labels=soft, **options)
     ckpt = checkpoint or Checkpointer.off()
@@ -172,6 +178,24 @@ def train_probes(
         # of W x B (see ``shard_dataset``), so sgd matches one process on the same global order.
         return shard_dataset(epoch_order(train_dataset, seed, epoch).limit(limit), equal=True)
 
+    def epoch_parts(epoch: int) -> list[tuple[str, SegDataset, str]]:
+        """(training phase, this rank's images, holdout phase) per held-out check of an epoch:
+        the whole epoch without ``eval_every``, else runs of ``eval_every`` global batches
+        (sharded run by run: the same batches as the whole epoch's shard)."""
+        if eval_every is None:
+            return [(f"train.epoch{epoch}", epoch_shard(epoch), f"train.holdout{epoch}")]
+        ordered = epoch_order(train_dataset, seed, epoch)
+        run = eval_every * data_config.batch_size * _rank_world()[1]
+        return [
+            (
+                f"train.epoch{epoch}.{j}",
+                shard_dataset(ordered._view(ordered._keys[start : start + run]), equal=True),
+                f"train.holdout{epoch}.{j}",
+            )
+            for j, start in enumerate(range(0, len(ordered), run))
+            if len(ordered) - start >= _rank_world()[1]  # a leftover < W images: dropped
+        ]
+
     if cfg.solver == "sgd":
         # Warm-up: the standardisers see the first batches of epoch 1 before any update, so
         # that every training image is also trained on (at the cost of `warmup` extra forwards).
@@ -187,15 +211,22 @@ def train_probes(
                 bank.validate(vlm.capture(batch, stages), batch.labels)
             return ckpt.seen(phase)
 
+        check = 0  # held-out checks closed so far, over all epochs
         for epoch in range(cfg.epochs):
-            desc = f"probe train {epoch + 1}/{cfg.epochs}"
-            n = fit(epoch_shard(epoch), desc, f"train.epoch{epoch}")
-            n_train = n if epoch == 0 else n_train
-            if early:  # held-out loss after every epoch; stop once every stage has converged
-                n_hold = score_holdout(f"train.holdout{epoch}")
-                bank.end_epoch(epoch)
-                if bank.stopped:
-                    break
+            parts = epoch_parts(epoch)
+            for j, (phase, images, hold_phase) in enumerate(parts):
+                desc = f"probe train {epoch + 1}/{cfg.epochs}"
+                desc += f" ({j + 1}/{len(parts)})" if len(parts) > 1 else ""
+                n = fit(images, desc, phase)
+                n_train = n_train + n if epoch == 0 else n_train
+                if early:  # held-out loss per check; stop once every stage has converged
+                    n_hold = score_holdout(hold_phase)
+                    bank.end_check(check, epoch)
+                    check += 1
+                    if bank.stopped:
+                        break
+            if early and bank.stopped:
+                break
         if hold is not None and not early:
             n_hold = score_holdout("train.holdout")
     else:

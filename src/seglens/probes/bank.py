@@ -139,8 +139,13 @@ class ProbeBank:
     def end_epoch(self, epoch: int | None = None) -> ProbeBank:
         """sgd early stopping: close epoch ``epoch`` (0-based) of held-out scoring (``validate``
         on the holdout first) for every probe that is still training."""
+        return self.end_check(epoch, epoch)
+
+    def end_check(self, check: int | None = None, epoch: int | None = None) -> ProbeBank:
+        """sgd early stopping within a pass: close held-out check ``check`` (0-based over all
+        epochs; ``validate`` on the holdout first), which falls in ``epoch``, for every probe."""
         for probe in self.probes.values():
-            probe.end_epoch(epoch)
+            probe.end_check(check, epoch)
         return self
 
     @property

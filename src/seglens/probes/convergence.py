@@ -1,11 +1,12 @@
 """Early stopping of the sgd probes on held-out loss, and the record of whether they converged.
 
-After every epoch the K learning-rate candidates are scored on held-out *training* tokens
+At every check (after every epoch, or every ``probe.eval_every`` training batches, so that one
+pass can converge) the K learning-rate candidates are scored on held-out *training* tokens
 (cross-entropy, mean over valid tokens). Each candidate keeps a copy of its weights at its lowest
 held-out loss; a probe stops once its best loss over all candidates has not improved by more than
-``min_delta`` (relative) for ``patience`` epochs, and it then counts as converged. A probe that
-reaches the epoch limit still improving has not converged: it measures its optimiser, not the
-representation, and the report says so.
+``min_delta`` (relative) for ``patience`` checks, and it then counts as converged, at the
+optimiser step of that check. A probe that reaches the epoch limit still improving has not
+converged: it measures its optimiser, not the representation, and the report says so.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class EarlyStopping:
     """Held-out loss trace, best-epoch snapshots and the stopping rule of one sgd probe.
 
     Args:
-        patience: epochs without improvement before the probe stops (>= 1).
+        patience: checks without improvement before the probe stops (>= 1).
         min_delta: relative improvement of the best held-out loss that counts (>= 0).
     """
 
@@ -33,10 +34,12 @@ class EarlyStopping:
         if patience < 1 or not min_delta >= 0:
             raise ValueError(f"need patience >= 1 and min_delta >= 0, got {patience}, {min_delta}")
         self.patience, self.min_delta = patience, float(min_delta)
-        self.trace: list[list[float]] = []  # per epoch: (K,) mean held-out loss
+        self.trace: list[list[float]] = []  # per check: (K,) mean held-out loss
+        self.steps: list[int] = []  # per check: optimiser steps taken before it
+        self.check_epochs: list[int] = []  # per check: the epoch (0-based) it closed part of
         self.stopped = False
-        self.closed = 0  # epochs closed by the trainer (recorded or, once stopped, ignored)
-        self.since_best = 0  # epochs since the best loss last improved by > min_delta
+        self.closed = 0  # checks closed by the trainer (recorded or, once stopped, ignored)
+        self.since_best = 0  # checks since the best loss last improved by > min_delta
         self.overall_best = math.inf
         self.best: dict[str, Tensor] = {}  # W (D, K, C), b (K, C), loss (K,), epoch (K,), conf
         self._sum: Tensor | None = None  # (K,) float64 summed held-out loss of this epoch
@@ -44,7 +47,7 @@ class EarlyStopping:
 
     @property
     def epochs(self) -> int:
-        """Epochs whose held-out loss was recorded."""
+        """Checks whose held-out loss was recorded (one per epoch without ``eval_every``)."""
         return len(self.trace)
 
     def accumulate(self, logits: Tensor, y: Tensor, valid: Tensor) -> None:
@@ -58,9 +61,18 @@ class EarlyStopping:
         self._sum = loss if self._sum is None else self._sum + loss
         self._count = n if self._count is None else self._count + n
 
-    def end_epoch(self, W: Tensor, b: Tensor, conf: Tensor | None, name: str = "probe") -> None:
-        """Close an epoch: record the mean held-out loss (summed over ranks), keep improved
-        candidates' weights (and their local validation confusion), apply the stopping rule."""
+    def end_epoch(
+        self,
+        W: Tensor,
+        b: Tensor,
+        conf: Tensor | None,
+        name: str = "probe",
+        step: int | None = None,
+        epoch: int | None = None,
+    ) -> None:
+        """Close a check: record the mean held-out loss (summed over ranks), the optimiser
+        ``step`` and the ``epoch`` (0-based) it falls in, keep improved candidates' weights
+        (and their local validation confusion), apply the stopping rule."""
         if self._sum is None:
             raise ValueError(
                 f"{name}: no held-out tokens were scored this epoch; early stopping needs a "
@@ -71,8 +83,10 @@ class EarlyStopping:
         if int(count) == 0:
             raise ValueError(f"{name}: the holdout has no labelled token to score the loss on")
         mean = (total / count).cpu()
-        epoch = self.epochs
+        check = self.epochs
         self.trace.append(mean.tolist())
+        self.steps.append(-1 if step is None else int(step))
+        self.check_epochs.append(check if epoch is None else int(epoch))
         if not self.best:
             K = mean.shape[0]
             self.best = {"W": W.clone(), "b": b.clone(), "loss": torch.full((K,), math.inf)}
@@ -87,30 +101,40 @@ class EarlyStopping:
             if conf is not None:
                 self.best["conf"][k] = conf[k]
             self.best["loss"] = torch.where(better, mean, self.best["loss"])
-            self.best["epoch"] = torch.where(better, epoch, self.best["epoch"])
+            self.best["epoch"] = torch.where(better, check, self.best["epoch"])  # check index
         lowest = float(mean.min())
-        if lowest < self.overall_best - self.min_delta * abs(self.overall_best):
+        first = math.isinf(self.overall_best)  # the first check always improves (inf - inf)
+        if first or lowest < self.overall_best - self.min_delta * abs(self.overall_best):
             self.since_best = 0
         else:
             self.since_best += 1
         self.overall_best = min(self.overall_best, lowest)
         if self.since_best >= self.patience:
             self.stopped = True
-            log.debug("%s: stopped after epoch %d (held-out loss %.5f)", name, epoch + 1, lowest)
+            log.debug("%s: stopped at check %d (held-out loss %.5f)", name, check + 1, lowest)
 
     def selected(self) -> int:
         """The candidate with the lowest held-out loss (the first on ties)."""
         return int(torch.argmin(self.best["loss"]))
 
     def summary(self, lrs: Sequence[float], k: int, max_epochs: int | None) -> dict:
-        """Plain-JSON record: converged, epochs, best epoch, the selected lr's loss trace, all
-        candidates' traces, and whether the selected lr sits at the edge of the grid."""
+        """Plain-JSON record: converged, epochs (begun), checks, the best check's epoch and
+        optimiser step, the step at which the probe stopped (None while still improving), the
+        step of every check, the selected lr's loss trace, all candidates' traces, and whether
+        the selected lr sits at the edge of the grid."""
+        best = int(self.best["epoch"][k]) if self.best else None
+        steps = [None if s < 0 else s for s in self.steps]
         return {
             "early_stopping": True,
             "converged": bool(self.stopped),
-            "epochs": self.epochs,
+            "epochs": max(self.check_epochs) + 1 if self.check_epochs else self.epochs,
             "max_epochs": max_epochs,
-            "best_epoch": int(self.best["epoch"][k]) + 1 if self.best else None,
+            "checks": self.epochs,
+            "best_epoch": None if best is None else self.check_epochs[best] + 1,
+            "best_check": None if best is None else best + 1,
+            "best_step": None if best is None else steps[best],
+            "stopped_at_step": steps[-1] if self.stopped and steps else None,
+            "steps": steps,
             "val_loss": [row[k] for row in self.trace],
             "val_loss_by_lr": {
                 repr(float(lr)): [row[i] for row in self.trace] for i, lr in enumerate(lrs)
@@ -123,6 +147,8 @@ class EarlyStopping:
         K = len(self.trace[0]) if self.trace else 0
         sd["trace"] = torch.tensor(self.trace, dtype=torch.float64).reshape(len(self.trace), K)
         sd["flags"] = torch.tensor([int(self.stopped), self.since_best, self.closed])
+        sd["steps"] = torch.tensor(self.steps, dtype=torch.int64)
+        sd["check_epochs"] = torch.tensor(self.check_epochs, dtype=torch.int64)
         sd["overall_best"] = torch.tensor(self.overall_best, dtype=torch.float64)
         for key, value in (("sum", self._sum), ("count", self._count)):
             if value is not None:
@@ -132,6 +158,9 @@ class EarlyStopping:
     def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
         self.best = {k[5:]: v.clone() for k, v in sd.items() if k.startswith("best.")}
         self.trace = sd["trace"].tolist()
+        n = len(self.trace)  # checkpoints from before the in-pass checks: one check per epoch
+        self.steps = sd["steps"].tolist() if "steps" in sd else [-1] * n
+        self.check_epochs = sd["check_epochs"].tolist() if "check_epochs" in sd else list(range(n))
         self.stopped, self.since_best = bool(sd["flags"][0]), int(sd["flags"][1])
         self.closed = int(sd["flags"][2])
         self.overall_best = float(sd["overall_best"])
@@ -155,9 +184,11 @@ def convergence_warnings(records: Mapping[str, Mapping], lrs: Sequence[float]) -
     late = [s for s, r in records.items() if r.get("converged") is False]
     if late:
         epochs = max(r.get("epochs") or 0 for s, r in records.items() if s in late)
+        checks = max(r.get("checks") or 0 for s, r in records.items() if s in late)
         out.append(
-            f"sgd probes of {', '.join(late)} did not converge in {epochs} epochs (held-out loss "
-            "still improving): their scores measure the optimiser; raise probe.epochs or use "
+            f"sgd probes of {', '.join(late)} did not converge in {epochs} epochs ({checks} "
+            "held-out checks; held-out loss still improving): their scores measure the "
+            "optimiser; raise probe.epochs, check within the pass with probe.eval_every, or use "
             "probe.solver=lda"
         )
     edge = [s for s, r in records.items() if r.get("lr_at_grid_edge")]

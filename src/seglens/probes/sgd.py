@@ -261,19 +261,24 @@ class LinearProbe(_Probe):
             self.stopping.accumulate(logits, y, y != IGNORE_INDEX)
 
     def end_epoch(self, epoch: int | None = None) -> None:
-        """Close an epoch of held-out scoring (``validate`` on the holdout first): record the
-        held-out loss and apply the stopping rule. A stopped probe ignores the call, and so
-        does a resumed one for an ``epoch`` (0-based) it had already closed."""
+        """Close an epoch of held-out scoring: ``end_check(epoch, epoch)``."""
+        self.end_check(epoch, epoch)
+
+    def end_check(self, check: int | None = None, epoch: int | None = None) -> None:
+        """Close a held-out check (``validate`` on the holdout first): record the held-out
+        loss, this probe's optimiser step and the ``epoch`` (0-based), and apply the stopping
+        rule. A stopped probe ignores the call, and so does a resumed one for a ``check``
+        (0-based, counted over all epochs) it had already closed."""
         if self.stopping is None:
             raise ValueError(f"{self.name}: end_epoch() needs early_stopping=True")
-        if epoch is not None and epoch < self.stopping.closed:
+        if check is not None and check < self.stopping.closed:
             return
         self.stopping.closed += 1
         if self.stopping.stopped:
             self.stopping._sum = self.stopping._count = None
         else:
             p = self._trained()
-            self.stopping.end_epoch(p["W"], p["b"], self._conf, self.name)
+            self.stopping.end_epoch(p["W"], p["b"], self._conf, self.name, self._step, epoch)
         self._conf = None
 
     def select(self) -> LinearProbe:
