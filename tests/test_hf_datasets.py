@@ -338,7 +338,9 @@ def test_exif_convention_holds_for_rows_too(tmp_path):
         hf[0]
 
 
+@pytest.mark.slow
 def test_probe_runs_on_an_hf_dataset_from_the_cli(ade, tmp_path, caplog):
+    """End to end: the --hf-* flags reach the loader and a run records the hf dataset."""
     from seglens.cli import main
 
     argv = ["probe", "--model", "tiny-clip", "--dataset", "hf", "--data-root", str(ade["disk"])]
