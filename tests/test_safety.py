@@ -264,3 +264,62 @@ def test_overwrite_replaces_only_what_seglens_wrote(tmp_path):
     assert (run / "results.json").read_text() == '{"new": 1}'
     assert (run / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def _tree(path: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_an_overwrite_that_fails_leaves_the_old_run_intact_and_one_that_succeeds_replaces_it(
+    tmp_path, tiny_vlm
+):
+    """--overwrite builds the new run in a hidden sibling: a new run that fails (here: a stage
+    that does not exist, after the model is loaded) leaves the old run byte-identical; the next
+    one that succeeds replaces it, keeping the user's own files."""
+    from seglens.config import load_config
+    from seglens.experiments.probing import run_probing
+    from seglens.rundir import lock
+
+    run = tmp_path / "run"
+    (run / "probes" / "causal").mkdir(parents=True)
+    (run / "probes" / "causal" / "llm.9.safetensors").write_bytes(b"old probe")
+    (run / "results.json").write_text('{"old": true}')
+    (run / "notes.txt").write_text("mine")
+    before = _tree(run)
+    options = {
+        "model.name": "tiny-clip",
+        "data.limit_train": 8,
+        "data.limit_eval": 4,
+        "probe.solver": "lda",
+        "probe.bootstrap": 0,
+        "probe.pixel_level": False,
+        "out": str(run),
+        "overwrite": True,
+    }
+    failing = load_config(**options, **{"probe.stages": ["llm.99"]})
+    with pytest.raises(ValueError, match=r"unknown stage 'llm\.99'"):
+        run_probing(failing, vlm=tiny_vlm, progress=False)
+    assert _tree(run) == before
+    run_probing(load_config(**options), vlm=tiny_vlm, progress=False)
+    results = json.loads((run / "results.json").read_text())
+    assert "probing" in results and results["config"]["out"] == str(run)
+    assert not (run / "probes" / "causal" / "llm.9.safetensors").exists()
+    assert (run / "notes.txt").read_text() == "mine"
+    lock.release(run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no sibling left behind
+
+
+def test_an_overwrite_killed_between_its_renames_restores_the_old_run(tmp_path):
+    from seglens.results import prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text('{"old": true}')
+    before = _tree(run)
+    os.rename(run, tmp_path / ".run.replaced")  # the first rename happened, not the second
+    assert prepare_run_dir(run, resume=True) == run
+    assert _tree(run) == before and not (tmp_path / ".run.replaced").exists()
