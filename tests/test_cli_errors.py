@@ -158,3 +158,14 @@ def test_no_labelled_token_says_why_and_does_not_block_a_plain_rerun(tmp_path, c
         err = one_line(capsys)
         assert "no labelled training token reached the probes" in err
         assert "every pixel is ignore (255)" in err and "lower data.min_valid" in err
+
+
+def test_a_damaged_results_json_says_what_cannot_be_rebuilt(make_probe_run, capsys):
+    run = make_probe_run("results-damaged")
+    results = run / "results.json"
+    results.write_text(results.read_text()[:200])
+    assert main(["report", "--run", str(run)]) == 2
+    err = one_line(capsys)
+    assert f"error: {results} is not valid JSON (" in err
+    assert "it cannot be rebuilt from the run's other files" in err
+    assert f"--config {run / 'config.yaml'} --overwrite" in err

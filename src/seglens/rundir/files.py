@@ -90,8 +90,17 @@ def read_json(path: str | Path) -> Any:
         raise FileNotFoundError(f"{path} does not exist: is this a seglens run directory?")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); rerun or restore the run") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fix = "rerun or restore the run"
+        if path.name == "results.json":
+            fix = (
+                "it cannot be rebuilt from the run's other files (probes/, arrays/ and "
+                "config.yaml are intact, but the training counts, skipped samples and "
+                "convergence records exist only in results.json). Restore it from a backup, or "
+                f"run the command that made it again with `--config {path.parent / 'config.yaml'}"
+                " --overwrite` (the damaged run stays until the new one is complete)"
+            )
+        raise ValueError(f"{path} is not valid JSON ({e}): damaged; {fix}") from e
 
 
 def save_arrays(path: str | Path, **arrays: np.ndarray) -> None:
