@@ -358,29 +358,33 @@ class HFDataset(SegDataset):
     def _convention(self, raw: np.ndarray, where: str) -> np.ndarray:
         """Raw stored labels -> toolkit labels; BadSampleError naming the values outside."""
         c = self.num_classes
+        # One lookup table (raw value -> label, -1 = outside the convention): a single gather.
+        lut = np.full(max(c + 1, IGNORE_INDEX) + 1, -1, dtype=np.int64)
+        lut[IGNORE_INDEX] = IGNORE_INDEX
         if self.reduce_zero_label:
-            valid = (raw >= 0) & (raw <= c) | (raw == IGNORE_INDEX)
+            lut[0], lut[1 : c + 1] = IGNORE_INDEX, np.arange(c)
             allowed = f"0 (other -> ignore), 1..{c} and {IGNORE_INDEX} (ignore)"
         else:
-            valid = (raw >= 0) & (raw < c) | (raw == IGNORE_INDEX)
+            lut[:c] = np.arange(c)
             allowed = f"0..{c - 1} and {IGNORE_INDEX} (ignore)"
-        if not valid.all():
-            values = sorted({int(v) for v in np.unique(raw[~valid])})[:10]
-            hint = ""
-            if not self.reduce_zero_label and raw.max() == c:
-                hint = (
-                    f" Values run up to {c}: if 0 means 'other' (ADE20K-style), set "
-                    "data.hf_reduce_zero_label: true (--hf-reduce-zero-label)."
-                )
-            raise BadSampleError(
-                f"{where}: label value(s) {values} are outside the convention "
-                f"({'reduce_zero_label' if self.reduce_zero_label else 'labels as stored'} with "
-                f"{c} classes from {self.class_source} allows {allowed}).{hint} {_FIX}, or pass "
-                "--on-bad-sample skip."
+        inside = (raw >= 0) & (raw < len(lut))
+        labels = lut[np.where(inside, raw, 0)]
+        bad = ~inside | (labels < 0)
+        if not bad.any():
+            return labels
+        values = sorted({int(v) for v in np.unique(raw[bad])})[:10]
+        hint = ""
+        if not self.reduce_zero_label and raw.max() == c:
+            hint = (
+                f" Values run up to {c}: if 0 means 'other' (ADE20K-style), set "
+                "data.hf_reduce_zero_label: true (--hf-reduce-zero-label)."
             )
-        if not self.reduce_zero_label:
-            return raw
-        return np.where((raw == 0) | (raw == IGNORE_INDEX), IGNORE_INDEX, raw - 1)
+        raise BadSampleError(
+            f"{where}: label value(s) {values} are outside the convention "
+            f"({'reduce_zero_label' if self.reduce_zero_label else 'labels as stored'} with "
+            f"{c} classes from {self.class_source} allows {allowed}).{hint} {_FIX}, or pass "
+            "--on-bad-sample skip."
+        )
 
 
 def _decode(value: Any, where: str, folder: Path, image: bool):
