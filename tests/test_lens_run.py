@@ -12,12 +12,12 @@ from family_checks import cached_model
 from seglens.config import load_config
 from seglens.experiments.probing import run_probing
 from seglens.experiments.streaming import resolve_stages
-from seglens.readouts.run import LENS_ARRAYS, LensConfig, lens_tap, run_lens
+from seglens.readouts.run import LENS_ARRAYS, LensConfig, lens_feed, run_lens
 
 
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory):
-    """A small lda probing run on the organism whose evaluation pass fed a lens tap."""
+    """A small lda probing run on the organism whose evaluation pass fed a lens feed."""
     vlm = cached_model("organism")
     config = load_config(
         **{
@@ -35,14 +35,14 @@ def probed(tmp_path_factory):
     )
     stages = resolve_stages(vlm, config.probe)
     names = ["hstripes", "vstripes", "dots", "checker", "diagonal", "antidiagonal", "grid", "blobs"]
-    tap = lens_tap(vlm, names, stages, LensConfig(), dataset="organism", bootstrap=20)
-    run_probing(config, vlm=vlm, progress=False, on_eval_batch=tap.offer)
-    return Path(config.out), vlm, tap
+    feed = lens_feed(vlm, names, stages, LensConfig(), dataset="organism", bootstrap=20)
+    run_probing(config, vlm=vlm, progress=False, on_eval_batch=feed.offer)
+    return Path(config.out), vlm, feed
 
 
-def test_the_tap_equals_a_pass_of_its_own(probed):
-    out, vlm, tap = probed
-    shared = run_lens(out, vlm=vlm, progress=False, tap=tap)
+def test_the_feed_equals_a_pass_of_its_own(probed):
+    out, vlm, feed = probed
+    shared = run_lens(out, vlm=vlm, progress=False, feed=feed)
     own = run_lens(out, vlm=vlm, progress=False)  # the saved probes, one more pass
     assert shared["readouts"] == own["readouts"]
     assert shared["stages"] == ["adapter", "llm.1", "llm.2", "llm.3", "llm.4"]

@@ -1,6 +1,6 @@
 """The lens analysis of a run: the logit and embedding lens per stage beside the probe, and sinks.
 
-``lens_tap`` builds the scorers that ride on the probing evaluation pass (no extra forward);
+``lens_feed`` builds the scorers that ride on the probing evaluation pass (no extra forward);
 ``run_lens`` finishes them, or runs a pass of its own over the evaluation split when there was
 none (``seglens lens --run DIR`` on a finished probing run), pairs the lens with the probe's
 saved per-image counts, and writes the ``lens`` and ``sinks`` sections and ``arrays/lens.npz``.
@@ -63,7 +63,7 @@ class LensConfig:
 
 
 @dataclass
-class LensTap:
+class LensFeed:
     """The scorers one evaluation pass feeds: ``offer(batch, states)`` per batch."""
 
     lens: LensScorer
@@ -75,7 +75,7 @@ class LensTap:
         self.sinks(batch, states)
 
 
-def lens_tap(
+def lens_feed(
     vlm,
     class_names,
     stages,
@@ -87,7 +87,7 @@ def lens_tap(
     position_band: float = 0.125,
     bank=None,
     pixel_level: bool = True,
-) -> LensTap:
+) -> LensFeed:
     """The scorers for a pass capturing ``stages``: the lens reads ``adapter`` and ``llm.*``,
     sinks are flagged at every stage; the sinks' readers are the logit lens (all classes) and,
     given a ``bank``, the probes."""
@@ -117,7 +117,7 @@ def lens_tap(
     sinks = SinkScorer(
         list(stages), len(class_names), vlm.num_image_tokens, config.sink_options(), readers
     )
-    return LensTap(scorer, sinks, list(stages))
+    return LensFeed(scorer, sinks, list(stages))
 
 
 def run_pass(vlm, feed, stages, dataset, data_config, *, progress: bool = True) -> None:
@@ -149,11 +149,11 @@ def probe_counts(arrays: dict[str, np.ndarray], stages) -> dict[str, dict[str, A
 
 
 def lens_results(
-    tap: LensTap, probe: dict | None, *, bootstrap: int, seed: int, class_names
+    feed: LensFeed, probe: dict | None, *, bootstrap: int, seed: int, class_names
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
-    """The ``lens`` section, the ``sinks`` section and the arrays of a fed (finished) tap."""
-    tap.lens.finish()
-    lens = lens_section(tap.lens, probe, bootstrap=bootstrap, seed=seed)
+    """The ``lens`` section, the ``sinks`` section and the arrays of a fed (finished) feed."""
+    feed.lens.finish()
+    lens = lens_section(feed.lens, probe, bootstrap=bootstrap, seed=seed)
     collisions = lens["class_tokens"]["collisions"]
     if collisions:
         log.warning(
@@ -161,10 +161,10 @@ def lens_results(
             len(collisions),
             ", ".join("/".join(c["classes"]) for c in collisions[:10]),
         )
-    sinks = tap.sinks.section(class_names)
-    arrays = tap.lens.arrays()
-    for s in tap.sinks.stages:
-        arrays[f"sink_positions__{s}"] = tap.sinks.positions_[s]
+    sinks = feed.sinks.section(class_names)
+    arrays = feed.lens.arrays()
+    for s in feed.sinks.stages:
+        arrays[f"sink_positions__{s}"] = feed.sinks.positions_[s]
     return lens, sinks, arrays
 
 
@@ -173,7 +173,7 @@ def run_lens(
     *,
     vlm: Any = None,
     progress: bool = True,
-    tap: LensTap | None = None,
+    feed: LensFeed | None = None,
     config: LensConfig | None = None,
 ) -> dict[str, Any]:
     """The lens analysis of a probing run; writes ``lens``, ``sinks`` and ``arrays/lens.npz``.
@@ -183,7 +183,7 @@ def run_lens(
             probe of the unmodified model, ``schema.clean_condition``).
         vlm: the loaded model (default: built from the run's config).
         progress: show progress bars.
-        tap: the scorers the probing evaluation pass already fed (``lens_tap``); None: a pass of
+        feed: the scorers the probing evaluation pass already fed (``lens_feed``); None: a pass of
             its own over the evaluation split, with the run's saved probes as a sink reader.
         config: the lens settings (default: the run config's ``lens`` section, else defaults).
 
@@ -204,7 +204,7 @@ def run_lens(
         raise ValueError(f"{run.path} has no probing results; run `seglens probe` first")
     dataset_info = results.get("dataset") or {}
     class_names = list(dataset_info.get("class_names") or [])
-    if tap is None:
+    if feed is None:
         from seglens.experiments.common import build_dataset, build_model
         from seglens.probes import ProbeBank
 
@@ -213,7 +213,7 @@ def run_lens(
         evaluation = build_dataset(data, data.eval_split, data.limit_eval, rc.seed)
         bank_dir = run.file(f"probes/{condition}")
         bank = ProbeBank.load(bank_dir) if (bank_dir / "bank.json").is_file() else None
-        tap = lens_tap(
+        feed = lens_feed(
             vlm,
             evaluation.class_names,
             block["stages"],
@@ -226,20 +226,20 @@ def run_lens(
             pixel_level=rc.probe.pixel_level,
         )
         class_names = list(evaluation.class_names)
-        run_pass(vlm, tap.offer, tap.stages, evaluation, data, progress=progress)
-    elif "probe" not in tap.sinks.readers and any(
-        tap.sinks.positions_[s].any() for s in tap.stages
+        run_pass(vlm, feed.offer, feed.stages, evaluation, data, progress=progress)
+    elif "probe" not in feed.sinks.readers and any(
+        feed.sinks.positions_[s].any() for s in feed.stages
     ):
-        # The tap was built before the probes existed: score the probe on and off the sinks with
+        # The feed was built before the probes existed: score the probe on and off the sinks with
         # one more pass (only when there are sinks to leave out).
-        _probe_sink_pass(run, vlm, tap, condition, config, progress)
+        _probe_sink_pass(run, vlm, feed, condition, config, progress)
     try:
         saved = run.load_arrays(probing_arrays(condition))
     except FileNotFoundError:
         saved = {}
-    probe = probe_counts(saved, tap.lens.stages)
+    probe = probe_counts(saved, feed.lens.stages)
     lens, sinks, arrays = lens_results(
-        tap, probe, bootstrap=rc.probe.bootstrap, seed=rc.seed, class_names=class_names
+        feed, probe, bootstrap=rc.probe.bootstrap, seed=rc.seed, class_names=class_names
     )
     lens["condition"] = condition
     lens["arrays"] = LENS_ARRAYS
@@ -251,8 +251,10 @@ def run_lens(
     return lens
 
 
-def _probe_sink_pass(run, vlm, tap: LensTap, condition: str, config: LensConfig, progress) -> None:
-    """Add the saved probes' scores with and without the sinks to ``tap.sinks`` (one pass)."""
+def _probe_sink_pass(
+    run, vlm, feed: LensFeed, condition: str, config: LensConfig, progress
+) -> None:
+    """Add the saved probes' scores with and without the sinks to ``feed.sinks`` (one pass)."""
     from seglens.experiments.common import build_dataset, build_model
     from seglens.probes import ProbeBank
 
@@ -268,13 +270,13 @@ def _probe_sink_pass(run, vlm, tap: LensTap, condition: str, config: LensConfig,
         return probes[stage].decision_function(h) if stage in probes else None
 
     extra = SinkScorer(
-        tap.stages,
-        tap.sinks.num_classes,
-        tap.sinks.num_tokens,
+        feed.stages,
+        feed.sinks.num_classes,
+        feed.sinks.num_tokens,
         config.sink_options(),
         {"probe": probe},
     )
     # Only the sinks: the lens was scored in the probing pass.
-    run_pass(vlm, extra, tap.stages, evaluation, rc.data, progress=progress)
-    tap.sinks.scores_.update(extra.scores_)
-    tap.sinks.readers["probe"] = probe
+    run_pass(vlm, extra, feed.stages, evaluation, rc.data, progress=progress)
+    feed.sinks.scores_.update(extra.scores_)
+    feed.sinks.readers["probe"] = probe
