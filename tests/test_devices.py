@@ -131,3 +131,142 @@ def test_probes_take_features_to_their_own_device(small_vlm, trained):
             vlm, cached_bank, evaluation, STAGES, CFG, data_config=DATA, progress=False
         )
         _same_results(res, ref)
+
+
+# --- torchrun: one GPU per rank, device set only for nccl, waits outside nccl --------------------
+TORCHRUN_ENV = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+
+
+def test_each_rank_uses_its_own_gpu_and_conflicts_are_refused(monkeypatch):
+    from seglens.distributed import rank_device
+
+    assert rank_device("cuda:0", None) == "cuda:0"  # outside torchrun: as given
+    assert rank_device(None, "auto") is None
+    for key, value in TORCHRUN_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert rank_device("cuda", None) == rank_device(None, None) == "cuda:1"
+    assert rank_device("cuda:1", None) == "cuda:1" and rank_device("cpu", None) == "cpu"
+    with pytest.raises(ValueError, match=r"--device cuda:0 under torchrun .*LOCAL_RANK=1.*--dev"):
+        rank_device("cuda:0", None)
+    with pytest.raises(ValueError, match=r"--device-map 'auto' under torchrun.*Drop --device-map"):
+        rank_device(None, "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device(None, None) == "cpu"
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_the_device_is_set_only_for_nccl(monkeypatch, backend):
+    """``make bench``'s 2 gloo processes on a 1-GPU machine: rank 1 must not claim cuda:1."""
+    from seglens import distributed
+
+    for key, value in TORCHRUN_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(("init", kw)))
+    monkeypatch.setattr(dist, "new_group", lambda **kw: calls.append(("group", kw)) or "waits")
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    monkeypatch.setenv("SEGLENS_WAIT_TIMEOUT", "90")
+    with distributed.process_group(backend):
+        assert distributed._waits["group"] == "waits"
+    expected = [("set_device", 1)] if backend == "nccl" else []
+    expected += [("init", {"backend": backend})]
+    expected += [("group", {"backend": "gloo", "timeout": distributed.timedelta(seconds=90)})]
+    assert calls == [*expected, ("destroy",)] and not distributed._waits
+
+
+def test_wait_timeout_is_checked(monkeypatch):
+    from seglens.distributed import DEFAULT_WAIT_TIMEOUT_S, wait_timeout
+
+    assert wait_timeout().total_seconds() == DEFAULT_WAIT_TIMEOUT_S
+    monkeypatch.setenv("SEGLENS_WAIT_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match=r"SEGLENS_WAIT_TIMEOUT='soon'.*seconds, a number > 0"):
+        wait_timeout()
+
+
+def _wait_worker(rank: int, port: int, queue) -> None:
+    import os
+    import time
+    from datetime import timedelta
+
+    os.environ |= {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ["SEGLENS_WAIT_TIMEOUT"] = "60"
+    from seglens import distributed
+
+    # Collectives time out after 1 s; rank 0 works alone for 2.5 s, then everyone meets.
+    with distributed.process_group("gloo", timeout=timedelta(seconds=1)):
+        if rank == 0:
+            time.sleep(2.5)
+        start = time.perf_counter()
+        distributed.barrier()
+        waited = time.perf_counter() - start
+        total = torch.ones(1)
+        distributed.sum_over_ranks(total)
+        queue.put((rank, waited, float(total)))
+
+
+def test_rank_0_alone_outlasts_the_collective_timeout():
+    """Rank 0 works alone longer than the collectives' timeout; the others wait in the gloo
+    side group (``SEGLENS_WAIT_TIMEOUT``) and the group still works afterwards."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")  # spawn would import torch twice more (~10 s on 2 cores)
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_wait_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = {r: (w, t) for r, w, t in (queue.get(timeout=60) for _ in range(2))}
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert got[1][0] > 1.0 and got[0][1] == got[1][1] == 2.0  # rank 1 waited past the 1 s
+
+
+def test_models_load_straight_onto_their_device(monkeypatch, tmp_path, tiny_models, caplog):
+    """With accelerate, ``from_pretrained`` places the weights on the accelerator
+    (``device_map={"": device}``): no host copy of the whole model first; without it the model
+    loads on the CPU and moves, with a warning that says how to avoid the host copy."""
+    import importlib.util
+
+    from transformers import AutoModelForImageTextToText
+
+    from seglens.models import loading
+
+    vlm = tiny_models("clip", "sdpa")
+    vlm.model.save_pretrained(tmp_path)
+    vlm.processor.save_pretrained(tmp_path)
+    real = AutoModelForImageTextToText.from_pretrained.__func__
+    seen = []
+
+    def spy(cls, *args, **kwargs):  # records the placement, loads on the CPU (no GPU here)
+        seen.append(kwargs.pop("device_map"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", classmethod(spy))
+    monkeypatch.setattr(loading, "rank_device", lambda device, device_map: device)
+    moved = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(a) or self)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    find_spec = importlib.util.find_spec
+    for accelerate in (True, False):
+
+        def spec(name, *args, on=accelerate):
+            return (on or None) if name == "accelerate" else find_spec(name, *args)
+
+        monkeypatch.setattr(importlib.util, "find_spec", spec)
+        loading.load_model(str(tmp_path), dtype="float32", device="cuda:1")
+    assert seen == [{"": torch.device("cuda:1")}, None]
+    assert moved == [("cuda:1",)]  # only without accelerate
+    assert "accelerate is not installed" in caplog.text and "seglens[gpu]" in caplog.text
+    loading.load_model(str(tmp_path), dtype="float32", device="cpu")
+    assert seen[-1] is None and len(moved) == 2
