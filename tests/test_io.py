@@ -151,3 +151,32 @@ def test_float_mask_is_rejected(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "f.tif")
     with pytest.raises(BadSampleError, match=r"f\.tif: mask is floating-point"):
         read_mask(tmp_path / "f.tif")
+
+
+def test_encoded_bytes_read_as_the_file_and_errors_use_the_given_name(tmp_path):
+    from seglens.data.io import read_image_oriented
+
+    Image.fromarray(_gradient()).save(tmp_path / "g.png")
+    labels = np.array([[0, 3, 255], [7, 7, 1]], dtype=np.uint8)
+    Image.fromarray(labels).save(tmp_path / "m.png")
+    data = (tmp_path / "g.png").read_bytes()
+    np.testing.assert_array_equal(read_image(data), read_image(tmp_path / "g.png"))
+    np.testing.assert_array_equal(read_mask((tmp_path / "m.png").read_bytes()), labels)
+    assert read_image_oriented(data)[1] == 1
+    with pytest.raises(BadSampleError, match=r"^row 3, column 'image': cannot read this image"):
+        read_image(data[: len(data) // 2], where="row 3, column 'image'")
+    with pytest.raises(BadSampleError, match=r"^<9 bytes>: cannot read this mask"):
+        read_mask(b"not a png")
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_read_image_oriented_reports_the_exif_tag(tmp_path, orientation):
+    from seglens.data.io import read_image_oriented
+
+    im = Image.fromarray(np.zeros((10, 16, 3), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.save(tmp_path / "o.jpg", exif=exif.tobytes())
+    image, tag = read_image_oriented(tmp_path / "o.jpg")
+    assert tag == orientation
+    assert image.shape == ((16, 10, 3) if orientation in (6, 8) else (10, 16, 3))
