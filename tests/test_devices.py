@@ -270,3 +270,33 @@ def test_models_load_straight_onto_their_device(monkeypatch, tmp_path, tiny_mode
     assert "accelerate is not installed" in caplog.text and "seglens[gpu]" in caplog.text
     loading.load_model(str(tmp_path), dtype="float32", device="cpu")
     assert seen[-1] is None and len(moved) == 2
+
+
+def test_checkpoints_restore_where_the_caller_says(tmp_path):
+    """A checkpoint written on cuda:3 resumes on a machine without it (the CPU by default),
+    or wherever ``map_location`` says (here virtual cuda:1)."""
+    import json
+
+    from seglens.checkpoint import Checkpointer
+
+    directory = tmp_path / "checkpoint"
+    writer = Checkpointer(directory)
+    writer.register("probe", lambda: {"w": torch.arange(4.0)}, lambda _: None)
+    writer.save()
+    meta_path = directory / "rank0.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["state"]["probe"]["w"]["device"] == "cpu"
+    meta["state"]["probe"]["w"]["device"] = "cuda:3"  # as a 4-GPU run wrote it
+    meta_path.write_text(json.dumps(meta))
+
+    def resumed(**options) -> torch.Tensor:
+        got = {}
+        Checkpointer(directory, resume=True, **options).register("probe", dict, got.update)
+        return got["w"]
+
+    assert resumed().device == torch.device("cpu") and resumed().tolist() == [0, 1, 2, 3]
+    assert resumed(map_location="cpu").device == torch.device("cpu")
+    with virtual_cuda(2):
+        w = resumed(map_location={"cuda:3": "cuda:1"})
+        assert w.device == torch.device("cuda:1") and w.cpu().tolist() == [0, 1, 2, 3]
+        assert resumed(map_location="cuda:0").device == torch.device("cuda:0")

@@ -82,16 +82,45 @@ def _split(value: Any, key: str, tensors: dict[str, torch.Tensor], seen: set[int
     return value
 
 
-def _join(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Inverse of ``_split``: markers back to tensors (on their saved device) and arrays."""
+MapLocation = str | torch.device | Mapping[str, str | torch.device] | None
+
+
+def _exists(device: torch.device) -> bool:
+    """Whether this process can put tensors on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return device.type == "cpu"
+
+
+def restore_device(saved: str, map_location: MapLocation = None) -> torch.device:
+    """Where a tensor saved from device ``saved`` is restored.
+
+    Args:
+        saved: the device string the checkpoint recorded (e.g. ``cuda:3``).
+        map_location: None: the saved device when this machine has it, else the CPU (a GPU run
+            inspected on a laptop); a device: everything there; a mapping: ``{saved: new}``,
+            devices it does not name as with None.
+    """
+    if isinstance(map_location, Mapping):
+        map_location = map_location.get(saved)
+    if map_location is not None:
+        return torch.device(map_location)
+    device = torch.device(saved)
+    return device if _exists(device) else torch.device("cpu")
+
+
+def _join(value: Any, tensors: Mapping[str, torch.Tensor], map_location: MapLocation = None) -> Any:
+    """Inverse of ``_split``: markers back to tensors (on ``restore_device``) and arrays."""
     if isinstance(value, dict):
         if _TENSOR in value:
-            return tensors[value[_TENSOR]].to(value["device"])
+            return tensors[value[_TENSOR]].to(restore_device(value["device"], map_location))
         if _ARRAY in value:
             return tensors[value[_ARRAY]].numpy()
-        return {k: _join(v, tensors) for k, v in value.items()}
+        return {k: _join(v, tensors, map_location) for k, v in value.items()}
     if isinstance(value, list):
-        return [_join(v, tensors) for v in value]
+        return [_join(v, tensors, map_location) for v in value]
     return value
 
 
@@ -130,6 +159,8 @@ class Checkpointer:
         resume: load the existing checkpoint (if any) instead of discarding it.
         rank, world: this process and the number of processes (one checkpoint per rank).
         enabled: False keeps only the in-memory bookkeeping and writes nothing.
+        map_location: where resumed tensors go (``restore_device``): by default their saved
+            device when this machine has it, else the CPU; a device, or ``{saved: new}``.
     """
 
     def __init__(
@@ -142,12 +173,14 @@ class Checkpointer:
         rank: int = 0,
         world: int = 1,
         enabled: bool = True,
+        map_location: MapLocation = None,
     ):
         if every < 0:
             raise ValueError(f"checkpoint_every={every} must be >= 0 (0: at phase ends only)")
         self.directory, self.every, self.enabled = Path(directory), every, enabled
         self.fingerprint = dict(fingerprint or {})
         self.rank, self.world = rank, world
+        self.map_location = map_location
         self._components: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
         self._pending: dict[str, Any] = {}  # loaded states of components not registered yet
         self._done: dict[str, int] = {}  # completed phase -> images it processed
@@ -213,7 +246,7 @@ class Checkpointer:
             from safetensors.torch import load_file
 
             tensors = load_file(self.directory / meta["tensors"])
-            self._pending = _join(meta["state"], tensors)
+            self._pending = _join(meta["state"], tensors, self.map_location)
         self.resumed_ = True
         log.info("resuming from %s: %s", self._meta_path, self.describe())
 
