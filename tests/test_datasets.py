@@ -608,3 +608,16 @@ def test_check_exif_fit_cases():
         BadSampleError, match=r"m: mask is 6x4 \(WxH\), the size of its image i .* upright as 4x6"
     ):
         fit((4, 6), (6, 4, 3), 7, "m", "i")
+
+
+def test_a_zip_as_data_root_is_one_line_at_the_cli(tmp_path, capsys):
+    from seglens.cli import main
+
+    _folder(tmp_path / "data", n=2)
+    archive = shutil.make_archive(str(tmp_path / "data"), "zip", tmp_path / "data")
+    argv = ["probe", "--model", "tiny-clip", "--dataset", "folder", "--data-root", archive]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("seglens probe: error: folder: dataset root ")
+    assert f"data.zip is a zip archive, not a folder. Unzip it (unzip {archive} -d " in line
+    assert "does not exist" not in line
