@@ -132,10 +132,11 @@ def test_soft_labels_need_histograms(data):
         make("sgd", soft_labels=True).partial_fit(*data["val"])
 
 
-@pytest.mark.parametrize(("exact", "atol"), [(True, 1e-6), (False, 1e-4)], ids=["exact", "float32"])
+@pytest.mark.parametrize(("exact", "atol"), [(True, 1e-6), (False, 1e-3)], ids=["exact", "float32"])
 def test_manual_adamw_equals_torch_adamw_on_cross_entropy(data, exact, atol):
     """exact: torch's AdamW to float32 round-off. Default: float32 GEMMs and the noise floor in
-    AdamW's denominator, which only damps elements at rounding-noise level (<< lr = 1e-2)."""
+    AdamW's denominator, which only damps elements whose feature-error cosine is below ~6e-5:
+    after 5 steps of lr = 1e-2 the weights stay within lr / 10 of torch's."""
     x, y = data["train"]
     probe = LinearProbe(C, lrs=(1e-2,), weight_decay=0.05, warmup_batches=1, exact=exact)
     probe.partial_fit(x[:8], y[:8])

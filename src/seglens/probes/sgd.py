@@ -31,10 +31,15 @@ from seglens.probes.base import _Probe
 from seglens.probes.convergence import EarlyStopping, lr_at_edge
 from seglens.probes.standardize import Standardizer
 
-#: The noise floor in AdamW's denominator (default path), in units of the GEMM's rounding:
-#: NOISE_FLOOR * u * |z_d| |G_kc| / n. Gradient elements whose cosine between feature d and the
-#: error column kc is below ~NOISE_FLOOR * u (1e-6 in float32) take steps < lr instead of +-lr.
-NOISE_FLOOR = 16.0
+#: The noise floor in AdamW's denominator (default path): floor = c * |z_d| |G_kc| / n with
+#: c = NOISE_FLOOR * 2^-24 (float32 accumulation: its rounding error is at most ~2^-24 |z| |G|)
+#: + INPUT_ROUNDING * u / sqrt(n) (tf32 and bf16 round the GEMM's inputs to u = 2^-11, 2^-8: a
+#: random error of ~u |z| |G| / sqrt(n)). A gradient element whose cosine between feature d and
+#: error column kc is below c (6e-5 in float32) is noise, e.g. an absent class whose terms
+#: cancel: it takes steps << lr instead of +-lr. NOISE_FLOOR = 1024 keeps 1 vs 2 processes
+#: within 1e-4 mIoU (16 did not: 1e-2, tests/test_distributed.py).
+NOISE_FLOOR = 1024.0
+INPUT_ROUNDING = 8.0
 
 
 def pack_gradients(grads: Sequence[Mapping[str, Tensor]]) -> Tensor:
@@ -226,14 +231,16 @@ class LinearProbe(_Probe):
         mean = {k: (grads[k] / n1).float() for k in ("W", "b")}
         floor = None
         if not self.exact:
-            # Rounding noise of a float32 dot product over the batch is at most ~u |z| |G|
-            # (Cauchy-Schwarz); a gradient element far below that floor is noise, e.g. an absent
-            # class whose terms cancel. As AdamW's eps it turns such noise into steps of
-            # <= lr / NOISE_FLOOR instead of +-lr, continuously (no threshold to flip).
-            u = NOISE_FLOOR * UNIT_ROUNDOFF[self.gemm]
+            # A gradient element far below the rounding noise's scale (``NOISE_FLOOR``) is
+            # noise, e.g. an absent class whose terms cancel. As AdamW's eps the floor turns
+            # such noise into steps << lr instead of +-lr, continuously (no threshold to flip).
+            n32 = n1.float()
+            c = NOISE_FLOOR * UNIT_ROUNDOFF["float32"]
+            if self.gemm != "float32":
+                c = c + INPUT_ROUNDING * UNIT_ROUNDOFF[self.gemm] / n32.sqrt()
             D, K, C = mean["W"].shape
             scale = grads["zz"].sqrt()[:, None] * grads["gg"].sqrt()[None, :]
-            floor = (scale * (u / n1.float())).view(D, K, C)
+            floor = (scale * (c / n32)).view(D, K, C)
         self._adamw(mean, floor)
         self._params["n_tokens"] += n.long()  # over all ranks
 
