@@ -323,3 +323,37 @@ def test_an_overwrite_killed_between_its_renames_restores_the_old_run(tmp_path):
     os.rename(run, tmp_path / ".run.replaced")  # the first rename happened, not the second
     assert prepare_run_dir(run, resume=True) == run
     assert _tree(run) == before and not (tmp_path / ".run.replaced").exists()
+
+
+def test_an_overwritten_seglens_run_writes_its_later_analyses_into_the_final_folder(tmp_path):
+    """`seglens run --overwrite`: probing completes in the hidden build, which then replaces the
+    old run; the analyses after it (here bidirectional) and the report land in the final
+    folder, through the same RunDir."""
+    from seglens.config import load_config
+    from seglens.experiments.pipeline import run as run_all
+    from seglens.rundir import lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text('{"old": true}')
+    (out / "notes.txt").write_text("mine")
+    options = {
+        "model.name": "tiny-clip",
+        "data.limit_train": 8,
+        "data.limit_eval": 4,
+        "probe.solver": "lda",
+        "probe.bootstrap": 0,
+        "probe.pixel_level": False,
+        "probe.qualitative": 1,
+        "knockout.enabled": False,
+        "umap.enabled": False,
+        "out": str(out),
+        "overwrite": True,
+    }
+    report = run_all(load_config(**options), progress=False)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["probing"]) == {"causal", "bidirectional_image"}
+    assert (out / "probes" / "bidirectional_image").is_dir() and report == out / "report.html"
+    assert report.is_file() and (out / "notes.txt").read_text() == "mine"
+    lock.release(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
