@@ -325,6 +325,7 @@ def test_an_overwrite_killed_between_its_renames_restores_the_old_run(tmp_path):
     assert _tree(run) == before and not (tmp_path / ".run.replaced").exists()
 
 
+@pytest.mark.slow
 def test_an_overwritten_seglens_run_writes_its_later_analyses_into_the_final_folder(tmp_path):
     """`seglens run --overwrite`: probing completes in the hidden build, which then replaces the
     old run; the analyses after it (here bidirectional) and the report land in the final
@@ -355,5 +356,31 @@ def test_an_overwritten_seglens_run_writes_its_later_analyses_into_the_final_fol
     assert set(results["probing"]) == {"causal", "bidirectional_image"}
     assert (out / "probes" / "bidirectional_image").is_dir() and report == out / "report.html"
     assert report.is_file() and (out / "notes.txt").read_text() == "mine"
+    lock.release(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_every_rundir_of_a_committed_overwrite_points_at_the_final_folder(tmp_path):
+    """The fast form of the test above: once the checkpoint completes, the build replaces the
+    old run and every RunDir made for the build (``RunDir.of`` copies too) writes into the
+    final folder."""
+    from seglens.checkpoint import Checkpointer
+    from seglens.config import load_config
+    from seglens.rundir import RunDir, lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text('{"old": true}')
+    config = load_config(**{"model.name": "tiny-clip", "out": str(out), "overwrite": True})
+    run = RunDir.create(config)
+    copy = RunDir.of(run, **{"knockout.top_k": 3})
+    assert run.path == copy.path == tmp_path / ".run.overwrite"
+    assert json.loads((out / "results.json").read_text()) == {"old": True}
+    run.begin(probing={})
+    Checkpointer(run.file("checkpoint")).complete()
+    assert run.path == copy.path == out.absolute() and not (tmp_path / ".run.overwrite").exists()
+    copy.put_section("later", {"x": 1})
+    assert json.loads((out / "results.json").read_text())["later"] == {"x": 1}
+    assert (out / "identity.json").is_file() and (out / "config.yaml").is_file()
     lock.release(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
