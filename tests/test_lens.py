@@ -204,3 +204,21 @@ def test_every_family_has_an_lm_head():
     assert len(shared_check_models()) == len(
         [n for n, s in registry().tiny.items() if not s.family_options]
     )
+
+
+def test_sentencepiece_style_tokens_skip_the_bare_word_boundary():
+    """A Llama-style tokenizer may give " chair" a lone "▁" first: it is not the class token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "▁": 1, "▁chair": 2, "▁chest": 3, "▁of": 4, "▁drawers": 5}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    assert tok("  chair", add_special_tokens=False)["input_ids"] == [1, 2]  # a lone boundary
+    assert name_tokens(tok, " chair") == [2]
+    assert name_tokens(tok, "chest of drawers") == [3, 4, 5]
+    tokens = class_tokens(tok, [["chest of drawers", "chest"], ["chair"]], ["chest", "chair"])
+    assert [ids for _, _, ids in tokens.entries] == [(3,), (2,)]  # the duplicate entry is merged
+    assert not tokens.collisions
