@@ -101,6 +101,13 @@ class VirtualTensor(torch.Tensor):
             return self
         return aten.clone.default(self, memory_format=memory_format)
 
+    def new_tensor(self, data, dtype=None, device=None, requires_grad=False):  # a guard too
+        out = torch.as_tensor(data, dtype=dtype or self.dtype)
+        return out.to(self.device if device is None else device)
+
+    def __invert__(self):  # the binding takes a device guard
+        return aten.bitwise_not.default(self)
+
     def nonzero(self, *, as_tuple: bool = False):  # the Python binding takes a device guard
         out = aten.nonzero.default(self)
         return out.unbind(1) if as_tuple else out
@@ -221,6 +228,14 @@ class VirtualCuda(TorchDispatchMode):
         return tree_map(wrap, out)
 
 
+def _one_hot(t: torch.Tensor, num_classes: int = -1) -> torch.Tensor:
+    """``F.one_hot`` through ops the mode sees (its kernel takes a CUDA device guard)."""
+    if num_classes < 0:
+        num_classes = int(t.max()) + 1  # a sync, as on CUDA
+    out = torch.zeros(*t.shape, num_classes, dtype=torch.int64, device=t.device)
+    return out.scatter_(-1, t.unsqueeze(-1), 1)
+
+
 @contextmanager
 def virtual_cuda(n: int = 2) -> Iterator[VirtualCuda]:
     """``cuda:0`` .. ``cuda:{n-1}`` on a CPU build (see the module docstring); yields the mode,
@@ -237,6 +252,7 @@ def virtual_cuda(n: int = 2) -> Iterator[VirtualCuda]:
         stack.enter_context(mock.patch("torch.cuda.is_available", return_value=True))
         stack.enter_context(mock.patch("torch.cuda.device_count", return_value=n))
         stack.enter_context(mock.patch("torch.tensor", tensor))
+        stack.enter_context(mock.patch("torch.nn.functional.one_hot", _one_hot))
         stack.enter_context(mock.patch.object(VirtualTensor, "_mode", mode))
         stack.enter_context(mode)
         yield mode

@@ -66,7 +66,7 @@ def upsampled_argmax(
     per_stage = 4 * C * (g * SUBDIVISIONS) ** 2  # the sub-cell tests' temporaries, at most
     step = max(1, max_elements // per_stage)
     pred = torch.cat([_argmax(part, taps, max_elements) for part in logits.split(step)])
-    rows, cols = torch.from_numpy(rows).to(pred.device), torch.from_numpy(cols).to(pred.device)
+    rows, cols = _to_device(rows, pred.device), _to_device(cols, pred.device)
     return pred[:, rows][:, :, cols].reshape(*lead, transform.height, transform.width)
 
 
@@ -77,29 +77,43 @@ def _distinct(lo: np.ndarray, w: np.ndarray) -> tuple[tuple, np.ndarray]:
     return (lo[first], w[first]), inverse.reshape(-1)
 
 
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``; pinned and non-blocking to a GPU (no host sync)."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 class _Taps:
     """The first grid row and weight of every row (``Transform.taps``'s y0, wy), likewise of
-    every column, on the logits' device, and the rows (columns) of each sub-cell row (column)."""
+    every column, on the logits' device, and the rows (columns) of each sub-cell row (column).
+
+    Everything is built on the host (it depends only on the geometry) and copied once, pinned
+    and non-blocking: reading sizes back from the device would cost a host sync per image."""
 
     def __init__(self, y0, wy, x0, wx, g: int, device: torch.device):
-        y0, wy, x0, wx = (torch.from_numpy(t).to(device) for t in (y0, wy, x0, wx))
-        self.wy, self.wx, s = wy, wx, SUBDIVISIONS
+        s = SUBDIVISIONS
         # Row i lies in sub-row y0 * s + floor(wy * s) of the fine (g * s) grid; likewise columns.
-        self.fine_y = y0 * s + (wy * s).long().clamp_max(s - 1)
-        self.fine_x = x0 * s + (wx * s).long().clamp_max(s - 1)
-        self.rows, self.has_rows = _members(self.fine_y, g * s)
-        self.cols, self.has_cols = _members(self.fine_x, g * s)
+        fine_y = y0 * s + np.minimum((wy * np.float32(s)).astype(np.int64), s - 1)
+        fine_x = x0 * s + np.minimum((wx * np.float32(s)).astype(np.int64), s - 1)
+        rows, has_rows = _members(fine_y, g * s)
+        cols, has_cols = _members(fine_x, g * s)
+        host = (wy, wx, fine_y, fine_x, rows, has_rows, cols, has_cols)
+        moved = [_to_device(a, device) for a in host]
+        self.wy, self.wx, self.fine_y, self.fine_x = moved[:4]
+        self.rows, self.has_rows, self.cols, self.has_cols = moved[4:]
 
 
-def _members(fine: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _members(fine: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The pixels (rows or columns) of each of n sub-rows, from the non-decreasing (H,) sub-row
     of every pixel: (n, m) indices, padded by repeating the sub-row's last pixel (which gets
     the same value twice), and whether the sub-row has any pixel (n,)."""
-    size = torch.bincount(fine, minlength=n)  # (n,)
-    first = torch.cumsum(size, 0) - size
-    offset = torch.arange(int(size.max()), device=fine.device)
-    index = first[:, None] + torch.minimum(offset, (size[:, None] - 1).clamp_min(0))
-    return index.clamp_max(len(fine) - 1), size > 0
+    size = np.bincount(fine, minlength=n)  # (n,)
+    first = np.cumsum(size) - size
+    offset = np.arange(int(size.max()))
+    index = first[:, None] + np.minimum(offset, np.maximum(size[:, None] - 1, 0))
+    return np.minimum(index, len(fine) - 1), size > 0
 
 
 def _argmax(logits: torch.Tensor, taps: _Taps, max_elements: int) -> torch.Tensor:
@@ -133,8 +147,9 @@ def _argmax(logits: torch.Tensor, taps: _Taps, max_elements: int) -> torch.Tenso
     cell, a, b = ambiguous.nonzero().unbind(1)  # the order of ``[ambiguous]``
     stage, row, col = stage[cell], row[cell], col[cell]
     fine_row, fine_col = row * s + a, col * s + b
-    ids, table = _candidates(last, candidate[ambiguous], stage, row, col, nxt)
-    need = count[ambiguous]
+    # Integer indices, not the boolean mask again: each boolean index is a host sync on CUDA.
+    ids, table = _candidates(last, candidate[cell, a, b], stage, row, col, nxt)
+    need = count[cell, a, b]
     per_cell = taps.rows.shape[1] * taps.cols.shape[1]
     low = 1
     for width in _bucket_widths(ids.shape[1]) if len(ids) else ():
