@@ -300,3 +300,20 @@ def test_checkpoints_restore_where_the_caller_says(tmp_path):
         w = resumed(map_location={"cuda:3": "cuda:1"})
         assert w.device == torch.device("cuda:1") and w.cpu().tolist() == [0, 1, 2, 3]
         assert resumed(map_location="cuda:0").device == torch.device("cuda:0")
+
+
+def test_accumulators_use_a_dtype_the_device_has(monkeypatch):
+    """MPS has no float64 kernels: the standardiser's sums and the validation mIoU accumulate
+    in ``accumulate_dtype(device)`` (float32 on MPS), float64 elsewhere."""
+    from seglens.probes import _common, standardize
+    from seglens.probes._common import accumulate_dtype, miou
+
+    assert accumulate_dtype("mps") == torch.float32
+    assert accumulate_dtype("cuda:1") == accumulate_dtype("cpu") == torch.float64
+    x = torch.randn(8, 5)
+    assert standardize.Standardizer(warmup_batches=2).partial_fit(x)._sum.dtype == torch.float64
+    as_mps = lambda device: torch.float32  # noqa: E731 (what MPS gets)
+    monkeypatch.setattr(standardize, "accumulate_dtype", as_mps)
+    monkeypatch.setattr(_common, "accumulate_dtype", as_mps)
+    assert standardize.Standardizer(warmup_batches=2).partial_fit(x)._sum.dtype == torch.float32
+    assert miou(torch.eye(3, dtype=torch.int64)[None]).dtype == torch.float32

@@ -137,7 +137,7 @@ def confusion(pred: Tensor, y: Tensor, n_classes: int) -> Tensor:
 
 def miou(conf: Tensor) -> Tensor:
     """(K, C, C) confusion (rows = truth) -> (K,) mIoU over classes with union > 0."""
-    conf = conf.double()
+    conf = conf.to(accumulate_dtype(conf.device))
     inter = conf.diagonal(dim1=1, dim2=2)
     union = conf.sum(2) + conf.sum(1) - inter
     iou = torch.where(union > 0, inter / union.clamp_min(1), 0.0)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-from seglens.probes._common import Tensor, all_reduce_sum
+from seglens.probes._common import Tensor, accumulate_dtype, all_reduce_sum
 
 
 class Standardizer:
@@ -66,7 +66,8 @@ class Standardizer:
         return self.freeze()
 
     def _accumulate(self, x: Tensor) -> None:
-        x64 = x.reshape(-1, x.shape[-1]).double()
+        # float64 (float32 on MPS, which has no float64 kernels: ``accumulate_dtype``)
+        x64 = x.reshape(-1, x.shape[-1]).to(accumulate_dtype(x.device))
         if self._sum is None:
             self._sum, self._sumsq = x64.new_zeros(x64.shape[1]), x64.new_zeros(x64.shape[1])
         self._sum += x64.sum(0)
