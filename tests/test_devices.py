@@ -317,3 +317,35 @@ def test_accumulators_use_a_dtype_the_device_has(monkeypatch):
     monkeypatch.setattr(_common, "accumulate_dtype", as_mps)
     assert standardize.Standardizer(warmup_batches=2).partial_fit(x)._sum.dtype == torch.float32
     assert miou(torch.eye(3, dtype=torch.int64)[None]).dtype == torch.float32
+
+
+def test_sync_free_counts_equal_the_reference_counters():
+    """``count_confusions`` and ``image_tables`` (masked_fill + index_add on a device, bincount
+    on the CPU) equal ``ConfusionMatrix`` / ``PerImageCounts``; invalid labels are counted, and
+    masks travel as lossless small integers."""
+    from seglens.experiments.evaluation import _small_labels
+    from seglens.metrics import (
+        ConfusionMatrix,
+        PerImageCounts,
+        count_confusions,
+        image_tables,
+        invalid_labels,
+    )
+
+    rng = np.random.default_rng(0)
+    pred = torch.from_numpy(rng.integers(0, C, (3, 4, 50)))  # (S, B, N)
+    target = torch.from_numpy(np.where(rng.random((4, 50)) < 0.2, 255, rng.integers(0, C, (4, 50))))
+    for device in ("cpu", "cuda:0"):
+        with virtual_cuda(1):
+            got = count_confusions(pred.to(device), target.to(device), C).cpu()
+            rows = image_tables(pred.to(device), target.to(device), C).cpu()
+        for s in range(3):
+            assert torch.equal(got[s], ConfusionMatrix(C).update(pred[s], target).matrix)
+            want = PerImageCounts(C).add_batch(pred[s], target)._table()
+            np.testing.assert_array_equal(rows[s].numpy(), want)
+    bad = target.clone()
+    bad[0, :3] = torch.tensor([6, -1, 300])
+    assert int(invalid_labels(bad, C)) == 3 and int(invalid_labels(target, C)) == 0
+    assert _small_labels(target.numpy(), C).dtype == np.uint8
+    wide = _small_labels(bad.numpy(), C)
+    assert wide.dtype == np.int16 and wide.tolist() == bad.tolist()
