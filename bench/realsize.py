@@ -9,8 +9,10 @@ and stops at the same depth (block ``llm.K``), over >= 5 interleaved rounds:
 
   floor               forward to llm.K (one hook: the least any analysis needs)
   capture             all stages (encoder, adapter, llm.1..K) from the same pass
-  capture + sgd       and every stage's sgd probe update (3 lrs side by side)
-  capture + lda       and every stage's lda statistics (float64 D x D scatter)
+  capture + sgd       and every stage's sgd probe update (3 lrs side by side; float32 GEMMs,
+                      ``--gemm`` bfloat16 or tf32; ``--exact-modes`` adds the float64 path)
+  capture + lda       and every stage's lda statistics (D x D scatter of shifted features in
+                      float32, added into float64; ``--exact-modes`` adds the float64 path)
   evaluation          ``evaluate_probes``: capture, probe logits, patch and pixel-level scoring
                       (the argmax of 150-class logits upsampled to each 512 x 683 mask), of a
                       probe after one update (near-uniform logits: the hardest case for pixel
@@ -190,10 +192,15 @@ class Bench:
         data = self.data if data is None else data
         return stream_batches(self.vlm, data, self.data_config, C, {}, False, "bench")
 
-    def sgd_bank(self) -> ProbeBank:
+    def sgd_bank(self, exact: bool = False) -> ProbeBank:
         """An sgd bank (3 lrs) whose standardisers are already frozen (warm-up done)."""
-        bank = ProbeBank(self.stages, C, solver="sgd", lrs=self.cfg.lrs, warmup_batches=1)
+        opts = dict(exact=exact, gemm="float32" if exact else self.args.gemm)
+        bank = ProbeBank(self.stages, C, solver="sgd", lrs=self.cfg.lrs, warmup_batches=1, **opts)
         return bank.partial_fit(*self.first)
+
+    def lda_bank(self, exact: bool = False) -> ProbeBank:
+        gemm = "float32" if exact else self.args.gemm
+        return ProbeBank(self.stages, C, solver="lda", exact=exact, gemm=gemm)
 
     def eval_bank(self, steps: int = 1) -> ProbeBank:
         """An sgd bank after ``steps`` updates on the first batch, selected on it."""
@@ -260,7 +267,7 @@ class Bench:
             with intervene(vlm, [Knockout(keys=later)]):
                 capture(None)
 
-        lda_bank = lambda: ProbeBank(stages, C, solver="lda")  # noqa: E731
+        lda_bank = self.lda_bank
         modes = {
             "floor: forward to llm.K": self.timed("floor", floor),
             "capture, all stages": self.timed("capture", capture),
@@ -270,6 +277,10 @@ class Bench:
             "evaluation, trained probe": self.timed("eval_trained", evaluation, self.trained_bank),
             "knockout forward + capture": self.timed("knockout", knockout),
         }
+        if self.args.exact_modes:  # probe.exact (float64: the arithmetic before issue 25)
+            exact_sgd, exact_lda = (lambda: self.sgd_bank(True)), (lambda: self.lda_bank(True))
+            modes["capture + sgd, exact"] = self.timed("sgd_exact", stream, exact_sgd)
+            modes["capture + lda, exact"] = self.timed("lda_exact", stream, exact_lda)
         if vlm.num_llm_layers > 1:  # gives the cost of one decoder block, for the projection
             modes["forward to llm.1"] = self.timed("floor_1", floor_1)
         return modes
@@ -433,6 +444,10 @@ def parse(argv):
     p.add_argument("--tolerance", type=float, default=1e-2, help="capture vs HF, relative")
     p.add_argument("--forward-img-s", type=float, default=None, help="H100 7B images/s assumed")
     p.add_argument("--json", default=None, help="also write the measurements here")
+    p.add_argument(
+        "--exact-modes", action="store_true", help="also time sgd and lda with probe.exact"
+    )
+    p.add_argument("--gemm", default="float32", choices=["float32", "tf32", "bfloat16"])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -499,6 +514,7 @@ def measure(bench: Bench, args) -> dict:
     keys |= {"lda": "capture + lda updates", "eval": "evaluation, pixel level"}
     keys |= {"eval_trained": "evaluation, trained probe"}
     keys |= {"knockout": "knockout forward + capture", "floor_1": "forward to llm.1"}
+    keys |= {"sgd_exact": "capture + sgd, exact", "lda_exact": "capture + lda, exact"}
     print("\npeak memory per mode (RSS since the mode began; CUDA max allocated)")
     for short, name in keys.items():
         if short in bench.memory:
