@@ -254,15 +254,22 @@ class VLM:
         """
         stages = self.default_stages if stages is None else stages
         device = self.device
-        mask = batch.attention_mask.to(device)
+
+        def to_device(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+            # To a GPU: pinned and non-blocking, so the host never waits for the copy.
+            if device.type == "cuda" and t.device.type == "cpu":
+                t = (t if dtype is None else t.to(dtype)).pin_memory()
+            return t.to(device, dtype, non_blocking=True)
+
+        mask = to_device(batch.attention_mask)
         if self.attention_mask_override is not None:
             mask = self.attention_mask_override(batch)
         return capture_stages(
             self.family,
-            input_ids=batch.input_ids.to(device),
-            pixel_values=batch.pixel_values.to(device, self.dtype),
+            input_ids=to_device(batch.input_ids),
+            pixel_values=to_device(batch.pixel_values, self.dtype),
             attention_mask=mask,
-            image_positions=batch.image_positions.to(device),
+            image_positions=to_device(batch.image_positions),
             stages=stages,
             full_pass=full_pass,
         )
