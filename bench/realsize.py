@@ -19,6 +19,10 @@ and stops at the same depth (block ``llm.K``), over >= 5 interleaved rounds:
                       scoring, whose cost depends on how many classes can win at a pixel) and
                       of one after 30 updates on the first batch ("trained probe")
   knockout forward    capture of all stages under ``intervene`` (half the image keys blocked)
+  evaluation + lens   (``--lens``) the trained probe's evaluation with the logit/embedding lens
+                      scored in the same pass (``seglens.readouts``: ADE20K's class names and
+                      synonyms, patch and pixel level, both modes); its extra time over the
+                      evaluation is the lens's cost, printed as a share of the probing pass
 
 It prints per-round ratios to the floor (min / median / max), the peak memory of each mode, the
 ratios projected to 32 decoder layers, and ends with ``probe/forward: X.XX`` (capture + sgd over
@@ -281,6 +285,23 @@ class Bench:
             exact_sgd, exact_lda = (lambda: self.sgd_bank(True)), (lambda: self.lda_bank(True))
             modes["capture + sgd, exact"] = self.timed("sgd_exact", stream, exact_sgd)
             modes["capture + lda, exact"] = self.timed("lda_exact", stream, exact_lda)
+
+        def lens(scorer):
+            evaluate_probes(
+                vlm, self.trained_bank(), self.data, stages, self.cfg,
+                data_config=self.data_config, qualitative=[], progress=False, on_batch=scorer,
+            )  # fmt: skip
+
+        def lens_scorer():
+            from seglens.data.datasets import ADE20K_CLASSES
+            from seglens.readouts.scoring import LensOptions, LensScorer
+
+            self.trained_bank()  # built once, outside the timing
+            opts = LensOptions(tuple(self.args.lens_readouts), tuple(self.args.lens_modes))
+            return LensScorer(vlm, ADE20K_CLASSES, stages, opts, dataset="ade20k", bootstrap=0)
+
+        if self.args.lens:
+            modes["evaluation + lens"] = self.timed("lens", lens, lens_scorer)
         if vlm.num_llm_layers > 1:  # gives the cost of one decoder block, for the projection
             modes["forward to llm.1"] = self.timed("floor_1", floor_1)
         return modes
@@ -444,6 +465,9 @@ def parse(argv):
     p.add_argument("--tolerance", type=float, default=1e-2, help="capture vs HF, relative")
     p.add_argument("--forward-img-s", type=float, default=None, help="H100 7B images/s assumed")
     p.add_argument("--json", default=None, help="also write the measurements here")
+    p.add_argument("--lens", action="store_true", help="also time the lens in the evaluation")
+    p.add_argument("--lens-readouts", nargs="+", default=["logit", "embedding"])
+    p.add_argument("--lens-modes", nargs="+", default=["all", "present"])
     p.add_argument(
         "--exact-modes", action="store_true", help="also time sgd and lda with probe.exact"
     )
@@ -475,11 +499,18 @@ def analysis_hours(ratio: dict[str, float], img_s: float) -> list[str]:
     ours /= img_s * 3600
     lda = (ADE_TRAIN * ratio["capture + lda updates"] + ADE_VAL * ev) / img_s / 3600
     lda_floor = (ADE_TRAIN + ADE_VAL) / img_s / 3600
-    return [
+    lines = [
         f"ADE20K ({ADE_TRAIN} train + {ADE_VAL} val images) at {img_s:.0f} img/s forward:",
         f"  sgd analysis {ours:.2f} h vs its floor {floor:.2f} h ({ours / floor:.2f}x)",
         f"  lda analysis {lda:.2f} h vs its floor {lda_floor:.2f} h ({lda / lda_floor:.2f}x)",
     ]
+    if "evaluation + lens" in ratio:  # the lens runs on the evaluation split only
+        lens = ADE_VAL * (ratio["evaluation + lens"] - ev) / img_s / 3600
+        lines.append(
+            f"  lens adds {lens:.3f} h: {100 * lens / ours:.1f}% of the sgd probing pass, "
+            f"{100 * lens / lda:.1f}% of the lda one"
+        )
+    return lines
 
 
 def measure(bench: Bench, args) -> dict:
@@ -514,6 +545,7 @@ def measure(bench: Bench, args) -> dict:
     keys |= {"lda": "capture + lda updates", "eval": "evaluation, pixel level"}
     keys |= {"eval_trained": "evaluation, trained probe"}
     keys |= {"knockout": "knockout forward + capture", "floor_1": "forward to llm.1"}
+    keys |= {"lens": "evaluation + lens"}
     keys |= {"sgd_exact": "capture + sgd, exact", "lda_exact": "capture + lda, exact"}
     print("\npeak memory per mode (RSS since the mode began; CUDA max allocated)")
     for short, name in keys.items():
