@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +178,24 @@ def peaks(device: torch.device) -> tuple[float, float | None]:
     return rss, cuda
 
 
+@contextlib.contextmanager
+def count_syncs():
+    """Count the host syncs CUDA reports in the block (``torch.cuda.set_sync_debug_mode``:
+    blocking copies to the host, ``.item()``, ``nonzero``...); yields a one-item list, filled
+    on exit. Counting slows the block: it runs on the warm-up call only."""
+    counted = [0]
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield counted
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    counted[0] = sum("synchroniz" in str(w.message) for w in caught)
+
+
 class Bench:
     """The model, the data and one timed callable per mode."""
 
@@ -190,6 +210,7 @@ class Bench:
         first = next(self.batches(self.data.limit(args.batch)))
         self.first = (self.vlm.capture(first, self.stages), first.labels)
         self.memory: dict[str, tuple[float, float | None]] = {}
+        self.syncs: dict[str, float] = {}  # host syncs per batch (CUDA: the warm-up call)
         self._trained: ProbeBank | None = None
 
     def batches(self, data: SegDataset | None = None):
@@ -228,6 +249,11 @@ class Bench:
             state = prepare() if prepare is not None else None
             sync(self.device)
             reset_peaks(self.device)
+            if name not in self.syncs and self.device.type == "cuda":  # warm-up call: untimed
+                with count_syncs() as counted:
+                    run(state)
+                self.syncs[name] = counted[0] / self.args.batches
+                return 0.0
             start = time.perf_counter()
             run(state)
             sync(self.device)
@@ -304,7 +330,22 @@ class Bench:
             modes["evaluation + lens"] = self.timed("lens", lens, lens_scorer)
         if vlm.num_llm_layers > 1:  # gives the cost of one decoder block, for the projection
             modes["forward to llm.1"] = self.timed("floor_1", floor_1)
+        modes["attention to anchors"] = self.timed("attention", self.attention)
         return modes
+
+    def attention(self, _) -> None:
+        """``seglens attention``'s measured forward with every image token a query (its worst
+        case: query chunks of ``SCORE_CHUNK_BYTES`` scores; the keys once per layer)."""
+        from seglens.experiments.attention import measure_attention, query_plan
+
+        layers = self.vlm.family.decoder_layers()
+        for b in self.batches():
+            labels = b.labels.numpy()
+            correct = np.random.default_rng(0).random(labels.shape) < 0.5
+            plan = query_plan(b, labels, correct, tuple(range(C)))
+            with measure_attention(layers, plan, b.attention_mask.bool()) as out:
+                self.vlm.capture(b, [self.last])
+            torch.stack([torch.stack(o) for o in out]).cpu()  # one copy, as ``_measure_pair``
 
 
 def project(times: dict[str, list[float]], K: int, full: int = FULL_LLM) -> dict[str, float]:
@@ -392,6 +433,19 @@ def small_run(vlm, args) -> dict:
         "patch_miou": {s: metrics[s]["patch"]["miou"] for s in stages},
         "coef_sum": {s: float(bank.probes[s].coef_.double().sum()) for s in stages},
     }
+
+
+def release(vlm, bench: Bench) -> None:
+    """Free this process's GPU memory (weights to the meta device, cached features and probes
+    dropped) before the torchrun worker builds its own model: two 7B copies (~28 GB in bf16,
+    plus activations) do not fit a 40-48 GB card. ``vlm`` is unusable afterwards."""
+    vlm.model.to("meta")
+    bench.first, bench._trained = None, None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        held = torch.cuda.memory_allocated() / 2**20
+        print(f"# parent released its model before the torchrun worker: {held:.0f} MiB held")
 
 
 def torchrun_run(args) -> dict:
@@ -553,6 +607,16 @@ def measure(bench: Bench, args) -> dict:
             rss, cuda = bench.memory[short]
             extra = f", cuda {cuda:.0f} MiB" if cuda is not None else ""
             print(f"  {name:<28} rss {rss:.0f} MiB{extra}")
+    if "attention" in bench.memory:
+        rss, cuda = bench.memory["attention"]
+        extra = f", cuda {cuda:.0f} MiB" if cuda is not None else ""
+        print(f"  {'attention to anchors':<28} rss {rss:.0f} MiB{extra}")
+    print("\nhost syncs per batch per mode (CUDA sync debug mode, on the untimed warm-up call)")
+    for name in modes:
+        short = next((k for k, v in {**keys, "attention": "attention to anchors"}.items()
+                      if v == name), name)  # fmt: skip
+        count = bench.syncs.get(short)
+        print(f"  {name:<28} {'n/a (CUDA only)' if count is None else f'{count:.0f}'}")
     if projected:
         print(f"\nmedian ratios projected to {FULL_LLM} LLM layers ({FULL_LLM + 2} stages):")
         for name, value in projected.items():
@@ -565,7 +629,7 @@ def measure(bench: Bench, args) -> dict:
         for line in analysis_hours(at_full, img_s):
             print(line)
     report = {"times": times, "medians": medians, "projected": projected}
-    return report | {"memory": bench.memory, "floor_s_per_image": floor_s}
+    return report | {"memory": bench.memory, "syncs": bench.syncs, "floor_s_per_image": floor_s}
 
 
 def run_checks(vlm, bench: Bench, args) -> tuple[bool, dict]:
@@ -590,6 +654,7 @@ def run_checks(vlm, bench: Bench, args) -> tuple[bool, dict]:
     if args.torchrun:
         if not args.check:
             small = small_run(vlm, args)
+        release(vlm, bench)  # the worker builds its own 7B model on the same GPU
         dist = torchrun_run(args)
         gap = max(abs(dist["coef_sum"][s] - small["coef_sum"][s]) for s in small["coef_sum"])
         scale = max(abs(v) for v in small["coef_sum"].values()) or 1.0
