@@ -3,10 +3,12 @@
 At every check (after every epoch, or every ``probe.eval_every`` training batches, so that one
 pass can converge) the K learning-rate candidates are scored on held-out *training* tokens
 (cross-entropy, mean over valid tokens). Each candidate keeps a copy of its weights at its lowest
-held-out loss; a probe stops once its best loss over all candidates has not improved by more than
+held-out loss; a probe stops once no candidate's own best loss has improved by more than
 ``min_delta`` (relative) for ``patience`` checks, and it then counts as converged, at the
-optimiser step of that check. A probe that reaches the epoch limit still improving has not
-converged: it measures its optimiser, not the representation, and the report says so.
+optimiser step of that check. (Judging only the best loss over all candidates would stop a
+probe whose large lr led early and then levelled off while a smaller lr was still improving.)
+A probe that reaches the epoch limit still improving has not converged: it measures its
+optimiser, not the representation, and the report says so.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ class EarlyStopping:
         self.check_epochs: list[int] = []  # per check: the epoch (0-based) it closed part of
         self.stopped = False
         self.closed = 0  # checks closed by the trainer (recorded or, once stopped, ignored)
-        self.since_best = 0  # checks since the best loss last improved by > min_delta
+        self.since_best = 0  # checks since any candidate's own best last improved
         self.overall_best = math.inf
+        self.since_k: Tensor | None = None  # (K,) checks since each candidate last improved
+        self.best_k: Tensor | None = None  # (K,) each candidate's best loss (float64)
         self.best: dict[str, Tensor] = {}  # W (D, K, C), b (K, C), loss (K,), epoch (K,), conf
         self._sum: Tensor | None = None  # (K,) float64 summed held-out loss of this epoch
         self._count: Tensor | None = None  # () int64 valid held-out tokens of this epoch
@@ -103,11 +107,14 @@ class EarlyStopping:
             self.best["loss"] = torch.where(better, mean, self.best["loss"])
             self.best["epoch"] = torch.where(better, check, self.best["epoch"])  # check index
         lowest = float(mean.min())
-        first = math.isinf(self.overall_best)  # the first check always improves (inf - inf)
-        if first or lowest < self.overall_best - self.min_delta * abs(self.overall_best):
-            self.since_best = 0
-        else:
-            self.since_best += 1
+        m64 = mean.double()
+        if self.best_k is None:  # the first check always improves
+            self.best_k = torch.full_like(m64, math.inf)
+            self.since_k = torch.zeros(m64.shape[0], dtype=torch.int64)
+        improved = torch.isinf(self.best_k) | (m64 < self.best_k * (1 - self.min_delta))
+        self.since_k = torch.where(improved, 0, self.since_k + 1)
+        self.best_k = torch.minimum(self.best_k, m64)
+        self.since_best = int(self.since_k.min())
         self.overall_best = min(self.overall_best, lowest)
         if self.since_best >= self.patience:
             self.stopped = True
@@ -150,6 +157,8 @@ class EarlyStopping:
         sd["steps"] = torch.tensor(self.steps, dtype=torch.int64)
         sd["check_epochs"] = torch.tensor(self.check_epochs, dtype=torch.int64)
         sd["overall_best"] = torch.tensor(self.overall_best, dtype=torch.float64)
+        if self.best_k is not None:
+            sd["best_k"], sd["since_k"] = self.best_k.clone(), self.since_k.clone()
         for key, value in (("sum", self._sum), ("count", self._count)):
             if value is not None:
                 sd[key] = value.clone()
@@ -164,6 +173,12 @@ class EarlyStopping:
         self.stopped, self.since_best = bool(sd["flags"][0]), int(sd["flags"][1])
         self.closed = int(sd["flags"][2])
         self.overall_best = float(sd["overall_best"])
+        self.best_k = sd["best_k"].clone() if "best_k" in sd else None
+        self.since_k = sd["since_k"].clone() if "since_k" in sd else None
+        if self.best_k is None and self.trace:  # older checkpoints: rebuilt from the trace
+            trace = torch.tensor(self.trace, dtype=torch.float64)
+            self.best_k = trace.min(0).values
+            self.since_k = torch.full((trace.shape[1],), self.since_best, dtype=torch.int64)
         self._sum = sd["sum"].clone() if "sum" in sd else None
         self._count = sd["count"].clone() if "count" in sd else None
 
