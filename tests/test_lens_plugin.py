@@ -1,0 +1,82 @@
+"""The lens as a registered analysis: part of `seglens run` (riding on the probing pass), its
+own `seglens lens` subcommand, its config section, results sections, figures and report blocks."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+pytest.importorskip("seglens.analyses", reason="the analysis registry has not landed")
+
+from seglens.analyses import analyses, get, register_analysis, unregister_analysis
+from seglens.cli import main
+from seglens.readouts.analysis import ANALYSIS
+from seglens.rundir import load_results
+
+
+@pytest.fixture(autouse=True, scope="module")
+def lens_registered():
+    """The lens analysis in the registry (built in once registered in ``BUILTIN``; until then
+    registered here and removed afterwards)."""
+    if "lens" in analyses():
+        yield
+        return
+    register_analysis(ANALYSIS)
+    try:
+        yield
+    finally:
+        unregister_analysis("lens")
+
+
+CONFIG = {
+    "seed": 0,
+    "model": {"name": "tiny-clip", "device": "cpu"},
+    "data": {"dataset": "synthetic", "limit_train": 8, "limit_eval": 4, "batch_size": 4},
+    "probe": {"solver": "lda", "bootstrap": 20, "qualitative": 0, "pixel_level": False},
+    "knockout": {"enabled": False},
+    "bidir": {"enabled": False},
+    "umap": {"enabled": False},
+    "lens": {"subtokens": "first"},
+}
+
+
+def test_lens_runs_in_seglens_run_and_has_its_subcommand(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "out": str(tmp_path / "run")}))
+    assert main(["run", "--config", str(config)]) == 0
+    run = tmp_path / "run"
+    results = load_results(run / "results.json")
+    lens = results["lens"]
+    assert lens["stages"] == ["adapter", "llm.1", "llm.2", "llm.3", "llm.4"]
+    assert set(lens["readouts"]) == {
+        "logit/all",
+        "logit/present",
+        "embedding/all",
+        "embedding/present",
+    }
+    for block in lens["readouts"].values():
+        assert set(block["minus_probe"]) == {"patch"}  # pixel level off, as the probe's
+        for stage in lens["stages"]:
+            d = block["minus_probe"]["patch"][stage]
+            assert d["low"] <= d["estimate"] <= d["high"]
+    assert results["sinks"]["rule"] == "norm"
+    assert all(b["count"] == 0 for b in results["sinks"]["stages"].values())  # random model
+    assert results["config"]["lens"]["subtokens"] == "first"
+    assert results["figures"]["lens"] == "figures/lens.png"
+    assert (run / "figures" / "sinks.png").is_file()
+    page = (run / "report.html").read_text()
+    assert '<section id="lens">' in page and '<section id="sinks">' in page
+    assert 'id="fig-lens"' in page
+    # its own subcommand: one pass over the evaluation split with the saved probes
+    assert main(["lens", "--run", str(run), "--readouts", "logit", "--modes", "all"]) == 0
+    assert "wrote the lens and sinks sections" in capsys.readouterr().out
+    again = load_results(run / "results.json")["lens"]
+    assert list(again["readouts"]) == ["logit/all"]
+    assert again["readouts"]["logit/all"]["metrics"] == lens["readouts"]["logit/all"]["metrics"]
+
+
+def test_no_lens_switches_it_off():
+    from seglens.cli import build_parser, resolve_config
+
+    config = resolve_config(build_parser().parse_args(["run", "--no-lens"]))
+    assert config.lens.enabled is False and not get("lens").is_enabled(config)
