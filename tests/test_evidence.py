@@ -9,8 +9,9 @@ import numpy as np
 
 import fixtures_evidence as evidence
 from fixtures_results import make_run
+from seglens.analyses.knockout.report import knockout_text
 from seglens.report import draw_all, write_report
-from seglens.report.evidence import interval_text, knockout_text, significance
+from seglens.report.evidence import interval_text, significance
 from seglens.results import read_json, write_json
 
 

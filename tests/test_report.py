@@ -244,8 +244,8 @@ def _annotated_best(fig) -> set[str]:
 def test_main_curve_is_the_native_attention(tmp_path, native, main):
     """A Gemma3 run (natively bidirectional image attention) with the bidirectional analysis
     holds both conditions; the report annotates the unmodified model's, not the intervention."""
-    from seglens.report.figures import layerwise_figure
-    from seglens.report.readings import layerwise
+    from seglens.analyses.probing.report import layerwise_caption as layerwise
+    from seglens.analyses.probing.report import layerwise_figure
 
     run = make_run(tmp_path, conditions=("causal", "bidirectional_image"), native=native)
     results = read_json(run / "results.json")

@@ -192,7 +192,8 @@ def resolve_config(args: argparse.Namespace):
 
 # --- entry point ------------------------------------------------------------------------------
 def _load_commands() -> None:
-    """Import every module of ``seglens.commands``; each registers its subcommands."""
+    """Import every module of ``seglens.commands``; each registers its subcommands (the
+    analyses' own subcommands come from the registry)."""
     import importlib
     import pkgutil
 
@@ -202,8 +203,19 @@ def _load_commands() -> None:
         importlib.import_module(f"seglens.commands.{info.name}")
 
 
+def _load_analysis_commands() -> None:
+    """Register the subcommand of every registered analysis (``seglens.analyses``)."""
+    from seglens.analyses import ordered
+
+    for analysis in ordered():
+        if analysis.command is not None and analysis.command.name not in COMMANDS:
+            cmd = analysis.command
+            COMMANDS[cmd.name] = (cmd.add_arguments, cmd.main, cmd.help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     _load_commands()
+    _load_analysis_commands()
     parser = argparse.ArgumentParser(
         prog="seglens",
         description="Where in a multimodal LLM does per-pixel semantic information live?",

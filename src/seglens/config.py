@@ -1,8 +1,10 @@
 """Run configuration: frozen dataclasses nested by concern, each field documented.
 
-Precedence is CLI > YAML > defaults. ``from_dict`` refuses unknown keys (with a suggestion) and
-wrong types; ``__post_init__`` only validates. The resolved config is saved next to the results,
-so every default that shaped a run is on record.
+Precedence is CLI > YAML > defaults. The core sections (model, data, and probe, which the probe
+trainers and the feature cache share) are here; every other analysis brings its own section
+through the registry (``seglens.analyses``). ``from_dict`` refuses unknown keys (with a
+suggestion) and wrong types. The resolved config is saved next to the results, so every default
+that shaped a run is on record.
 """
 
 from __future__ import annotations
@@ -216,88 +218,21 @@ class ProbeConfig:
             raise ValueError(f"probe.bootstrap={self.bootstrap} must be >= 0 (0: off)")
 
 
-@dataclass(frozen=True)
-class KnockoutConfig:
-    enabled: bool = _help("run the attention-knockout experiment", True)
-    reference_stage: str = _help("stage whose clean probe defines correct tokens", "adapter")
-    top_k: int = _help("conflicting class pairs to test", 10)
-    min_support: int = _help(
-        "minimum tokens of a pair (a or b) in the evaluation images that hold both classes", 20
-    )
-    layers: tuple[int, int] | None = _help(
-        "LLM layer window [first, last] (1-based, inclusive); default all layers", None
-    )
-    window_sweep: int | None = _help("also sweep windows of this many layers over depth", None)
-    random_controls: int = _help("random key sets of matched size per image", 1)
-    queries: str = _help(
-        "which queries lose the keys: 'after' (tokens after the key) or 'all' (also earlier ones "
-        "in a natively bidirectional image block)",
-        "after",
-    )
-    max_images: int | None = _help("cap on evaluation images per pair", None)
-    control_pool: tuple[str, ...] = _help(
-        "pools of the random controls, one control per pool: outside_pair (image tokens outside "
-        "the pair first), pair (the pair's own tokens), image (any image token)",
-        ("outside_pair", "pair", "image"),
-    )
-    mode: str = _help(
-        "block: the condition's tokens become unreadable; keep_only: only they stay readable "
-        "among the image tokens",
-        "block",
-    )
-    attention: bool = _help(
-        "seglens run also measures the attention of the pairs' tokens to same-class anchors",
-        True,
-    )
+def _default_sections() -> dict[str, Any]:
+    from seglens.analyses import by_config_key
 
-    def __post_init__(self):
-        pools = ("outside_pair", "pair", "image")
-        if not self.control_pool or any(p not in pools for p in self.control_pool):
-            raise ValueError(
-                f"knockout.control_pool={list(self.control_pool)} must be a non-empty list of "
-                f"{pools}"
-            )
-        if len(set(self.control_pool)) != len(self.control_pool):
-            raise ValueError(f"knockout.control_pool={list(self.control_pool)} repeats a pool")
-        _check_choice("knockout.mode", self.mode, ("block", "keep_only"))
-        if self.top_k < 1:
-            raise ValueError(f"knockout.top_k={self.top_k} must be >= 1")
-        if self.layers is not None and (
-            len(self.layers) != 2 or self.layers[0] > self.layers[1] or self.layers[0] < 1
-        ):
-            raise ValueError(
-                f"knockout.layers={self.layers} must be [first, last], 1 <= first <= last"
-            )
-        _check_choice("knockout.queries", self.queries, ("after", "all"))
-
-
-@dataclass(frozen=True)
-class BidirConfig:
-    enabled: bool = _help("run the causal vs bidirectional image attention experiment", True)
-    layer: int | None = _help("LLM layer for per-position accuracy; default the middle one", None)
-
-
-@dataclass(frozen=True)
-class UmapConfig:
-    enabled: bool = _help("compute UMAP projections and cluster scores", True)
-    stages: tuple[str, ...] | None = _help(
-        "stages to project; default encoder, adapter and 4 LLM layers over depth", None
-    )
-    tokens: int = _help("tokens sampled from the evaluation split per stage", 2000)
-    classes: int = _help("most frequent classes shown (others grey)", 10)
-    neighbors: int = _help("UMAP n_neighbors and k of the k-NN score", 15)
-
-    def __post_init__(self):
-        if self.tokens < 10:
-            raise ValueError(f"umap.tokens={self.tokens} must be >= 10")
-        if self.classes < 1:
-            raise ValueError(f"umap.classes={self.classes} must be >= 1")
-        if self.neighbors < 2:
-            raise ValueError(f"umap.neighbors={self.neighbors} must be >= 2")
+    return {key: a.config() for key, a in by_config_key().items()}
 
 
 @dataclass(frozen=True)
 class RunConfig:
+    """The whole run: core settings, then one section per registered analysis.
+
+    The analyses' sections (``probe``, ``knockout``, ...) come from the registry
+    (``seglens.analyses``): each is read as an attribute (``config.knockout.top_k``) and is a
+    top-level key of the YAML file and of ``to_dict``.
+    """
+
     out: str = _help("run directory", "runs/run")
     seed: int = _help("seed for data order, holdout split, sgd init and controls", 0)
     overwrite: bool = _help("replace an existing run directory", False)
@@ -305,10 +240,11 @@ class RunConfig:
     checkpoint_every: int = _help("checkpoint every N batches (0: at phase ends only)", 50)
     model: ModelConfig = _help("the model", factory=ModelConfig)
     data: DataConfig = _help("the dataset", factory=DataConfig)
-    probe: ProbeConfig = _help("layerwise linear probes", factory=ProbeConfig)
-    knockout: KnockoutConfig = _help("attention knockout", factory=KnockoutConfig)
-    bidir: BidirConfig = _help("bidirectional image attention", factory=BidirConfig)
-    umap: UmapConfig = _help("UMAP projections", factory=UmapConfig)
+    sections: dict[str, Any] = field(
+        default_factory=_default_sections,
+        repr=False,
+        metadata={"help": "the analyses' sections, by config key (seglens.analyses)"},
+    )
 
     def __post_init__(self):
         if self.resume and self.overwrite:
@@ -317,9 +253,30 @@ class RunConfig:
             raise ValueError(
                 f"checkpoint_every={self.checkpoint_every} must be >= 0 (0: at phase ends only)"
             )
+        # A section left out (an analysis registered after this config was built) gets defaults.
+        missing = {k: a.config() for k, a in _analyses().items() if k not in self.sections}
+        if missing:
+            object.__setattr__(self, "sections", {**self.sections, **missing})
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: the analyses' sections.
+        if name.startswith("__") or name == "sections":
+            raise AttributeError(name)
+        sections = self.__dict__.get("sections") or {}
+        if name in sections:
+            return sections[name]
+        raise AttributeError(
+            f"RunConfig has no section {name!r}; sections: {', '.join(sections) or 'none'}"
+        )
+
+    def __repr__(self) -> str:
+        core = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in _core_fields())
+        extra = ", ".join(f"{k}={v!r}" for k, v in self.sections.items())
+        return f"RunConfig({core}, {extra})"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {f.name: _plain_dataclass(getattr(self, f.name)) for f in _core_fields()}
+        return out | {k: dataclasses.asdict(v) for k, v in self.sections.items()}
 
     def replace(self, **overrides: Any) -> RunConfig:
         """Apply dotted overrides (``{"probe.solver": "lda"}``); ``None`` values are skipped."""
@@ -330,9 +287,31 @@ class RunConfig:
             node = data
             *parents, leaf = key.split(".")
             for part in parents:
+                if part not in node:
+                    raise ValueError(_unknown_key(part, node))
                 node = node[part]
             node[leaf] = value
         return from_dict(RunConfig, data)
+
+
+def _analyses() -> dict[str, Any]:
+    from seglens.analyses import by_config_key
+
+    return by_config_key()
+
+
+def _core_fields() -> list:
+    return [f for f in fields(RunConfig) if f.name != "sections"]
+
+
+def _plain_dataclass(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _unknown_key(key: str, known: Any, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return f"unknown config key '{prefix}{key}'{hint}; known keys: {', '.join(sorted(known))}"
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -378,18 +357,26 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build a (nested) config dataclass from plain data, refusing unknown keys and bad types."""
+    """Build a (nested) config dataclass from plain data, refusing unknown keys and bad types.
+
+    For ``RunConfig`` the keys of the registered analyses' sections are known too."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
+    analyses = _analyses() if cls is RunConfig else {}
+    if cls is RunConfig:
+        known = (known - {"sections"}) | set(analyses)
     for key in data:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ValueError(
-                f"unknown config key '{prefix}{key}'{hint}; known keys: {', '.join(sorted(known))}"
-            )
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+            raise ValueError(_unknown_key(key, known, prefix))
+    if cls is not RunConfig:
+        kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+        return cls(**kwargs)
+    kwargs = {k: _coerce(v, hints[k], k) for k, v in data.items() if k not in analyses}
+    sections = {
+        key: _coerce(data[key], analysis.config, key) if key in data else analysis.config()
+        for key, analysis in analyses.items()
+    }
+    return RunConfig(**kwargs, sections=sections)
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
@@ -413,14 +400,30 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
 
 
 def config_help(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted key, help, default) for every option, for docs and ``--help``."""
+    """(dotted key, help, default) for every option, for docs and ``--help``; for ``RunConfig``
+    the registered analyses' sections follow the core options."""
     rows = []
     for f in fields(cls):
         key = f"{prefix}{f.name}"
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(
+        if cls is RunConfig and f.name == "sections":
+            for section, analysis in _analyses().items():
+                rows += config_help(analysis.config, f"{prefix}{section}.")
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(
             f.default_factory
         ):
             rows += config_help(f.default_factory, f"{key}.")
         else:
             rows.append((key, f.metadata.get("help", ""), f.default))
     return rows
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("__"):  # import machinery probes (__path__, ...)
+        raise AttributeError(name)
+    # The analyses' config sections, where they were before they moved into their modules.
+    from seglens.analyses import analyses
+
+    for analysis in analyses().values():
+        if analysis.config is not None and analysis.config.__name__ == name:
+            return analysis.config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,16 +10,23 @@ from seglens.cli import FLAG, add_run_options, command, resolve_config
 def _run_args(p: argparse.ArgumentParser) -> None:
     add_run_options(p)
     p.add_argument("--solver", dest="probe.solver", choices=["sgd", "lda"])
-    for name in ("knockout", "bidir", "umap"):
-        p.add_argument(
-            f"--{name}",
-            dest=f"{name}.enabled",
-            **FLAG,
-            help=f"run the {name} analysis (default: config)",
-        )
+    from dataclasses import fields
+
+    from seglens.analyses import by_config_key
+
+    for key, analysis in by_config_key().items():
+        if "enabled" in {f.name for f in fields(analysis.config)}:
+            p.add_argument(
+                f"--{key.replace('_', '-')}",
+                dest=f"{key}.enabled",
+                **FLAG,
+                help=f"run the {analysis.name} analysis (default: config)",
+            )
 
 
-@command("run", "run probing, knockout, bidirectional and UMAP, then write the report")(_run_args)
+@command("run", "run every enabled analysis (probing, knockout, ...), then write the report")(
+    _run_args
+)
 def _run(args: argparse.Namespace) -> int:
     from seglens.experiments.pipeline import run
 

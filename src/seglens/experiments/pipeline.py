@@ -1,9 +1,9 @@
-"""One command, one report: probing, knockout, bidirectional attention and UMAP in sequence.
+"""One command, one report: every enabled analysis of the registry, in order, then the report.
 
 One ``RunDir`` and one model are shared by every analysis; each analysis adds its section to the
-same ``results.json``, and the figures and ``report.html`` are drawn once, at the end. Forward
-passes are shared where the conditions allow: UMAP draws its tokens from the probing evaluation
-pass (same split, same order, same causal model) instead of running its own.
+same ``results.json``, and the findings, figures and ``report.html`` are drawn once, at the end.
+Forward passes are shared where an analysis asks for it: a ``Tap`` (e.g. UMAP's) sees the
+evaluation pass of the analysis it names instead of running its own.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from seglens.config import RunConfig, load_config
 from seglens.experiments.common import build_model
@@ -40,42 +41,39 @@ def run(config: RunConfig | str | Path, *, progress: bool = True, **overrides) -
     Returns:
         The path of ``report.html``.
     """
-    from seglens.distributed import barrier, is_main, world
-    from seglens.experiments.attention import run_attention
-    from seglens.experiments.bidirectional import run_bidirectional
-    from seglens.experiments.knockout import run_knockout
-    from seglens.experiments.probing import resolve_stages, run_probing
-    from seglens.experiments.umap import run_umap, umap_sampler
+    from seglens.analyses import ordered
+    from seglens.distributed import barrier, is_main
     from seglens.report import write_report
 
     if not isinstance(config, RunConfig):
         config = load_config(config, **overrides)
     elif overrides:
         config = config.replace(**overrides)
+    chosen = [a for a in ordered() if a.is_enabled(config)]
+    names = {a.name for a in chosen}
+    for analysis in chosen:
+        off = [n for n in analysis.needs if n not in names]
+        if off:
+            raise ValueError(
+                f"analysis {analysis.name!r} needs {off}, which this config switches off; "
+                f"enable {' and '.join(off)} or switch {analysis.name!r} off"
+            )
     run_dir = RunDir.create(config)
     vlm = build_model(config.model)
-    sampler = None
-    if config.umap.enabled and world() == 1 and not config.resume:
-        candidate = umap_sampler(config, vlm)
-        if set(candidate.stages) <= set(resolve_stages(vlm, config.probe)):
-            sampler = candidate
-    shared = dict(vlm=vlm, progress=progress)
-    feed = (lambda batch, states: sampler.offer(batch.labels, states)) if sampler else None
-    steps = [("probing", lambda: run_probing(run_dir, on_eval_batch=feed, **shared))]
-    if config.knockout.enabled:
-        steps.append(("knockout", lambda: run_knockout(run_dir, **shared)))
-    if config.knockout.enabled and config.knockout.attention:
-        steps.append(("attention", lambda: run_attention(run_dir, **shared)))
-    if config.bidir.enabled:
-        steps.append(("bidirectional", lambda: run_bidirectional(run_dir, **shared)))
-    if config.umap.enabled:
-        steps.append(("umap", lambda: run_umap(run_dir, sampler=sampler, **shared)))
-    for name, step in steps:
+    taps = {a.name: a.tap(config, vlm) for a in chosen if a.tap is not None}
+    taps = {name: tap for name, tap in taps.items() if tap is not None and tap.source in names}
+    for analysis in chosen:
+        kwargs = {}
+        feeds = [tap.offer for tap in taps.values() if tap.source == analysis.name]
+        if feeds:
+            kwargs["on_eval_batch"] = _fan_out(feeds)
+        if analysis.name in taps:
+            kwargs["tap"] = taps[analysis.name]
         start = time.perf_counter()
-        log.info("%s: starting", name)
-        step()
+        log.info("%s: starting", analysis.name)
+        analysis.run(run_dir, vlm=vlm, progress=progress, **kwargs)
         barrier()  # under torchrun the next analysis reads what rank 0 just wrote
-        log.info("%s: done in %.1f s", name, time.perf_counter() - start)
+        log.info("%s: done in %.1f s", analysis.name, time.perf_counter() - start)
     report = run_dir.file("report.html")
     if is_main():
         from seglens.experiments.findings import write_findings
@@ -84,6 +82,18 @@ def run(config: RunConfig | str | Path, *, progress: bool = True, **overrides) -
         report = write_report(run_dir.path, redraw=True)  # every figure, drawn once
     barrier()
     return report
+
+
+def _fan_out(feeds: list) -> Any:
+    """One ``on_eval_batch`` that hands every batch to each tap."""
+    if len(feeds) == 1:
+        return feeds[0]
+
+    def offer(batch: Any, states: Any) -> None:
+        for feed in feeds:
+            feed(batch, states)
+
+    return offer
 
 
 def demo(out: str | None = None, *, progress: bool = True) -> Path:

@@ -196,3 +196,8 @@ def interval_band(
             alpha=0.18,
             linewidth=0,
         )
+
+
+def as_float(value: Any) -> float:
+    """``value`` as a float, NaN for None (a missing number plots as a gap)."""
+    return np.nan if value is None else float(value)

@@ -2,23 +2,23 @@
 
 The page embeds every figure as a ``data:image/png`` URI and carries its own CSS: it makes no
 external request and needs no JavaScript. Every piece of text taken from ``results.json`` is
-escaped; each figure gets a plain-language reading built from the numbers
-(``seglens.report.readings``).
+escaped. The page's frame (findings, question, facts, provenance, config, skipped samples) is
+here; every analysis contributes its own blocks, figures and captions through the registry
+(``seglens.analyses``), in registry order.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import logging
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from seglens.report import evidence, readings
-from seglens.report.canvas import order_stages
-from seglens.report.figures import draw_all, level_values, probing_summary
-from seglens.report.mechanisms import knockout_conditions
+from seglens.analyses import ordered
+from seglens.report.figures import draw_all
+from seglens.report.page import Page as _Page
+from seglens.report.page import escape as _e
+from seglens.report.page import not_run as _not_run
+from seglens.report.page import pairs_table as _pairs_table
 from seglens.rundir import CONFIG, RESULTS, load_results
 from seglens.rundir.files import atomic_write
 from seglens.tables import write_tables
@@ -28,29 +28,32 @@ log = logging.getLogger(__name__)
 REPORT = "report.html"
 MAX_SKIPPED_LISTED = 100
 
-QUESTION = (
-    "Where does per-pixel semantic information live inside this multimodal LLM? A linear probe "
-    "at every stage (the vision encoder, the adapter that maps image features into the language "
-    "model, and every LLM layer) predicts the semantic class of each image token; its "
-    "segmentation quality (mIoU) traces how much of that information each stage carries. "
-    "Attention knockout asks which image tokens the LLM relies on to refine it, and "
-    "bidirectional image attention asks whether the causal mask starves early image tokens."
-)
+QUESTION = "Where does per-pixel semantic information live inside this multimodal LLM?"
 
-SECTIONS = {
+FRAME = {
     "findings": "Findings",
     "question": "Question",
     "facts": "Model and dataset",
     "provenance": "Provenance",
     "config": "Configuration",
-    "probing": "Layerwise probing",
-    "qualitative": "Qualitative maps",
-    "knockout": "Attention knockout",
-    "bidirectional": "Bidirectional image attention",
-    "umap": "UMAP of image tokens",
-    "skipped": "Skipped samples",
 }
-"""Section id -> heading, in page order (every heading appears, with "not run" when empty)."""
+"""The page's opening sections, id -> heading; the analyses' blocks and "skipped" follow."""
+
+
+def sections() -> dict[str, str]:
+    """Section id -> heading, in page order (every heading appears, with "not run" when empty):
+    the frame, each registered analysis's blocks, then the skipped samples."""
+    blocks = {b.id: b.title for a in ordered() for b in a.report}
+    return FRAME | blocks | {"skipped": "Skipped samples"}
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("__"):  # import machinery probes (__path__, ...)
+        raise AttributeError(name)
+    if name == "SECTIONS":  # the registry can grow after import: computed on access
+        return sections()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
@@ -114,21 +117,22 @@ def render(results: dict[str, Any], run_dir: str | Path) -> str:
     model = (results.get("model") or {}).get("name", "model")
     dataset = (results.get("dataset") or {}).get("name", "dataset")
     title = f"seglens report: {model} on {dataset}"
+    analyses = ordered()
+    question = " ".join([QUESTION, *(a.question for a in analyses if a.question)])
     body = [
         f"<h1>{_e(title)}</h1>",
         page.figure("overview", OVERVIEW_CAPTION),  # the first screen: the run at a glance
-        _section("findings", _findings(results)),
-        _section("question", f"<p>{_e(QUESTION)}</p>"),
+        _section("findings", _findings(results, analyses)),
+        _section("question", f"<p>{_e(question)}</p>"),
         _section("facts", _facts(results)),
         _section("provenance", _provenance(results)),
         _section("config", _config(results, run_dir)),
-        _section("probing", _probing(results, page)),
-        _section("qualitative", _qualitative(results, page)),
-        _section("knockout", _knockout(results, page)),
-        _section("bidirectional", _bidirectional(results, page)),
-        _section("umap", _umap(results, page)),
-        _section("skipped", _skipped(results)),
     ]
+    for analysis in analyses:
+        for block in analysis.report:
+            content = block.render(results, page) or _not_run(block.id)
+            body.append(_section(block.id, content, block.title))
+    body.append(_section("skipped", _skipped(results)))
     leftover = page.leftover()
     if leftover:
         body.append(f'<section id="other"><h2>Other figures</h2>{leftover}</section>')
@@ -141,96 +145,23 @@ def render(results: dict[str, Any], run_dir: str | Path) -> str:
 
 
 # --- building blocks --------------------------------------------------------------------------
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _interval(value: float | None, ci: Sequence[float | None] | None) -> str:
-    if value is None:
-        return "n/a"
-    if not ci or ci[0] is None or ci[1] is None:
-        return _num(value)
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def _section(key: str, content: str) -> str:
-    return f'<section id="{key}">\n<h2>{_e(SECTIONS[key])}</h2>\n{content}\n</section>'
-
-
-def _not_run(key: str) -> str:
-    return f'<p class="muted">Not run: results.json has no <code>{_e(key)}</code> section.</p>'
-
-
-def _table(
-    header: Iterable[str], rows: Iterable[Sequence[str]], classes: Sequence[str] = ()
-) -> str:
-    """An HTML table; cells are already escaped. ``classes`` gives a CSS class per row."""
-    head = "".join(f"<th>{h}</th>" for h in header)
-    lines = []
-    for i, row in enumerate(rows):
-        cls = f' class="{classes[i]}"' if i < len(classes) and classes[i] else ""
-        cells = "".join(
-            f'<td class="num">{c}</td>' if j else f"<td>{c}</td>" for j, c in enumerate(row)
-        )
-        lines.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table>\n<tr>{head}</tr>\n" + "\n".join(lines) + "\n</table>"
-
-
-def _pairs_table(pairs: Iterable[tuple[str, Any]]) -> str:
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in pairs)
-    return f"<table>{rows}</table>"
-
-
-class _Page:
-    """Embeds the run's figures, remembering which ones a section has shown."""
-
-    def __init__(self, results: dict[str, Any], run_dir: Path) -> None:
-        self.figures = dict(results.get("figures") or {})
-        self.run_dir = run_dir
-        self.shown: set[str] = set()
-
-    def figure(self, name: str, reading: str | None = None) -> str:
-        """``<figure>`` with the PNG as a data URI and the reading as caption ('' if absent)."""
-        relative = self.figures.get(name)
-        path = self.run_dir / relative if relative else None
-        if path is None or not path.is_file():
-            return ""
-        self.shown.add(name)
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        caption = f"<figcaption>{_e(reading)}</figcaption>" if reading else ""
-        return (
-            f'<figure id="fig-{_e(name)}"><img alt="{_e(name)}" '
-            f'src="data:image/png;base64,{data}">{caption}</figure>'
-        )
-
-    def leftover(self) -> str:
-        names = [n for n in self.figures if n not in self.shown]
-        return "\n".join(self.figure(n) for n in names)
+def _section(key: str, content: str, title: str | None = None) -> str:
+    title = title or FRAME.get(key) or sections()[key]
+    return f'<section id="{_e(key)}">\n<h2>{_e(title)}</h2>\n{content}\n</section>'
 
 
 # --- sections ---------------------------------------------------------------------------------
-FINDING_NAMES = {
-    "drop": "(a) Drop at the adapter",
-    "recovery": "(b) Recovery in the LLM",
-    "anchors": "(c) Semantic anchors",
-    "early_positions": "(d) Causal attention starves early image tokens",
-}
-
-
-def _findings(results: dict[str, Any]) -> str:
+def _findings(results: dict[str, Any], analyses: list) -> str:
     findings = results.get("findings")
     if not findings:
         return _not_run("findings")
+    names = {key: name for a in analyses for key, name in a.finding_names.items()}
     verdict = {True: "holds", False: "does not hold", None: "not measured"}
     items = "".join(
-        f"<li><b>{_e(FINDING_NAMES[key])}: {verdict[found.get('holds')]}.</b> "
+        f"<li><b>{_e(names[key])}: {verdict[found.get('holds')]}.</b> "
         f"{_e(found.get('text', ''))}</li>"
         for key, found in findings.items()
-        if key in FINDING_NAMES
+        if key in names
     )
     return (
         f"<ul>{items}</ul><p class='muted'>Each verdict is a paired 95% bootstrap interval over "
@@ -278,126 +209,6 @@ def _config(results: dict[str, Any], run_dir: Path) -> str:
         f"<details><summary>Resolved configuration (from {_e(source)})</summary>"
         f"<pre>{_e(text)}</pre></details>"
     )
-
-
-def _stage_table(block: dict[str, Any]) -> str:
-    patch = level_values(block, "patch")
-    pixel = level_values(block, "pixel")
-    stages = order_stages(block.get("stages") or list(block.get("metrics") or {}))
-    summary = probing_summary(block, "patch") or probing_summary(block, "pixel")
-    best = summary["best_stage"] if summary else None
-    rows, classes = [], []
-    for stage in stages:
-        p, q = patch.get(stage) or {}, pixel.get(stage) or {}
-        acc = q or p  # accuracies at pixel level when it was scored
-        rows.append(
-            [
-                _e(stage),
-                _interval(p.get("miou"), (p.get("ci") or {}).get("miou")),
-                _interval(q.get("miou"), (q.get("ci") or {}).get("miou")),
-                _interval(acc.get("pixel_accuracy"), (acc.get("ci") or {}).get("pixel_accuracy")),
-                _num(acc.get("mean_class_accuracy")),
-            ]
-        )
-        classes.append("best" if stage == best else "")
-    header = [
-        "Stage",
-        "Patch mIoU [95% CI]",
-        "Pixel mIoU [95% CI]",
-        "Pixel acc [95% CI]",
-        "Mean class acc",
-    ]
-    return _table(header, rows, classes)
-
-
-def _probing(results: dict[str, Any], page: _Page) -> str:
-    probing = results.get("probing")
-    if not probing:
-        return _not_run("probing")
-    parts = [page.figure("layerwise_miou", readings.layerwise(results))]
-    parts.append(page.figure("per_class_iou", readings.per_class(probing, results)))
-    for condition, block in probing.items():
-        solver = block.get("solver")
-        note = f" (solver: {solver})" if solver else ""
-        parts.append(f"<h3>Per-stage scores: {_e(condition)}{_e(note)}</h3>")
-        parts.append(_stage_table(block))
-        for text in (evidence.convergence_text(block), evidence.probing_text(block)):
-            parts.append(f"<p>{_e(text)}</p>" if text else "")
-    parts.append(page.figure("differences"))
-    parts.append(
-        '<p class="muted">Intervals are 95% bootstrap intervals over images; the best stage is '
-        "highlighted. Accuracies are at pixel level when it was scored, else at patch level.</p>"
-    )
-    return "\n".join(parts)
-
-
-def _qualitative(results: dict[str, Any], page: _Page) -> str:
-    if not results.get("qualitative"):
-        return _not_run("qualitative")
-    return page.figure("qualitative", readings.qualitative(results["qualitative"]))
-
-
-def _knockout(results: dict[str, Any], page: _Page) -> str:
-    knockout = results.get("knockout")
-    if not knockout:
-        return _not_run("knockout")
-    parts = [
-        page.figure("knockout_curves", readings.knockout_curves(knockout)),
-        page.figure("knockout_summary", readings.knockout(knockout)),
-        page.figure("knockout_window_sweep", readings.window_sweep(knockout)),
-        page.figure("knockout_gaps", evidence.knockout_text(knockout)),
-        f"<p>{_e(evidence.knockout_text(knockout))}</p>"
-        if "knockout_gaps" not in page.figures
-        else "",
-        page.figure("attention_anchors", evidence.attention_text(results.get("attention") or {})),
-        _pair_table(knockout),
-    ]
-    return "\n".join(p for p in parts if p)
-
-
-def _pair_table(knockout: dict[str, Any]) -> str:
-    layer = knockout.get("summary_layer")
-    conditions = knockout_conditions(knockout)
-    per_pair = {tuple(p.get("classes") or ()): p for p in knockout.get("per_pair") or []}
-    rows = []
-    for pair in knockout.get("pairs") or []:
-        classes = tuple(pair.get("classes") or ())
-        names = pair.get("names") or [str(c) for c in classes]
-        scores = per_pair.get(classes) or {}
-        row = [
-            _e(" / ".join(str(n) for n in names)),
-            _e(pair.get("images", "n/a")),
-            _e(pair.get("support", "n/a")),
-        ]
-        for cond in conditions:
-            cell = (scores.get(cond) or {}).get(layer) or {}
-            row.append(f"{_num(cell.get('accuracy'))} / {_num(cell.get('iou'))}")
-        rows.append(row)
-    header = ["Pair", "Images", "Support", *(_e(c) for c in conditions)]
-    return f"<h3>Per-pair results at {_e(layer)} (accuracy / 2-class IoU)</h3>" + _table(
-        header, rows
-    )
-
-
-def _bidirectional(results: dict[str, Any], page: _Page) -> str:
-    section = results.get("bidirectional")
-    if not section:
-        return _not_run("bidirectional")
-    parts = [
-        page.figure("bidirectional_miou", readings.bidirectional_miou(section)),
-        page.figure(
-            "bidirectional_positions", readings.bidirectional_positions(results, page.run_dir)
-        ),
-        page.figure("bidirectional_heatmaps", readings.heatmaps(results)),
-        f"<p>{_e(evidence.bidirectional_text(section))}</p>",
-    ]
-    return "\n".join(p for p in parts if p)
-
-
-def _umap(results: dict[str, Any], page: _Page) -> str:
-    if not results.get("umap"):
-        return _not_run("umap")
-    return page.figure("umap", readings.umap(results["umap"]))
 
 
 def _skipped(results: dict[str, Any]) -> str:

@@ -1,12 +1,12 @@
 """The schema of ``results.json``: typed sections, array keys, the clean condition, the probing
 summary and the schema version.
 
-A section is a dataclass read with ``from_dict`` (missing keys are refused, naming the section and
-the key) and written with ``to_dict``. Keys a section does not type are kept in ``extra`` and
-written back, and top-level sections this module does not know are kept as they are: analyses can
-add sections and keys without breaking older readers. Sections are also read-only mappings of
-their JSON form (``section["stages"]``), so code that reads ``results.json`` reads a section the
-same way. ``load_results`` validates a whole file and upgrades the previous version's.
+The analyses declare their own sections (``seglens.analyses``); this module holds the base
+``Section``, the core ones (dataset, and the probing condition every analysis reads) and the
+validation loop. A section is a dataclass read with ``from_dict`` (missing keys are refused,
+naming the section and the key) and written with ``to_dict``; keys a section does not type are
+kept in ``extra``, and sections nobody declares are kept as they are. ``load_results``
+validates a whole file and upgrades the previous version's.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any, ClassVar
 
 from seglens import stages as stage_names
 
-__all__ = ["SCHEMA_VERSION", "Bidirectional", "Condition", "Dataset", "Knockout", "Qualitative"]
-__all__ += ["Section", "Summary", "Umap", "clean_condition", "confusion_key", "load_results"]
-__all__ += ["main_condition", "position_key", "probing_summary", "section_type", "validate"]
+__all__ = ["SCHEMA_VERSION", "Condition", "Dataset", "Section", "Summary", "clean_condition"]
+__all__ += ["confusion_key", "load_results", "main_condition", "position_key", "probing_summary"]
+__all__ += ["section_type", "sections", "validate"]
 
 #: 2: the probing summary holds ``adapter_change`` (adapter - encoder, negative = a drop) and the
 #: LLM peak; version 1 held ``adapter_drop`` (encoder - adapter). Version 1 files are upgraded.
@@ -172,70 +172,40 @@ class Dataset(Section):
     skipped: dict[str, Any]
 
 
-@dataclass(eq=False)
-class Qualitative(Section):
-    title: ClassVar[str] = "qualitative"
-    file: str
-    stages: list[str]
-    images: list[str]
+#: The core typed section; the analyses' sections come from the registry (``seglens.analyses``).
+CORE_SECTIONS: dict[str, type[Section]] = {"dataset": Dataset}
 
 
-@dataclass(eq=False)
-class Bidirectional(Section):
-    title: ClassVar[str] = "bidirectional"
-    layer: str
-    conditions: list[str]
-    miou: dict[str, dict[str, float | None]]
-    level: str
-    position_accuracy_file: str
-    seed: int
-    native_image_attention: str = "causal"
+def sections() -> dict[str, type[Section] | None]:
+    """Every typed results section by name: the core ones and those the registered analyses
+    declare (``"probing.*"`` types each entry of ``probing``; None: untyped)."""
+    from seglens.analyses import ordered
 
-
-@dataclass(eq=False)
-class Umap(Section):
-    title: ClassVar[str] = "umap"
-    stages: list[str]
-    file: str
-    tokens: int
-    scores: dict[str, dict[str, float | None]]
-    classes: list[int]
-    neighbors: int
-    seed: int
-
-
-@dataclass(eq=False)
-class Knockout(Section):
-    title: ClassVar[str] = "knockout"
-    reference_stage: str
-    layers: list[int] | None
-    pairs: list[dict[str, Any]]
-    conditions: list[str]
-    curves: dict[str, dict[str, dict[str, float | None]]]
-    per_pair: list[dict[str, Any]]
-    summary_layer: str
-    seed: int
-    skipped_pairs: list[dict[str, Any]] = field(default_factory=list)
-    window_sweep: list[dict[str, Any]] | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
-#: Typed top-level sections; any other section is kept as plain JSON.
-SECTIONS: dict[str, type[Section]] = {
-    "dataset": Dataset,
-    "qualitative": Qualitative,
-    "bidirectional": Bidirectional,
-    "umap": Umap,
-    "knockout": Knockout,
-}
+    found: dict[str, type[Section] | None] = dict(CORE_SECTIONS)
+    for analysis in ordered():
+        found |= analysis.sections
+    return found
 
 
 def section_type(name: str) -> type[Section] | None:
     """The typed section of a dotted name (``probing.<condition>`` is a ``Condition``)."""
     head, _, tail = name.partition(".")
-    if head == "probing" and tail:
-        return Condition
-    return None if tail else SECTIONS.get(head)
+    known = sections()
+    return known.get(f"{head}.*") if tail else known.get(head)
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("__"):  # import machinery probes (__path__, ...)
+        raise AttributeError(name)
+    if name == "SECTIONS":  # the registry can grow after import: computed on access
+        return {k: v for k, v in sections().items() if v is not None and "*" not in k}
+    from seglens.analyses import analyses  # section types that moved into their analyses
+
+    for analysis in analyses().values():
+        for kind in analysis.sections.values():
+            if kind is not None and kind.__name__ == name:
+                return kind
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- the clean condition and the probing summary -------------------------------------------------
@@ -331,10 +301,14 @@ def validate(data: Any, where: str = "results.json") -> dict[str, Any]:
                 else "Rerun the analyses with this version of seglens."
             )
         )
-    for name, block in (data.get("probing") or {}).items():
-        Condition.from_dict(block, f"{where}: probing.{name}")
-    for name, kind in SECTIONS.items():
-        if data.get(name):
+    for name, kind in sections().items():
+        if kind is None:
+            continue
+        if name.endswith(".*"):
+            head = name[:-2]
+            for key, block in (data.get(head) or {}).items():
+                kind.from_dict(block, f"{where}: {head}.{key}")
+        elif data.get(name):
             kind.from_dict(data[name], f"{where}: {name}")
     return data
 

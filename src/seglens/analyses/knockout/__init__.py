@@ -1,0 +1,214 @@
+"""The attention-knockout analysis: block attention to a class pair's correct, incorrect or random
+image tokens and score the clean probes again at every LLM layer.
+
+This module is the analysis as seglens sees it (config section, results section, CLI subcommand,
+finding (c) and the registry entry); the measurement is ``seglens.experiments.knockout``, and the
+figures, captions and report block are in ``seglens.analyses.knockout.report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from seglens.analyses.knockout import report
+from seglens.analyses.registry import Analysis, Block, Command
+from seglens.config import _check_choice, _help
+from seglens.experiments.findings import all_of, below, fmt_interval
+from seglens.rundir.schema import Section
+
+__all__ = ["ANALYSIS", "Knockout", "KnockoutConfig", "run"]
+
+
+# --- config section ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KnockoutConfig:
+    enabled: bool = _help("run the attention-knockout experiment", True)
+    reference_stage: str = _help("stage whose clean probe defines correct tokens", "adapter")
+    top_k: int = _help("conflicting class pairs to test", 10)
+    min_support: int = _help(
+        "minimum tokens of a pair (a or b) in the evaluation images that hold both classes", 20
+    )
+    layers: tuple[int, int] | None = _help(
+        "LLM layer window [first, last] (1-based, inclusive); default all layers", None
+    )
+    window_sweep: int | None = _help("also sweep windows of this many layers over depth", None)
+    random_controls: int = _help("random key sets of matched size per image", 1)
+    queries: str = _help(
+        "which queries lose the keys: 'after' (tokens after the key) or 'all' (also earlier ones "
+        "in a natively bidirectional image block)",
+        "after",
+    )
+    max_images: int | None = _help("cap on evaluation images per pair", None)
+    control_pool: tuple[str, ...] = _help(
+        "pools of the random controls, one control per pool: outside_pair (image tokens outside "
+        "the pair first), pair (the pair's own tokens), image (any image token)",
+        ("outside_pair", "pair", "image"),
+    )
+    mode: str = _help(
+        "block: the condition's tokens become unreadable; keep_only: only they stay readable "
+        "among the image tokens",
+        "block",
+    )
+    attention: bool = _help(
+        "seglens run also measures the attention of the pairs' tokens to same-class anchors",
+        True,
+    )
+
+    def __post_init__(self):
+        pools = ("outside_pair", "pair", "image")
+        if not self.control_pool or any(p not in pools for p in self.control_pool):
+            raise ValueError(
+                f"knockout.control_pool={list(self.control_pool)} must be a non-empty list of "
+                f"{pools}"
+            )
+        if len(set(self.control_pool)) != len(self.control_pool):
+            raise ValueError(f"knockout.control_pool={list(self.control_pool)} repeats a pool")
+        _check_choice("knockout.mode", self.mode, ("block", "keep_only"))
+        if self.top_k < 1:
+            raise ValueError(f"knockout.top_k={self.top_k} must be >= 1")
+        if self.layers is not None and (
+            len(self.layers) != 2 or self.layers[0] > self.layers[1] or self.layers[0] < 1
+        ):
+            raise ValueError(
+                f"knockout.layers={self.layers} must be [first, last], 1 <= first <= last"
+            )
+        _check_choice("knockout.queries", self.queries, ("after", "all"))
+
+
+# --- results section --------------------------------------------------------------------------
+@dataclass(eq=False)
+class Knockout(Section):
+    title: ClassVar[str] = "knockout"
+    reference_stage: str
+    layers: list[int] | None
+    pairs: list[dict[str, Any]]
+    conditions: list[str]
+    curves: dict[str, dict[str, dict[str, float | None]]]
+    per_pair: list[dict[str, Any]]
+    summary_layer: str
+    seed: int
+    skipped_pairs: list[dict[str, Any]] = field(default_factory=list)
+    window_sweep: list[dict[str, Any]] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+# --- run --------------------------------------------------------------------------------------
+def run(run: Any, *, vlm: Any = None, progress: bool = True, **overrides: Any) -> Knockout:
+    """Run the knockout on a probed run (``seglens.experiments.knockout.run_knockout``)."""
+    from seglens.experiments.knockout import run_knockout
+
+    return run_knockout(run, vlm=vlm, progress=progress, **overrides)
+
+
+# --- CLI --------------------------------------------------------------------------------------
+def _knockout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="probing run directory (holds config.yaml)")
+    p.add_argument("--reference-stage", help="stage whose clean probe defines correct tokens")
+    p.add_argument("--top-k", type=int, help="conflicting class pairs to test")
+    p.add_argument("--min-support", type=int, help="minimum tokens of a pair (a or b)")
+    p.add_argument(
+        "--layers", type=int, nargs=2, metavar=("FIRST", "LAST"), help="LLM layer window"
+    )
+    p.add_argument("--window-sweep", type=int, help="also sweep windows of this many layers")
+    p.add_argument("--random-controls", type=int, help="random key sets of matched size")
+    p.add_argument("--max-images", type=int, help="cap on evaluation images per pair")
+    p.add_argument(
+        "--control-pool",
+        nargs="+",
+        choices=("outside_pair", "pair", "image"),
+        help="pools the random controls are drawn from (one control per pool)",
+    )
+    p.add_argument(
+        "--mode", choices=("block", "keep_only"), help="block the sets, or keep only them readable"
+    )
+
+
+def _knockout(args: argparse.Namespace) -> int:
+    from seglens.commands import draw
+    from seglens.experiments.knockout import run_knockout
+
+    section = run_knockout(
+        args.run,
+        reference_stage=args.reference_stage,
+        top_k=args.top_k,
+        min_support=args.min_support,
+        layers=args.layers,
+        window_sweep=args.window_sweep,
+        random_controls=args.random_controls,
+        max_images=args.max_images,
+        control_pool=None if args.control_pool is None else tuple(args.control_pool),
+        mode=args.mode,
+    )
+    draw(args.run)
+    if section["status"] == "nothing_to_test":
+        print(f"knockout: nothing to test: {section['reason']}")
+        return 0
+    layer = section["summary_layer"]
+    print(f"{len(section['pairs'])} pairs; pair-token scores at {layer}:")
+    print(f"{'condition':<18} {'accuracy':>9} {'iou':>9} {'recovery':>9}")
+    for cond in section["conditions"]:
+        cells = [section["curves"][cond][layer][m] for m in ("accuracy", "iou", "recovery")]
+        print(
+            f"{cond:<18} " + " ".join(f"{c:>9.4f}" if c is not None else f"{'-':>9}" for c in cells)
+        )
+    print(f"results: {args.run}/results.json")
+    return 0
+
+
+# --- finding (c) ------------------------------------------------------------------------------
+def findings(results: Mapping[str, Any], arrays: Callable[[str], Any]) -> dict[str, dict]:
+    """Finding (c), *anchors*: blocking the reference-correct tokens hurts more than a matched
+    random control, under every control pool, and blocking the incorrect ones does not."""
+    return {"anchors": _anchors(results.get("knockout"))}
+
+
+def _anchors(knockout: Mapping | None) -> dict:
+    """(c) under every control pool the run used (a finding must survive the fairest control)."""
+    none = {"holds": None, "text": "the knockout analysis did not run or found no pair to test"}
+    if not knockout or not (knockout.get("differences") or {}).get("pools"):
+        return none
+    stage = knockout.get("summary_layer")
+    pools, verdicts, parts = {}, [], []
+    for pool, per_stage in knockout["differences"]["pools"].items():
+        diff = per_stage.get(stage) or {}
+        correct = diff.get("block_correct_minus_control")
+        incorrect = diff.get("block_incorrect_minus_control")
+        not_below = None if (incorrect or {}).get("high") is None else incorrect["high"] >= 0
+        verdicts.append(all_of(below(correct), not_below))
+        pools[pool] = {
+            "block_correct_minus_control": correct,
+            "block_incorrect_minus_control": incorrect,
+        }
+        parts.append(
+            f"{pool}: correct {fmt_interval(correct)}, incorrect {fmt_interval(incorrect)}"
+        )
+    text = (
+        f"at {stage}, pair-token accuracy of blocking the reference-correct (incorrect) tokens "
+        f"minus a size-matched random control, per control pool: " + "; ".join(parts)
+    )
+    return {"holds": all_of(*verdicts), "stage": stage, "pools": pools, "text": text}
+
+
+ANALYSIS = Analysis(
+    name="knockout",
+    title="block attention to correct / incorrect / random image tokens per class pair",
+    run=run,
+    config_key="knockout",
+    config=KnockoutConfig,
+    needs=("probing",),
+    sections={"knockout": Knockout},
+    figures=report.FIGURES,
+    report=(Block("knockout", "Attention knockout", report.block),),
+    question="Attention knockout asks which image tokens the LLM relies on to refine it.",
+    findings=findings,
+    finding_names={"anchors": "(c) Semantic anchors"},
+    command=Command(
+        "knockout",
+        "block attention to correct / incorrect / random image tokens per class pair",
+        _knockout_args,
+        _knockout,
+    ),
+)
