@@ -11,7 +11,7 @@ from seglens.analyses.registry import (
     Analysis,
     Block,
     Command,
-    Tap,
+    Feed,
     analyses,
     by_config_key,
     get,
@@ -20,5 +20,5 @@ from seglens.analyses.registry import (
     unregister_analysis,
 )
 
-__all__ = ["ENTRY_POINT_GROUP", "Analysis", "Block", "Command", "Tap", "analyses"]
+__all__ = ["ENTRY_POINT_GROUP", "Analysis", "Block", "Command", "Feed", "analyses"]
 __all__ += ["by_config_key", "get", "ordered", "register_analysis", "unregister_analysis"]

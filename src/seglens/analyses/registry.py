@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ENTRY_POINT_GROUP", "Analysis", "Block", "Command", "Tap", "analyses"]
+__all__ = ["ENTRY_POINT_GROUP", "Analysis", "Block", "Command", "Feed", "analyses"]
 __all__ += ["by_config_key", "get", "ordered", "register_analysis", "unregister_analysis"]
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,11 @@ class Command:
 
 
 @dataclass(frozen=True)
-class Tap:
+class Feed:
     """A consumer of another analysis's evaluation pass (so the pass is shared, not repeated).
 
-    ``offer(batch, states)`` is called for every evaluation batch of ``source``; the tap is then
-    handed to its own analysis's ``run`` as ``tap=``.
+    ``offer(batch, states)`` is called for every evaluation batch of ``source``; the feed is then
+    handed to its own analysis's ``run`` as ``feed=``.
     """
 
     source: str
@@ -97,7 +97,7 @@ class Analysis:
         findings: ``findings(results, arrays)``, read off a finished run (None: none).
         finding_names: finding key -> the heading the report gives it.
         command: its CLI subcommand (None: only part of ``seglens run``).
-        tap: ``tap(run_config, vlm) -> Tap | None``: share another analysis's pass.
+        feed: ``feed(run_config, vlm) -> Feed | None``: share another analysis's pass.
     """
 
     name: str
@@ -114,7 +114,7 @@ class Analysis:
     findings: FindingsFn | None = None
     finding_names: Mapping[str, str] = field(default_factory=dict)
     command: Command | None = None
-    tap: Callable[[Any, Any], Tap | None] | None = None
+    feed: Callable[[Any, Any], Feed | None] | None = None
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "a").isalnum() or not self.name[0].isalpha():
@@ -227,8 +227,8 @@ def analyses() -> dict[str, Analysis]:
 
 
 def ordered(names: list[str] | None = None) -> list[Analysis]:
-    """The analyses (all, or those named) in run order: registration order, each after the
-    analyses it needs."""
+    """The analyses (all, or those named and what they need) in run order: registration order,
+    each after the analyses it needs."""
     every = analyses()
     chosen = list(every) if names is None else [get(n).name for n in names]
     done: list[str] = []
@@ -244,8 +244,7 @@ def ordered(names: list[str] | None = None) -> list[Analysis]:
 
     for name in chosen:
         visit(name, ())
-    wanted = set(chosen)
-    return [every[n] for n in done if n in wanted]
+    return [every[n] for n in done]
 
 
 def get(name: str) -> Analysis:

@@ -3,7 +3,7 @@
 
 The measurement is ``seglens.experiments.umap``; this module holds the rest of the analysis
 (config and results sections, CLI subcommand, figure, caption, report block, registry entry).
-Under ``seglens run`` it takes its tokens from the probing evaluation pass (a ``Tap``) instead of
+Under ``seglens run`` it takes its tokens from the probing evaluation pass (a ``Feed``) instead of
 running a pass of its own.
 """
 
@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from seglens.analyses.registry import Analysis, Block, Command, Tap
+from seglens.analyses.registry import Analysis, Block, Command, Feed
 from seglens.config import _help
 from seglens.report.canvas import GREY, class_legend, new_figure, palette_array, run_arrays
 from seglens.report.page import Page, not_run
@@ -62,17 +62,17 @@ class Umap(Section):
 
 # --- run --------------------------------------------------------------------------------------
 def run(
-    run: Any, *, vlm: Any = None, progress: bool = True, tap: Tap | None = None, **overrides: Any
+    run: Any, *, vlm: Any = None, progress: bool = True, feed: Feed | None = None, **overrides: Any
 ) -> Umap:
-    """Project and score a run's tokens (``seglens.experiments.umap.run_umap``); with ``tap``,
+    """Project and score a run's tokens (``seglens.experiments.umap.run_umap``); with ``feed``,
     the tokens the probing pass offered it."""
     from seglens.experiments.umap import run_umap
 
-    sampler = tap.state if tap is not None else None
+    sampler = feed.state if feed is not None else None
     return run_umap(run, vlm=vlm, progress=progress, sampler=sampler, **overrides)
 
 
-def tap(config: Any, vlm: Any) -> Tap | None:
+def feed(config: Any, vlm: Any) -> Feed | None:
     """Sample the UMAP tokens from the probing evaluation pass (same split, order and causal
     model) when that pass holds every UMAP stage; None (a pass of its own) otherwise, and under
     torch.distributed or a resumed run, whose probing pass may not see every image."""
@@ -85,7 +85,7 @@ def tap(config: Any, vlm: Any) -> Tap | None:
     sampler = umap_sampler(config, vlm)
     if not set(sampler.stages) <= set(resolve_stages(vlm, config.probe)):
         return None
-    return Tap("probing", lambda batch, states: sampler.offer(batch.labels, states), sampler)
+    return Feed("probing", lambda batch, states: sampler.offer(batch.labels, states), sampler)
 
 
 # --- CLI --------------------------------------------------------------------------------------
@@ -191,5 +191,5 @@ ANALYSIS = Analysis(
         _umap_args,
         _umap,
     ),
-    tap=tap,
+    feed=feed,
 )

@@ -2,7 +2,7 @@
 
 One ``RunDir`` and one model are shared by every analysis; each analysis adds its section to the
 same ``results.json``, and the findings, figures and ``report.html`` are drawn once, at the end.
-Forward passes are shared where an analysis asks for it: a ``Tap`` (e.g. UMAP's) sees the
+Forward passes are shared where an analysis asks for it: a ``Feed`` (e.g. UMAP's) sees the
 evaluation pass of the analysis it names instead of running its own.
 """
 
@@ -60,15 +60,15 @@ def run(config: RunConfig | str | Path, *, progress: bool = True, **overrides) -
             )
     run_dir = RunDir.create(config)
     vlm = build_model(config.model)
-    taps = {a.name: a.tap(config, vlm) for a in chosen if a.tap is not None}
-    taps = {name: tap for name, tap in taps.items() if tap is not None and tap.source in names}
+    feeds_of = {a.name: a.feed(config, vlm) for a in chosen if a.feed is not None}
+    feeds_of = {n: f for n, f in feeds_of.items() if f is not None and f.source in names}
     for analysis in chosen:
         kwargs = {}
-        feeds = [tap.offer for tap in taps.values() if tap.source == analysis.name]
+        feeds = [f.offer for f in feeds_of.values() if f.source == analysis.name]
         if feeds:
             kwargs["on_eval_batch"] = _fan_out(feeds)
-        if analysis.name in taps:
-            kwargs["tap"] = taps[analysis.name]
+        if analysis.name in feeds_of:
+            kwargs["feed"] = feeds_of[analysis.name]
         start = time.perf_counter()
         log.info("%s: starting", analysis.name)
         analysis.run(run_dir, vlm=vlm, progress=progress, **kwargs)
@@ -85,7 +85,7 @@ def run(config: RunConfig | str | Path, *, progress: bool = True, **overrides) -
 
 
 def _fan_out(feeds: list) -> Any:
-    """One ``on_eval_batch`` that hands every batch to each tap."""
+    """One ``on_eval_batch`` that hands every batch to each feed."""
     if len(feeds) == 1:
         return feeds[0]
 
