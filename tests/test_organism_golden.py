@@ -93,8 +93,21 @@ def anchors(model: dict, twin: dict) -> bool:
 
 
 def early_positions(model: dict, twin: dict) -> bool:
-    """(d) causal: first rows gain less than the last rows; bidirectional raises the first rows."""
-    return bool(model["findings"]["early_positions"]["holds"])
+    """(d) causal: first rows gain less than the last rows; bidirectional raises the first rows;
+    both beyond the twin: each interval excludes the twin's estimate in the stated direction.
+
+    Since the float32 probes (issue 25) the twin's own (d) holds marginally (bidirectional minus
+    causal on the first rows +0.017 [+0.000, +0.033]), so, as for (c), only an effect beyond what
+    the architecture alone produces counts."""
+    found, null = model["findings"]["early_positions"], twin["findings"]["early_positions"]
+    if not found["holds"]:
+        return False
+    gap, null_gap = found["causal_early_minus_late_gain"], null["causal_early_minus_late_gain"]
+    raised, null_raised = (
+        found["bidirectional_minus_causal_early"],
+        null["bidirectional_minus_causal_early"],
+    )
+    return bool(gap["high"] < null_gap["estimate"] and raised["low"] > null_raised["estimate"])
 
 
 @pytest.mark.parametrize("criterion", [drop, recovery, anchors, early_positions])
