@@ -103,6 +103,9 @@ class VLM:
         self._prompt_cache: dict[str, list[int]] = {}
         # Set by seglens.intervene(): maps a batch to the 4D mask every layer should see.
         self.attention_mask_override: Callable[[Batch], torch.Tensor] | None = None
+        # Set by seglens.experiments.order.reorder(): maps a batch to the (B, N) sequence
+        # positions of its grid tokens in raster order once the image tokens are reordered.
+        self.token_positions: Callable[[Batch], torch.Tensor] | None = None
 
     # --- facts ----------------------------------------------------------------------------------
     @property
@@ -264,12 +267,15 @@ class VLM:
         mask = to_device(batch.attention_mask)
         if self.attention_mask_override is not None:
             mask = self.attention_mask_override(batch)
+        positions = batch.image_positions
+        if self.token_positions is not None:  # LLM stages come back in raster token order
+            positions = self.token_positions(batch)
         return capture_stages(
             self.family,
             input_ids=to_device(batch.input_ids),
             pixel_values=to_device(batch.pixel_values, self.dtype),
             attention_mask=mask,
-            image_positions=to_device(batch.image_positions),
+            image_positions=to_device(positions),
             stages=stages,
             full_pass=full_pass,
         )
