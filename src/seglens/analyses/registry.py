@@ -33,6 +33,7 @@ BUILTIN = (
     "seglens.analyses.bidirectional",
     "seglens.analyses.umap",
     "seglens.analyses.order",
+    "seglens.analyses.heads",
 )
 
 #: ``figure(results, run_dir) -> matplotlib Figure | None`` (None: nothing to draw).
