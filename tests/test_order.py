@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from family_checks import edit_llm_input
+from family_checks import cached_model, edit_llm_input
 from seglens.experiments.order import (
     condition_names,
     order_differences,
@@ -142,3 +142,38 @@ def test_planted_sequence_deficit_is_found_and_a_content_deficit_is_not():
     moved = diff["reversed/sequence"]
     assert moved["by_row.first"]["low"] < 0 < moved["by_row.first"]["high"]
     assert moved["by_sequence.last"]["high"] < -0.3  # the top row now sits in the last slots
+
+
+def _two_images(vlm):
+    rng = np.random.default_rng(0)
+    return vlm.prepare([rng.integers(0, 256, (64, 80, 3), dtype=np.uint8) for _ in range(2)])
+
+
+def test_mrope_ids_identity_is_bitwise_and_token_ids_differ():
+    vlm = cached_model("tiny-qwen2-vl")  # (t, h, w) ids: each token keeps or gets the slot's
+    batch = _two_images(vlm)
+    plain = vlm.capture(batch, _llm(vlm))
+    with reorder(vlm, "raster", "token"):
+        same = vlm.capture(batch, _llm(vlm))
+    assert all(torch.equal(plain[s], same[s]) for s in plain)
+    last = _llm(vlm)[-1]
+    with reorder(vlm, "reversed", "token"):
+        token = vlm.capture(batch, [last])[last]
+    with reorder(vlm, "reversed", "sequence"):
+        sequence = vlm.capture(batch, [last])[last]
+    assert not torch.equal(token, sequence)
+
+
+def test_token_ids_make_a_bidirectional_image_block_order_free():
+    # Gemma3's image tokens read each other both ways: with their own rotary angles, a token's
+    # state does not depend on the order (up to float summation order); with the slot's it does.
+    vlm = cached_model("tiny-gemma3")
+    batch = _two_images(vlm)
+    plain = vlm.capture(batch, _llm(vlm))
+    with reorder(vlm, "shuffled", "token", seed=3):
+        token = vlm.capture(batch, _llm(vlm))
+    with reorder(vlm, "shuffled", "sequence", seed=3):
+        sequence = vlm.capture(batch, _llm(vlm))
+    for s in plain:
+        torch.testing.assert_close(token[s], plain[s], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(sequence[s], plain[s], rtol=1e-4, atol=1e-5)

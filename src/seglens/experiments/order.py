@@ -102,12 +102,17 @@ def _check_family(vlm: VLM) -> None:
 
 
 def _place(x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, T, ...) -> a copy where position ``target[b, k]`` holds ``x[b, source[b, k]]``."""
-    shape = (*target.shape, *x.shape[2:])
-    view = (*target.shape, *([1] * (x.ndim - 2)))
+    """(..., B, T, D) -> a copy where sequence position ``target[b, k]`` holds
+    ``x[..., b, source[b, k], :]``: the sequence axis is -2 and the batch axis -3 (hidden
+    states (B, T, D); rotary angles (B, T, d), (1, T, d) or, for mrope, (3, B, T, d))."""
+    B, N = target.shape
+    lead = x.shape[:-3]
+    x = x.expand(*lead, B, *x.shape[-2:])
+    view = (*([1] * len(lead)), B, N, 1)
+    shape = (*lead, B, N, x.shape[-1])
     src = source.to(x.device).view(view).expand(shape)
     dst = target.to(x.device).view(view).expand(shape)
-    return x.clone().scatter_(1, dst, x.gather(1, src))
+    return x.clone().scatter_(-2, dst, x.gather(-2, src))
 
 
 @contextmanager
