@@ -103,7 +103,7 @@ def heads_figure(results: dict[str, Any], run_dir: str | Path | None = None) -> 
         return None
     share = np.asarray(section["share"], dtype=float)
     L, H = share.shape
-    fig = new_figure(max(4.0, 0.45 * H + 2.0), max(2.6, 0.4 * L + 1.2))
+    fig = new_figure(max(5.5, 0.45 * H + 2.5), max(2.8, 0.4 * L + 1.4))
     ax = fig.subplots()
     image = ax.imshow(share, cmap="viridis", aspect="auto")
     for rank, r in enumerate(section["ranking"][: min(8, L * H)]):
@@ -112,7 +112,7 @@ def heads_figure(results: dict[str, Any], run_dir: str | Path | None = None) -> 
     ax.set_yticks(range(L), [f"llm.{i + 1}" for i in range(L)])
     ax.set_xlabel("head")
     fig.colorbar(image, ax=ax, shrink=0.8, label="attention share to anchors")
-    ax.set_title("Pair tokens' attention to same-class anchors (numbers: rank)", fontsize=9)
+    ax.set_title("Attention to same-class anchors per head (numbers: rank)", fontsize=9)
     return fig
 
 
