@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from seglens.cli import main
 from seglens.commands import draw
 from seglens.experiments.heads import run_heads
-from seglens.experiments.order import run_order
 from seglens.rundir import RunDir
 from seglens.rundir.schema import load_results
 
 
-def test_order_and_heads_run_and_are_drawn(make_probe_run, tiny_models):
+def test_order_and_heads_run_and_are_drawn(make_probe_run, tiny_models, capsys):
     vlm = tiny_models("clip")
     run = make_probe_run("order_heads")
-    order = run_order(run, vlm=vlm, progress=False, orders=("reversed",), position_ids=("token",))
+    argv = ["order", "--run", str(run), "--orders", "reversed", "--position-ids", "token"]
+    assert main(argv) == 0
+    assert "reversed/token - raster on the first image rows" in capsys.readouterr().out
+    order = load_results(run / "results.json")["order"]
     assert order["conditions"] == ["raster", "reversed/token"]
     arrays = np.load(run / order["arrays_file"])
     correct, valid = arrays["raster.correct"], arrays["raster.valid"]
@@ -26,14 +29,16 @@ def test_order_and_heads_run_and_are_drawn(make_probe_run, tiny_models):
     assert diff["n_images"] == 8 and diff["estimate"] is not None
     one_pair = {"knockout.top_k": 1, "knockout.max_images": 4, "knockout.min_support": 1}
     rundir = RunDir.open(run, **one_pair)
-    heads = run_heads(rundir, vlm=vlm, progress=False, top_k=(1, 2), random_draws=1)
+    heads = run_heads(
+        rundir, vlm=vlm, progress=False, top_k=(2,), random_draws=1, rank_split="eval"
+    )
     L, H = heads["num_layers"], heads["num_heads"]
     assert len(heads["ranking"]) == L * H and np.asarray(heads["share"]).shape == (L, H)
-    assert heads["conditions"] == ["none", "all", "top1", "random1", "top2", "random2"]
+    assert heads["conditions"] == ["none", "all", "top2", "random2"]
     assert heads["pairs"], "the tiny run should give at least one pair"
     draw(run)
     results = load_results(run / "results.json")
-    assert results["order"]["layer"] == order["layer"] and results["heads"]["top_k"] == [1, 2]
+    assert results["order"]["layer"] == order["layer"] and results["heads"]["top_k"] == [2]
     page = (run / "report.html").read_text()
     assert '<section id="order">' in page and 'id="fig-order_positions"' in page
     assert "reversed/token" in page and "first rows" in page
