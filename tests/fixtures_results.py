@@ -232,6 +232,91 @@ def _umap(run: Path, stages: list[str], num_classes: int, rng: np.random.Generat
     )
 
 
+def _order(run: Path, layers: int, grid: int, rng: np.random.Generator):
+    """An ``order`` section measured by the real statistics on random per-image arrays."""
+    from seglens.analyses.order import OrderSection
+    from seglens.experiments.order import (
+        MEANING,
+        order_differences,
+        order_tables,
+        permutations,
+        statement,
+    )
+
+    M, N = 6, grid * grid
+    valid = rng.random((M, N)) < 0.9
+    arrays, tables = {}, {}
+    for name, order in (("raster", "raster"), ("reversed/token", "reversed")):
+        perm = permutations(order, [str(i) for i in range(M)], (grid, grid))
+        correct = valid & (rng.random((M, N)) < 0.8)
+        tables[name] = order_tables(correct, valid, perm, (grid, grid), 1)
+        key = name.replace("/", ".")
+        arrays |= {f"{key}.{k}": tables[name][k] for k in ("sequence", "token", "row")}
+    save_arrays(run / "arrays/order.npz", **arrays)
+    bands, differences = order_differences(tables, n_resamples=50)
+    section = OrderSection(
+        layer=f"llm.{layers // 2}",
+        grid=[grid, grid],
+        band_rows=1,
+        conditions=list(tables),
+        accuracy=dict.fromkeys(tables, 0.8),
+        bands=bands,
+        differences=differences,
+        seconds=dict.fromkeys(tables, 1.0),
+        arrays_file="arrays/order.npz",
+        seed=0,
+        images={"train": 8, "eval": M},
+        position_ids_meaning=dict(MEANING),
+    )
+    section.extra["statement"] = statement(section)
+    return section
+
+
+def _heads(layers: int, pairs: list, rng: np.random.Generator):
+    """A ``heads`` section: the real ranking on random shares, knockout intervals made up."""
+    from seglens.analyses.heads import HeadsSection
+    from seglens.experiments.heads import rank_heads, statement
+
+    H, n = 2, 5
+    queries = rng.integers(3, 9, n).astype(float)
+    ranked = rank_heads(
+        rng.uniform(0, 1, (n, layers, H)) * queries[:, None, None],
+        np.tile(0.5 * queries[:, None], (1, layers)),
+        queries,
+        n_resamples=50,
+    )
+    conditions = ["none", "all", "top1", "random1"]
+    stages = [f"llm.{i}" for i in range(1, layers + 1)]
+    accuracy = {c: {s: float(rng.uniform(0.5, 0.9)) for s in stages} for c in conditions}
+
+    def cell():
+        low = float(rng.uniform(-0.2, 0.0))
+        return {"estimate": low + 0.05, "low": low, "high": low + 0.1, "n_images": n}
+
+    names = ("all - none", "top1 - none", "random1 - none", "top1 - random1")
+    section = HeadsSection(
+        reference_stage="adapter",
+        rank_split="train",
+        num_layers=layers,
+        num_heads=H,
+        pairs=[{"classes": list(p), "names": [str(c) for c in p], "images": n} for p in pairs],
+        share=ranked["share"],
+        ratio=ranked["ratio"],
+        ranking=ranked["ranking"],
+        top_k=[1],
+        heads={"1": {"top": [[1, 0]], "random": [[[1, 1]]]}},
+        conditions=conditions,
+        accuracy=accuracy,
+        differences={"heads": {s: {k: cell() for k in names} for s in stages}},
+        stage=stages[-1],
+        seconds={"ranking": 1.0, "knockout": 2.0},
+        passes_per_image={"ranking": 2, "knockout": 4},
+        seed=0,
+    )
+    section.extra["statement"] = statement(section)
+    return section
+
+
 def make_run(
     tmp_path: Path,
     *,
@@ -246,6 +331,8 @@ def make_run(
     name: str = "run",
     seed: int = 0,
     native: str = "causal",
+    order: bool = False,
+    heads: bool = False,
 ) -> Path:
     """Write a run directory ``tmp_path/name`` and return its path (``native``: the model's
     native image attention, ``causal`` or ``bidirectional`` as Gemma3's)."""
@@ -298,4 +385,8 @@ def make_run(
         run.put_section("bidirectional", section)
     if umap:
         run.put_section("umap", _umap(run.path, ["adapter", f"llm.{layers}"], num_classes, rng))
+    if order:
+        run.put_section("order", _order(run.path, layers, grid, rng))
+    if heads:
+        run.put_section("heads", _heads(layers, [(0, 1)], rng))
     return run.path

@@ -9,6 +9,7 @@ import torch
 from family_checks import cached_model, edit_llm_input
 from seglens.experiments.order import (
     condition_names,
+    follows_sequence,
     order_differences,
     order_tables,
     permutations,
@@ -138,8 +139,10 @@ def test_planted_sequence_deficit_is_found_and_a_content_deficit_is_not():
     assert moved["by_row.last"]["high"] < -0.3  # the bottom row enters them
     assert abs(moved["by_sequence.first"]["estimate"]) < 0.1  # the slots stay starved
     assert bands["raster"]["by_sequence"]["first"] == pytest.approx(0.4, abs=0.05)
+    assert follows_sequence(diff, "reversed/sequence") is True
     _, diff = _planted("row")  # the deficit belongs to the content: it moves with the tokens
     moved = diff["reversed/sequence"]
+    assert follows_sequence(diff, "reversed/sequence") is False
     assert moved["by_row.first"]["low"] < 0 < moved["by_row.first"]["high"]
     assert moved["by_sequence.last"]["high"] < -0.3  # the top row now sits in the last slots
 
@@ -177,3 +180,14 @@ def test_token_ids_make_a_bidirectional_image_block_order_free():
     for s in plain:
         torch.testing.assert_close(token[s], plain[s], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(sequence[s], plain[s], rtol=1e-4, atol=1e-5)
+
+
+def test_blocks_say_when_the_analysis_was_off(tmp_path):
+    from seglens.analyses import heads, order
+    from seglens.report.page import Page
+
+    page = Page({}, tmp_path)
+    for module, key in ((order, "order"), (heads, "heads")):
+        off = module.block({"config": {key: {"enabled": False}}}, page)
+        assert f"Off in this run ({key}.enabled: false)" in off and "Not run" not in off
+        assert "Not run" in module.block({"config": {key: {"enabled": True}}}, page)

@@ -7,6 +7,7 @@ import numpy as np
 from seglens.cli import main
 from seglens.commands import draw
 from seglens.experiments.heads import run_heads
+from seglens.experiments.order import follows_sequence, order_differences, order_tables
 from seglens.rundir import RunDir
 from seglens.rundir.schema import load_results
 
@@ -27,6 +28,18 @@ def test_order_and_heads_run_and_are_drawn(make_probe_run, tiny_models, capsys):
     assert order["bands"]["raster"]["by_row"] == order["bands"]["raster"]["by_sequence"]
     diff = order["differences"]["reversed/token"]["by_row.first"]
     assert diff["n_images"] == 8 and diff["estimate"] is not None
+    assert order["follows_sequence"] == {"reversed/token": None}  # bootstrap 0: no verdict
+    # The random-weight model, with intervals from its saved arrays: the verdict must not hold.
+    tables = {
+        name: order_tables(
+            *(arrays[f"{name.replace('/', '.')}.{k}"] for k in ("correct", "valid", "perm")),
+            tuple(order["grid"]),
+            order["band_rows"],
+        )
+        for name in order["conditions"]
+    }
+    _, differences = order_differences(tables, n_resamples=300, seed=0)
+    assert follows_sequence(differences, "reversed/token") is False
     one_pair = {"knockout.top_k": 1, "knockout.max_images": 4, "knockout.min_support": 1}
     rundir = RunDir.open(run, **one_pair)
     heads = run_heads(

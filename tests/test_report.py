@@ -30,7 +30,12 @@ def _assert_png(path) -> None:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     """One complete run (two probing conditions) with figures and report drawn once."""
-    run = make_run(tmp_path_factory.mktemp("full"), conditions=("causal", "bidirectional_image"))
+    run = make_run(
+        tmp_path_factory.mktemp("full"),
+        conditions=("causal", "bidirectional_image"),
+        order=True,
+        heads=True,
+    )
     figures = draw_all(run)
     report = write_report(run)
     return run, figures, report

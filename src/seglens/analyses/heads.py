@@ -148,7 +148,7 @@ def block(results: Mapping[str, Any], page: Page) -> str:
     """The per-head anchors section of ``report.html``."""
     section = results.get("heads")
     if not section:
-        return not_run("heads")
+        return _off(results) or not_run("heads")
     top = [
         [
             escape(str(i + 1)),
@@ -185,6 +185,15 @@ def block(results: Mapping[str, Any], page: Page) -> str:
         paragraph(cost),
     ]
     return "\n".join(p for p in parts if p)
+
+
+def _off(results: Mapping[str, Any]) -> str:
+    """A note for a run whose config switched the analysis off ('' when it was on)."""
+    if ((results.get("config") or {}).get("heads") or {}).get("enabled", True):
+        return ""
+    return paragraph(
+        "Off in this run (heads.enabled: false); `seglens heads --run RUN` adds it to this run."
+    )
 
 
 ANALYSIS = Analysis(

@@ -145,7 +145,7 @@ def block(results: Mapping[str, Any], page: Page) -> str:
     """The token-order section of ``report.html``."""
     section = results.get("order")
     if not section:
-        return not_run("order")
+        return _off(results) or not_run("order")
     rows = []
     for name in section["conditions"]:
         diff = (section.get("differences") or {}).get(name) or {}
@@ -191,6 +191,15 @@ _DIFF_KEYS = ("by_row.first", "by_row.last", "by_sequence.first", "by_sequence.l
 
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _off(results: Mapping[str, Any]) -> str:
+    """A note for a run whose config switched the analysis off ('' when it was on)."""
+    if ((results.get("config") or {}).get("order") or {}).get("enabled", True):
+        return ""
+    return paragraph(
+        "Off in this run (order.enabled: false); `seglens order --run RUN` adds it to this run."
+    )
 
 
 ANALYSIS = Analysis(

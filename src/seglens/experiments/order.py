@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ from seglens.models import VLM, Batch
 from seglens.rundir import RunDir
 from seglens.stages import middle_layer
 
-__all__ = ["ARRAYS_FILE", "ORDERS", "POSITION_IDS", "condition_names", "order_differences"]
+__all__ = ["ARRAYS_FILE", "ORDERS", "POSITION_IDS", "condition_names", "follows_sequence"]
+__all__ += ["order_differences"]
 __all__ += ["order_tables", "permutations", "reorder", "run_order", "score_order"]
 
 log = logging.getLogger(__name__)
@@ -416,6 +417,9 @@ def run_order(
         images={"train": len(train), "eval": len(evaluation)},
         position_ids_meaning=dict(MEANING),
     )
+    section.extra["follows_sequence"] = {
+        name: follows_sequence(differences, name) for name in differences if "reversed" in name
+    }
     section.extra["statement"] = statement(section)
     if not is_main():
         return section
@@ -456,6 +460,21 @@ def order_differences(
     return bands, differences
 
 
+def follows_sequence(differences: Mapping[str, Any], condition: str) -> bool | None:
+    """Whether the first-rows deficit follows the sequence under a reversed ``condition``.
+
+    Reversing moves the first image rows to the end of the sequence and the last rows to its
+    start. The verdict holds when the first rows gain (paired interval of condition minus raster
+    above 0) and the last rows lose (interval below 0); None without intervals.
+    """
+    from seglens.experiments.findings import above, all_of, below
+
+    cells = differences.get(condition)
+    if not cells:
+        return None
+    return all_of(above(cells["by_row.first"]), below(cells["by_row.last"]))
+
+
 def _accuracy(correct: np.ndarray, total: np.ndarray) -> float | None:
     total_sum = float(np.sum(total))
     return float(np.sum(correct) / total_sum) if total_sum > 0 else None
@@ -472,4 +491,12 @@ def statement(section: Any) -> str:
             f"on the first sequence slots {fmt_interval(diff['by_sequence.first'])}"
         )
     where = f"at {section['layer']} (token accuracy, first {section['band_rows']} rows)"
-    return (where + ": " + "; ".join(parts) + ".") if parts else "only raster was run."
+    if not parts:
+        return "only raster was run."
+    verdicts = section.get("follows_sequence") or {}
+    verdict = "; ".join(
+        f"{name}: the first-rows deficit "
+        + {True: "follows the sequence", False: "does not follow the sequence"}.get(v, "n/a")
+        for name, v in verdicts.items()
+    )
+    return where + ": " + "; ".join(parts) + "." + (f" Verdict, {verdict}." if verdict else "")
