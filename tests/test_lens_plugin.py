@@ -3,29 +3,20 @@ own `seglens lens` subcommand, its config section, results sections, figures and
 
 from __future__ import annotations
 
-import pytest
 import yaml
 
-pytest.importorskip("seglens.analyses", reason="the analysis registry has not landed")
-
-from seglens.analyses import analyses, get, register_analysis, unregister_analysis
+from seglens.analyses import analyses, get
 from seglens.cli import main
 from seglens.readouts.analysis import ANALYSIS
 from seglens.rundir import load_results
 
 
-@pytest.fixture(autouse=True, scope="module")
-def lens_registered():
-    """The lens analysis in the registry (built in once registered in ``BUILTIN``; until then
-    registered here and removed afterwards)."""
-    if "lens" in analyses():
-        yield
-        return
-    register_analysis(ANALYSIS)
-    try:
-        yield
-    finally:
-        unregister_analysis("lens")
+def test_lens_is_built_in_after_probing():
+    every = analyses()
+    assert every["lens"] is ANALYSIS
+    names = list(every)
+    assert names.index("probing") < names.index("lens")
+    assert get("lens").needs == ("probing",)
 
 
 CONFIG = {

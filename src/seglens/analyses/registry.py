@@ -32,6 +32,7 @@ BUILTIN = (
     "seglens.analyses.attention",
     "seglens.analyses.bidirectional",
     "seglens.analyses.umap",
+    "seglens.readouts.analysis",
 )
 
 #: ``figure(results, run_dir) -> matplotlib Figure | None`` (None: nothing to draw).

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from seglens.analyses.registry import Analysis, Block, Command, Feed
-from seglens.readouts.run import LensConfig, LensFeed, lens_feed, run_lens
+from seglens.readouts.options import LensConfig
 from seglens.report.canvas import label_stage_axis, new_figure, order_stages, series_colour
 from seglens.report.evidence import bars, significance
 from seglens.report.figures import plot_series, stage_series
@@ -56,6 +56,7 @@ def run(
 ) -> dict[str, Any]:
     """``run_lens``: with ``feed``, the scorers the probing evaluation pass fed; otherwise a pass
     of its own over the evaluation split (the run's probes must exist)."""
+    from seglens.readouts.run import run_lens
     from seglens.rundir import RunDir
 
     run = RunDir.of(run, **{f"lens.{k}": v for k, v in overrides.items() if v is not None})
@@ -69,12 +70,13 @@ def feed(config: Any, vlm: Any) -> Feed | None:
     from seglens.distributed import world
     from seglens.experiments.common import build_dataset
     from seglens.experiments.streaming import resolve_stages
+    from seglens.readouts.run import lens_feed
 
     if world() != 1 or config.resume:
         return None
     data = config.data
     names = build_dataset(data, data.eval_split, data.limit_eval, config.seed).class_names
-    state: LensFeed = lens_feed(
+    state = lens_feed(
         vlm,
         names,
         resolve_stages(vlm, config.probe),

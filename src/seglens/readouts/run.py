@@ -9,57 +9,19 @@ saved per-image counts, and writes the ``lens`` and ``sinks`` sections and ``arr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from seglens.readouts.lens import MODES, READOUTS
-from seglens.readouts.scoring import LensOptions, LensScorer, lens_section
-from seglens.readouts.sinks import SINK_RULES, SinkOptions, SinkScorer
+from seglens.readouts.options import LensConfig
+from seglens.readouts.scoring import LensScorer, lens_section
+from seglens.readouts.sinks import SinkScorer
 
 log = logging.getLogger(__name__)
 
 LENS_ARRAYS = "arrays/lens.npz"
-
-
-def _help(text: str, default: Any):
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass(frozen=True)
-class LensConfig:
-    """The ``lens`` config section (the logit lens, the embedding lens and sink tokens)."""
-
-    enabled: bool = _help("read each stage with the logit and embedding lens, flag sinks", True)
-    readouts: tuple[str, ...] = _help("logit and/or embedding", READOUTS)
-    modes: tuple[str, ...] = _help("all (every class) and/or present (the image's: oracle)", MODES)
-    subtokens: str = _help(
-        "a multi-token class name reads its first, max or mean sub-token", "first"
-    )
-    pixel_level: bool | None = _help(
-        "also score at pixel level; default: as probe.pixel_level", None
-    )
-    sink_rule: str = _help("sink tokens by state norm, massive dimension, or either", "norm")
-    sink_norm_factor: float = _help("a sink's norm exceeds this times the image's median", 5.0)
-    sink_massive_factor: float = _help("a sink's max |value| exceeds this times the median", 50.0)
-
-    def __post_init__(self):
-        self.lens_options()
-        self.sink_options()
-        if self.sink_rule not in SINK_RULES:  # pragma: no cover - sink_options raises first
-            raise ValueError(f"lens.sink_rule {self.sink_rule!r} is not one of {SINK_RULES}")
-
-    def lens_options(self, pixel_level: bool = True) -> LensOptions:
-        """The scorer options; ``pixel_level`` (the probe's) applies when this one is None."""
-        pixel = pixel_level if self.pixel_level is None else self.pixel_level
-        return LensOptions(tuple(self.readouts), tuple(self.modes), self.subtokens, pixel)
-
-    def sink_options(self) -> SinkOptions:
-        return SinkOptions(self.sink_rule, self.sink_norm_factor, self.sink_massive_factor)
 
 
 @dataclass

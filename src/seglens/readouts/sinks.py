@@ -12,39 +12,15 @@ stage and catches both kinds reported in the literature: a token with a few mass
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from seglens.metrics import ConfusionMatrix
+from seglens.readouts.options import SINK_RULES, SinkOptions
 
-SINK_RULES = ("norm", "massive", "either")
-
-
-@dataclass(frozen=True)
-class SinkOptions:
-    """How sink tokens are flagged.
-
-    Attributes:
-        rule: ``norm``, ``massive`` or ``either`` (``SINK_RULES``).
-        norm_factor: a sink's state norm exceeds this times the image's median token norm.
-        massive_factor: a sink's largest |value| exceeds this times the image's median |value|.
-    """
-
-    rule: str = "norm"
-    norm_factor: float = 5.0
-    massive_factor: float = 50.0
-
-    def __post_init__(self):
-        if self.rule not in SINK_RULES:
-            raise ValueError(f"sinks rule {self.rule!r} is not one of {SINK_RULES}")
-        for name in ("norm_factor", "massive_factor"):
-            if not getattr(self, name) > 1:
-                raise ValueError(
-                    f"sinks {name}={getattr(self, name)} must be > 1 (a multiple of the median)"
-                )
+__all__ = ["SINK_RULES", "SinkOptions", "SinkScorer", "flag_sinks"]
 
 
 def flag_sinks(h: torch.Tensor, options: SinkOptions | None = None) -> torch.Tensor:
