@@ -58,12 +58,41 @@ def test_lens_runs_in_seglens_run_and_has_its_subcommand(tmp_path, capsys):
     page = (run / "report.html").read_text()
     assert '<section id="lens">' in page and '<section id="sinks">' in page
     assert 'id="fig-lens"' in page
+    _check_layerwise_figure(results)
     # its own subcommand: one pass over the evaluation split with the saved probes
     assert main(["lens", "--run", str(run), "--readouts", "logit", "--modes", "all"]) == 0
     assert "wrote the lens and sinks sections" in capsys.readouterr().out
     again = load_results(run / "results.json")["lens"]
     assert list(again["readouts"]) == ["logit/all"]
     assert again["readouts"]["logit/all"]["metrics"] == lens["readouts"]["logit/all"]["metrics"]
+
+
+def _check_layerwise_figure(results):
+    """The layerwise probing figure carries every lens readout (both modes) as its own line, equal
+    to the section's values at its stages and absent at the encoder, with its interval band, and
+    inside the axis; the caption names each readout's best stage."""
+    import numpy as np
+
+    from seglens.analyses.probing.report import layerwise_caption, layerwise_figure
+    from seglens.report.figures import stage_series
+
+    fig = layerwise_figure(results)
+    ax = fig.axes[0]  # patch level (pixel level is off)
+    lines = {line.get_label(): np.asarray(line.get_ydata(), float) for line in ax.get_lines()}
+    stages = results["probing"]["causal"]["stages"]
+    bands = 0
+    for key, block in results["lens"]["readouts"].items():
+        y = lines[f"{key} lens"]
+        assert np.isnan(y[stages.index("encoder")])
+        for stage, miou in block["summary"]["miou"].items():
+            assert y[stages.index(stage)] == miou
+        low, high = ax.get_ylim()
+        assert low <= np.nanmin(y) and np.nanmax(y) <= high
+        bands += bool(np.isfinite(stage_series(block, stages, "patch")[:, 1:]).any())
+        assert f"{key} best at {block['summary']['best_stage']}" in layerwise_caption(results)
+    probe = stage_series(results["probing"]["causal"], stages, "patch")
+    assert bands > 0 and len(ax.collections) == bands + bool(np.isfinite(probe[:, 1:]).any())
+    assert ax.get_legend() is not None
 
 
 def test_no_lens_switches_it_off():
