@@ -15,7 +15,7 @@ from PIL import Image
 
 from seglens.cli import main
 from seglens.experiments import probing
-from seglens.probes.bank import load_probe
+from seglens.probes.bank import ProbeBank, load_probe
 from seglens.rundir import put_section
 from seglens.rundir.files import load_arrays, save_arrays
 
@@ -62,6 +62,17 @@ def test_a_damaged_probe_is_named_with_the_fix(probes, tmp_path, name, damage, e
         load_probe(folder / "adapter")
     assert str(folder) in str(info.value) and "seglens probe --overwrite" in str(info.value)
     load_probe(probes / "adapter")  # the intact copy still loads
+
+
+def test_a_damaged_bank_json_is_named_with_the_fix(probes, tmp_path):
+    folder = tmp_path / "causal"
+    shutil.copytree(probes, folder)
+    (folder / "bank.json").write_text('{"format": ')
+    with pytest.raises(
+        ValueError, match=r"bank\.json is not valid JSON \(.*\): truncated or damaged"
+    ):
+        ProbeBank.load(folder)
+    ProbeBank.load(probes)  # the intact copy still loads
 
 
 def test_a_damaged_probe_stops_knockout_with_one_line(make_probe_run, capsys):
