@@ -94,10 +94,23 @@ class LensConfig:
     sink_rule: str = _help("sink tokens by state norm, massive dimension, or either", "norm")
     sink_norm_factor: float = _help("a sink's norm exceeds this times the image's median", 5.0)
     sink_massive_factor: float = _help("a sink's max |value| exceeds this times the median", 50.0)
+    sink_keys: bool = _help(
+        "knock out the sink keys and a size-matched random control (3 forwards per image with "
+        "a sink) and score the clean probes at every LLM layer",
+        True,
+    )
+    sink_keys_images: int | None = _help(
+        "knock out on at most this many evaluation images with sinks (None: all)", 100
+    )
 
     def __post_init__(self):
         self.lens_options()
         self.sink_options()
+        if self.sink_keys_images is not None and self.sink_keys_images < 1:
+            raise ValueError(
+                f"lens.sink_keys_images={self.sink_keys_images} must be >= 1, or null for every "
+                "image with a sink"
+            )
 
     def lens_options(self, pixel_level: bool = True) -> LensOptions:
         """The scorer options; ``pixel_level`` (the probe's) applies when this one is None."""

@@ -195,6 +195,7 @@ def run_lens(
         # The feed was built before the probes existed: score the probe on and off the sinks with
         # one more pass (only when there are sinks to leave out).
         _probe_sink_pass(run, vlm, feed, condition, config, progress)
+    keys = _sink_keys(run, vlm, feed, condition, config, progress) if config.sink_keys else None
     try:
         saved = run.load_arrays(probing_arrays(condition))
     except FileNotFoundError:
@@ -205,6 +206,7 @@ def run_lens(
     )
     lens["condition"] = condition
     lens["arrays"] = LENS_ARRAYS
+    sinks["keys"] = keys
     if rank_world()[0] == 0:
         run.save_arrays(LENS_ARRAYS, **arrays)
         run.put_section("sinks", sinks)
@@ -242,3 +244,40 @@ def _probe_sink_pass(
     run_pass(vlm, extra, feed.stages, evaluation, rc.data, progress=progress)
     feed.sinks.scores_.update(extra.scores_)
     feed.sinks.readers["probe"] = probe
+
+
+def _sink_keys(
+    run, vlm, feed: LensFeed, condition: str, config: LensConfig, progress
+) -> dict[str, Any] | None:
+    """The sink-keys knockout (``sinkkeys.run_sink_keys``) with the run's clean probes; None
+    when there are no probes. A run without sinks runs no forward."""
+    from seglens.distributed import rank_world
+    from seglens.experiments.common import build_dataset, build_model
+    from seglens.probes import ProbeBank
+    from seglens.readouts.sinkkeys import llm_probes, run_sink_keys
+
+    rc = run.config
+    bank_dir = run.file(f"probes/{condition}")
+    if not (bank_dir / "bank.json").is_file():
+        log.warning("lens: no saved probes in %s; the sink keys are not knocked out", bank_dir)
+        return None
+    if rank_world()[1] > 1:
+        # Each rank flagged only its own images; the knockout would see a part of them.
+        log.warning("lens: the sink-keys knockout runs in one process; run `seglens lens` alone")
+        return {"status": "skipped", "reason": "runs in one process (not under torchrun)"}
+    probes = llm_probes(ProbeBank.load(bank_dir).probes, feed.stages)
+    if not probes:
+        return None
+    vlm = build_model(rc.model) if vlm is None and feed.sinks.keys_ else vlm
+    evaluation = build_dataset(rc.data, rc.data.eval_split, rc.data.limit_eval, rc.seed)
+    out = run_sink_keys(
+        vlm,
+        evaluation,
+        feed.sinks.keys_,
+        probes,
+        rc,
+        max_images=config.sink_keys_images,
+        bootstrap=rc.probe.bootstrap,
+        progress=progress,
+    )
+    return {"status": "tested" if out["images"] else "no_sinks", **out}
