@@ -31,12 +31,19 @@ CONFIG = {
 }
 
 
-def test_lens_runs_in_seglens_run_and_has_its_subcommand(tmp_path, capsys):
+def test_lens_runs_in_seglens_run_and_has_its_subcommand(tmp_path, capsys, caplog):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**CONFIG, "out": str(tmp_path / "run")}))
-    assert main(["run", "--config", str(config)]) == 0
+    with caplog.at_level("INFO", logger="seglens.experiments.plan"):
+        assert main(["run", "--config", str(config)]) == 0
     run = tmp_path / "run"
     results = load_results(run / "results.json")
+    # the plan is logged; lda probing runs exactly its planned forwards (8 train + 4 eval)
+    assert "planned forward passes" in caplog.text
+    plan = results["plan"]
+    assert plan["planned"]["probing"]["forwards"] == 12 == plan["measured"]["probing"]["forwards"]
+    assert plan["measured"]["lens"]["forwards"] == 0  # on the probing pass; no sinks to knock out
+    assert "should take" in caplog.text
     lens = results["lens"]
     assert lens["stages"] == ["adapter", "llm.1", "llm.2", "llm.3", "llm.4"]
     assert set(lens["readouts"]) == {
