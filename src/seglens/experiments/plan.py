@@ -199,7 +199,16 @@ class RunPlan:
         embed = vlm.model.get_input_embeddings()
         self._handle = embed.register_forward_pre_hook(self._count)
         self.sizes = {"train_images": train, "eval_images": evaluation}
-        log_plan(self.plan, None)
+        log_plan(self.plan, self._earlier_rate())
+
+    def _earlier_rate(self) -> float | None:
+        """Seconds per forward measured by an earlier start of this run (``resume``), if any."""
+        from seglens.rundir.files import read_json
+
+        path = self.run_dir.file("results.json")
+        measured = (read_json(path).get("plan") or {}).get("measured") if path.is_file() else None
+        rates = [m["images_per_s"] for m in (measured or {}).values() if m.get("images_per_s")]
+        return 1 / rates[0] if rates else None
 
     def _count(self, _module, args) -> None:
         if args and getattr(args[0], "ndim", 0) == 2:
