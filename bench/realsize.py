@@ -22,7 +22,8 @@ and stops at the same depth (block ``llm.K``), over >= 5 interleaved rounds:
   evaluation + lens   (``--lens``) the trained probe's evaluation with the logit/embedding lens
                       scored in the same pass (``seglens.readouts``: ADE20K's class names and
                       synonyms, patch and pixel level, both modes); its extra time over the
-                      evaluation is the lens's cost, printed as a share of the probing pass
+                      evaluation is the lens's cost, printed per round (min / median / max) over
+                      the evaluation and as a share of an ADE20K probing pass
 
 It prints per-round ratios to the floor (min / median / max), the peak memory of each mode, the
 ratios projected to 32 decoder layers, and ends with ``probe/forward: X.XX`` (capture + sgd over
@@ -567,6 +568,34 @@ def analysis_hours(ratio: dict[str, float], img_s: float) -> list[str]:
     return lines
 
 
+def lens_share(times: dict[str, list[float]]) -> tuple[list[str], dict[str, list[float]]]:
+    """The lens's added time, round by round (every mode of a round ran side by side): over the
+    trained probe's evaluation of the same images, and over a whole ADE20K probing pass (sgd and
+    lda; the lens reads the evaluation split only) built from that round's own times, at the
+    measured depth. Lines (min / median / max over rounds) and the per-round values."""
+    ev, lens = times["evaluation, trained probe"], times["evaluation + lens"]
+    cap, sgd = times["capture, all stages"], times["capture + sgd updates"]
+    lda = times["capture + lda updates"]
+    warmup, hold = 4 * 8, round(0.1 * ADE_TRAIN)
+    per_round: dict[str, list[float]] = {"over evaluation": [], "sgd pass": [], "lda pass": []}
+    for r in range(len(ev)):
+        added = ADE_VAL * (lens[r] - ev[r])
+        sgd_pass = (warmup + hold) * cap[r] + (ADE_TRAIN - hold) * sgd[r] + ADE_VAL * ev[r]
+        per_round["over evaluation"].append(lens[r] / ev[r])
+        per_round["sgd pass"].append(100 * added / sgd_pass)
+        per_round["lda pass"].append(100 * added / (ADE_TRAIN * lda[r] + ADE_VAL * ev[r]))
+    rows = (
+        ("evaluation + lens / evaluation", "over evaluation", "{:.3f}"),
+        ("lens added, % of the sgd probing pass", "sgd pass", "{:+.2f}%"),
+        ("lens added, % of the lda probing pass", "lda pass", "{:+.2f}%"),
+    )
+    lines = [f"\nthe lens's cost per round ({len(ev)} interleaved rounds; min / median / max):"]
+    for label, key, fmt in rows:
+        low, mid, high = spread(per_round[key])
+        lines.append(f"  {label:<40} {fmt.format(low)} / {fmt.format(mid)} / {fmt.format(high)}")
+    return lines, per_round
+
+
 def measure(bench: Bench, args) -> dict:
     """The interleaved rounds: print the ratio, memory, projection and hours tables."""
     modes = bench.modes()
@@ -629,6 +658,10 @@ def measure(bench: Bench, args) -> dict:
         for line in analysis_hours(at_full, img_s):
             print(line)
     report = {"times": times, "medians": medians, "projected": projected}
+    if "evaluation + lens" in times:
+        lines, report["lens_share"] = lens_share(times)
+        for line in lines:
+            print(line)
     return report | {"memory": bench.memory, "syncs": bench.syncs, "floor_s_per_image": floor_s}
 
 

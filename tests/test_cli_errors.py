@@ -15,7 +15,8 @@ from PIL import Image
 
 from seglens.cli import main
 from seglens.experiments import probing
-from seglens.probes.bank import load_probe
+from seglens.probes.bank import ProbeBank, load_probe
+from seglens.rundir import put_section
 from seglens.rundir.files import load_arrays, save_arrays
 
 PROBE = ["probe", "--model", "tiny-clip", "--limit", "4", "--bootstrap", "0"]
@@ -61,6 +62,17 @@ def test_a_damaged_probe_is_named_with_the_fix(probes, tmp_path, name, damage, e
         load_probe(folder / "adapter")
     assert str(folder) in str(info.value) and "seglens probe --overwrite" in str(info.value)
     load_probe(probes / "adapter")  # the intact copy still loads
+
+
+def test_a_damaged_bank_json_is_named_with_the_fix(probes, tmp_path):
+    folder = tmp_path / "causal"
+    shutil.copytree(probes, folder)
+    (folder / "bank.json").write_text('{"format": ')
+    with pytest.raises(
+        ValueError, match=r"bank\.json is not valid JSON \(.*\): truncated or damaged"
+    ):
+        ProbeBank.load(folder)
+    ProbeBank.load(probes)  # the intact copy still loads
 
 
 def test_a_damaged_probe_stops_knockout_with_one_line(make_probe_run, capsys):
@@ -160,12 +172,32 @@ def test_no_labelled_token_says_why_and_does_not_block_a_plain_rerun(tmp_path, c
         assert "every pixel is ignore (255)" in err and "lower data.min_valid" in err
 
 
-def test_a_damaged_results_json_says_what_cannot_be_rebuilt(make_probe_run, capsys):
+def test_a_damaged_results_json_is_rebuilt_from_the_section_records(make_probe_run, capsys):
     run = make_probe_run("results-damaged")
+    results = run / "results.json"
+    # a later analysis adds its section, as knockout or findings do, and is recorded too
+    put_section(run, "findings", {"drop": {"holds": None, "text": "planted"}})
+    assert main(["report", "--run", str(run)]) == 0  # the report records its figures
+    intact = results.read_bytes()
+    results.write_text(results.read_text()[:200])
+    assert main(["report", "--run", str(run)]) == 2
+    err = one_line(capsys)
+    assert f"error: {results} is not valid JSON (" in err
+    assert f"`seglens report --run {run} --rebuild`" in err
+    assert main(["report", "--run", str(run), "--rebuild"]) == 0
+    assert results.read_bytes() == intact  # every section, in the order written, byte for byte
+    assert (run / "report.html").is_file()
+
+
+def test_a_damaged_results_json_without_records_says_what_cannot_be_rebuilt(make_probe_run, capsys):
+    run = make_probe_run("results-damaged-old")
+    shutil.rmtree(run / "sections")  # as a run of an older seglens
     results = run / "results.json"
     results.write_text(results.read_text()[:200])
     assert main(["report", "--run", str(run)]) == 2
     err = one_line(capsys)
     assert f"error: {results} is not valid JSON (" in err
-    assert "it cannot be rebuilt from the run's other files" in err
+    assert "it cannot be rebuilt: the run has no sections/ record" in err
     assert f"--config {run / 'config.yaml'} --overwrite" in err
+    assert main(["report", "--run", str(run), "--rebuild"]) == 2
+    assert "holds no record of the run's results" in one_line(capsys)

@@ -59,6 +59,8 @@ def test_the_feed_equals_a_pass_of_its_own(probed):
         assert "probe" in reads, stage  # the saved probes read every stage
         assert ("lens" in reads) == (stage != "encoder")
     assert (out / LENS_ARRAYS).is_file()
+    keys = sinks["keys"]  # the organism's 4 images have no sink: nothing knocked out
+    assert keys["status"] == "no_sinks" and keys["images"] == keys["images_with_sinks"] == 0
 
 
 def test_a_run_without_probing_is_refused(tmp_path):
@@ -72,3 +74,5 @@ def test_bad_config_is_an_error():
         LensConfig(sink_rule="top")
     with pytest.raises(ValueError, match="lens readouts"):
         LensConfig(readouts=("probe",))
+    with pytest.raises(ValueError, match=r"lens.sink_keys_images=0 must be >= 1"):
+        LensConfig(sink_keys_images=0)

@@ -283,14 +283,19 @@ def naive_bootstrap(counts: PerImageCounts, metric: str, R: int, confidence: flo
         else:
             values.append(counts.correct[idx[r]].sum() / counts.total[idx[r]].sum())
     alpha = (1 - confidence) / 2
-    return tuple(np.quantile(values, [alpha, 1 - alpha]))
+    low, mid, high = np.quantile(values, [alpha, 0.5, 1 - alpha])
+    estimate = counts.miou() if metric == "miou" else counts.pixel_accuracy()
+    return (low, high), (estimate + low - mid, estimate + high - mid)
 
 
 @pytest.mark.parametrize("metric", ["miou", "pixel_accuracy"])
 def test_bootstrap_matches_naive_loop(metric: str):
     counts = PerImageCounts(5).add_batch(*planted_images(15))
+    percentile, centred = naive_bootstrap(counts, metric, 300, 0.9, 3)
     got = counts.bootstrap(metric, n_resamples=300, confidence=0.9, seed=3)
-    np.testing.assert_allclose(got, naive_bootstrap(counts, metric, 300, 0.9, 3), rtol=1e-12)
+    np.testing.assert_allclose(got, centred, rtol=1e-12)
+    got = counts.bootstrap(metric, n_resamples=300, confidence=0.9, seed=3, method="percentile")
+    np.testing.assert_allclose(got, percentile, rtol=1e-12)
 
 
 @pytest.mark.parametrize("metric", ["miou", "pixel_accuracy"])

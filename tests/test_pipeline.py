@@ -74,7 +74,7 @@ def test_results_of_a_real_run_validate_against_the_schema(run_dir):
         level = section.summary.level
         assert section.summary == schema.summary_of(block["metrics"], block["stages"], level)
     typed = [name for name in schema.SECTIONS if name in raw]
-    assert typed == ["dataset", "qualitative", "knockout", "bidirectional", "umap"]  # registry
+    assert typed == ["dataset", "qualitative", "knockout", "bidirectional", "umap", "lens", "sinks"]
     for name in typed:
         assert schema.SECTIONS[name].from_dict(raw[name]).to_dict() == raw[name], name
     assert schema.main_condition(raw) == schema.clean_condition(raw) == "causal"

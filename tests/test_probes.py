@@ -402,6 +402,44 @@ def test_stopping_rule_by_hand():
         rule.end_epoch(W, b, None)
 
 
+def _losses(rule, rows) -> list[bool]:
+    """Feed (K,) held-out losses check by check; whether the rule had stopped after each."""
+    W, b = torch.zeros(3, len(rows[0]), 2), torch.zeros(len(rows[0]), 2)
+    stopped = []
+    for row in rows:
+        rule._sum = torch.tensor(row, dtype=torch.float64)
+        rule._count = torch.tensor(1)
+        rule.end_epoch(W, b, None)
+        stopped.append(rule.stopped)
+    return stopped
+
+
+def test_a_slow_candidate_far_behind_the_leader_does_not_hold_the_probe():
+    from seglens.probes.convergence import EarlyStopping
+
+    # candidate 0 levels off at 0.27 by check 3; candidate 1 (a small lr) still falls ~2% per
+    # check but from 0.5: at that rate it needs ~20 checks to reach 0.27, not the patience of 2.
+    leader = [0.40, 0.30, 0.27, 0.2699, 0.2700, 0.2698]
+    slow = [0.60, 0.55, 0.53, 0.52, 0.51, 0.50]
+    stopped = _losses(
+        EarlyStopping(patience=2, min_delta=0.005), list(zip(leader, slow, strict=True))
+    )
+    assert stopped == [False, False, False, False, True, True]
+
+
+def test_a_candidate_about_to_overtake_the_leader_holds_the_probe():
+    from seglens.probes.convergence import EarlyStopping
+
+    # the large lr (0) leads early and levels off; the small lr (1) closes in fast and overtakes.
+    large = [0.30, 0.28, 0.2795, 0.2797, 0.2796, 0.2798, 0.2797, 0.2799]
+    small = [0.50, 0.40, 0.33, 0.29, 0.27, 0.262, 0.2619, 0.2620]
+    stopped = _losses(
+        EarlyStopping(patience=2, min_delta=0.005), list(zip(large, small, strict=True))
+    )
+    # the lowest loss alone would stop it at check 3; it stops once the small lr levels off
+    assert stopped.index(True) == 7
+
+
 def test_early_stopping_keeps_the_best_epoch_and_converges(data):
     """The probe stops before the epoch limit, and its weights equal a plain run of exactly its
     best epoch count (same seed, same order): the best-epoch snapshot is what is kept. Classes

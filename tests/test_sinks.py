@@ -110,3 +110,88 @@ def test_bad_options_are_errors():
         SinkOptions(rule="top")
     with pytest.raises(ValueError, match=r"norm_factor=1\.0 must be > 1"):
         SinkOptions(norm_factor=1.0)
+
+
+class _RandomProbe:
+    """A fixed random linear readout (what ``predict_stages`` needs of a probe)."""
+
+    def __init__(self, width: int, num_classes: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.randn(width, num_classes, generator=g)
+
+    def predict(self, h):
+        return (h.float() @ self.weight).argmax(-1)
+
+
+def test_sink_keys_knockout_blocks_the_planted_token_and_a_random_model_none(vlm, monkeypatch):
+    """A planted massive activation is the one sink key knocked out (and its control one other
+    token per image); the clean condition equals the probes read off the plain capture of the
+    flagging pass on the tokens in neither set; a plain random model has no sink keys and runs no
+    forward."""
+    import seglens.experiments.knockout as knockout
+    from seglens.config import load_config
+    from seglens.experiments.common import build_dataset
+    from seglens.metrics import ConfusionMatrix
+    from seglens.readouts.analysis import sink_keys_html
+    from seglens.readouts.run import run_pass
+    from seglens.readouts.sinkkeys import SINK_KEY_DIFFERENCES, run_sink_keys
+
+    rc = load_config(
+        **{"model.name": "tiny-clip", "data.dataset": "synthetic", "data.batch_size": 4}
+    )  # one batch: ``seen`` holds its key sets
+    data = build_dataset(rc.data, rc.data.eval_split, 2, rc.seed)
+    C, N, D = data.num_classes, vlm.num_image_tokens, vlm.model.config.text_config.hidden_size
+    stages = ["encoder", "adapter", "llm.2", "llm.4"]
+    probes = {s: _RandomProbe(D, C, i) for i, s in enumerate(("llm.2", "llm.4"))}
+    plain = SinkScorer(stages, C, N)
+    run_pass(vlm, plain, stages, data, rc.data, progress=False)
+    assert plain.images == 2 and plain.keys_ == {}
+    monkeypatch.setattr(knockout, "predict_stages", _refuse)
+    none = run_sink_keys(vlm, data, plain.keys_, probes, rc, bootstrap=10, progress=False)
+    assert none["images"] == 0 and none["differences"] == {}
+    monkeypatch.undo()
+
+    seen, passes = [], []
+    real = knockout.predict_stages
+
+    def record(vlm_, batch, probes_, keys=None, **spec):
+        seen.append((keys, spec))
+        return real(vlm_, batch, probes_, keys, **spec)
+
+    def flag(batch, states):
+        passes.append((batch, {s: states[s].clone() for s in probes}))
+        planted(batch, states)
+
+    monkeypatch.setattr(knockout, "predict_stages", record)
+    planted = SinkScorer(stages, C, N)
+    handle = _plant(vlm)
+    try:
+        run_pass(vlm, flag, stages, data, rc.data, progress=False)
+        out = run_sink_keys(vlm, data, planted.keys_, probes, rc, bootstrap=10, progress=False)
+    finally:
+        handle.remove()
+    assert set(planted.keys_) == {data.name_of(i) for i in range(2)}
+    for row in planted.keys_.values():
+        assert np.flatnonzero(row).tolist() == [SLOT]
+    assert out["images"] == out["images_with_sinks"] == 2 and out["keys_per_image"] == 1.0
+    blocked = [(keys, spec) for keys, spec in seen if keys is not None]
+    assert len(blocked) == 2 and all(spec == {"later_only": False} for _, spec in blocked)
+    sinks, control = (np.asarray(k) for k, _ in blocked)
+    assert np.flatnonzero(sinks.any(0)).tolist() == [SLOT] and sinks.sum() == 2
+    assert (control.sum(1) == 1).all() and not control[:, SLOT].any()
+    ((batch, states),) = passes
+    target = batch.labels.clone()
+    target[torch.as_tensor(sinks | control)] = 255  # scored: the tokens in neither set
+    for s, probe in probes.items():
+        clean = ConfusionMatrix(C).update(probe.predict(states[s]), target)
+        assert out["curves"]["none"][s]["miou"] == pytest.approx(clean.miou(), abs=1e-12)
+        for name in SINK_KEY_DIFFERENCES:
+            d = out["differences"][name][s]
+            assert d["low"] <= d["estimate"] <= d["high"] and d["n_images"] == 2
+    html = "".join(sink_keys_html({"status": "tested", **out}))
+    assert "on 2 of the 2 evaluation images" in html and html.count("<td>llm.") == 2
+    assert "not knocked out" in "".join(sink_keys_html({"status": "no_sinks", **none}))
+
+
+def _refuse(*_args, **_kwargs):
+    raise AssertionError("no image has a sink: nothing may run a forward")

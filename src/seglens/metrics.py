@@ -282,14 +282,22 @@ class PerImageCounts:
         return float(_ratio(self.correct.sum(), self.total.sum()))
 
     def bootstrap(
-        self, metric: str = "miou", n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+        self,
+        metric: str = "miou",
+        n_resamples: int = 1000,
+        confidence: float = 0.95,
+        seed: int = 0,
+        method: str = "centred",
     ) -> tuple[float, float]:
-        """Percentile bootstrap interval over images: (low, high), nan if never defined.
+        """Bootstrap interval over images: (low, high), nan if never defined.
 
-        Resample r takes the n images ``idx[r]`` of ``default_rng(seed).integers(0, n, (R, n))``,
-        sums their counts and recomputes ``metric`` (``miou``, over the classes with union > 0 in
-        that resample, or ``pixel_accuracy``). All R resamples are one (R, n) weight matrix times
-        the (n, K) counts. ``confidence`` is the coverage, in (0, 1).
+        ``method`` is ``centred`` (the resamples' spread around the full-sample value; valid when
+        classes drop out of resamples, see ``seglens.experiments.stats.centred_interval``) or
+        ``percentile``. Resample r takes the n images ``idx[r]`` of
+        ``default_rng(seed).integers(0, n, (R, n))``, sums their counts and recomputes ``metric``
+        (``miou``, over the classes with union > 0 in that resample, or ``pixel_accuracy``). All R
+        resamples are one (R, n) weight matrix times the (n, K) counts. ``confidence`` is the
+        coverage, in (0, 1).
         """
         if metric not in BOOTSTRAP_METRICS:
             raise ValueError(f"bootstrap metric {metric!r} is not one of {BOOTSTRAP_METRICS}")
@@ -313,12 +321,12 @@ class PerImageCounts:
             values = _ratio(iou.sum(axis=1), present.sum(axis=1))
         else:
             values = _ratio(sums[:, 0], sums[:, 1])
-        values = values[~np.isnan(values)]
-        if values.size == 0:
-            return float("nan"), float("nan")
-        alpha = (1 - confidence) / 2
-        low, high = np.quantile(values, [alpha, 1 - alpha])
-        return float(low), float(high)
+        # The interval rules are plain numpy, kept with the other statistics of the analyses.
+        from seglens.experiments.stats import bootstrap_interval
+
+        estimate = self.miou() if metric == "miou" else self.pixel_accuracy()
+        low, high = bootstrap_interval(estimate, values, confidence, method)
+        return (float("nan"), float("nan")) if low is None else (low, high)
 
     def bootstrap_miou(
         self, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0

@@ -32,6 +32,7 @@ BUILTIN = (
     "seglens.analyses.attention",
     "seglens.analyses.bidirectional",
     "seglens.analyses.umap",
+    "seglens.readouts.analysis",
     "seglens.analyses.order",
     "seglens.analyses.heads",
 )

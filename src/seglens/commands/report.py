@@ -10,12 +10,21 @@ from seglens.cli import command
 # --- report -----------------------------------------------------------------------------------
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory (holds results.json)")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="first rebuild a damaged results.json from the run's record of every section "
+        "written (RUN/sections/)",
+    )
 
 
 @command("report", "redraw a run's figures and write its self-contained report.html")(_report_args)
 def _report(args: argparse.Namespace) -> int:
     from seglens.report import write_report
+    from seglens.rundir.journal import restore
 
+    if args.rebuild:
+        print(f"rebuilt {restore(args.run)}")
     path = write_report(args.run, redraw=True)
     print(path)
     return 0

@@ -47,6 +47,7 @@ from seglens.experiments.knockout_sets import (
     random_control,
     select_pairs,
 )
+from seglens.experiments.plan import knockout_forwards_per_image
 from seglens.interventions import Knockout, TokenSet, intervene
 from seglens.models import VLM, Batch
 from seglens.probes import load_probe
@@ -412,6 +413,16 @@ def run_knockout(
     )
     conditions, controls = conditions_of(settings)
     draws = {c: settings.random_controls if c in controls else 1 for c in conditions}
+    per_image = knockout_forwards_per_image(settings, vlm.num_llm_layers)
+    n_images = sum(len(pair_images(labels, c["classes"], settings.max_images)) for c in candidates)
+    log.info(
+        "knockout: %d pairs on %d pair images, at most %d forwards (%d per image; a key set "
+        "with nothing to block runs none)",
+        len(candidates),
+        n_images,
+        n_images * per_image,
+        per_image,
+    )
     pairs, per_pair, sweeps, tested = [], [], [], []
     for cand in candidates:
         pair = tuple(cand["classes"])

@@ -16,6 +16,7 @@ from typing import Any
 
 from seglens.config import RunConfig, load_config
 from seglens.experiments.common import build_model
+from seglens.experiments.plan import RunPlan
 from seglens.organism import ANALYSIS as ORGANISM_ANALYSIS
 from seglens.rundir import RunDir
 
@@ -62,6 +63,7 @@ def run(config: RunConfig | str | Path, *, progress: bool = True, **overrides) -
     vlm = build_model(config.model)
     feeds_of = {a.name: a.feed(config, vlm) for a in chosen if a.feed is not None}
     feeds_of = {n: f for n, f in feeds_of.items() if f is not None and f.source in names}
+    plan = RunPlan(config, [a.name for a in chosen], vlm, run_dir)  # logs the planned forwards
     for analysis in chosen:
         kwargs = {}
         feeds = [f.offer for f in feeds_of.values() if f.source == analysis.name]
@@ -74,6 +76,8 @@ def run(config: RunConfig | str | Path, *, progress: bool = True, **overrides) -
         analysis.run(run_dir, vlm=vlm, progress=progress, **kwargs)
         barrier()  # under torchrun the next analysis reads what rank 0 just wrote
         log.info("%s: done in %.1f s", analysis.name, time.perf_counter() - start)
+        plan.done(analysis.name, time.perf_counter() - start)
+    plan.close()
     report = run_dir.file("report.html")
     if is_main():
         from seglens.experiments.findings import write_findings

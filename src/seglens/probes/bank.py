@@ -7,7 +7,6 @@ one probe back by its solver name.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,7 +18,7 @@ import torch
 from seglens.distributed import world
 from seglens.probes._common import Tensor, all_reduce_sum, check_batch, targets, unprefixed
 from seglens.probes.base import _Probe
-from seglens.probes.io import FORMAT, read_probe, write_meta
+from seglens.probes.io import FORMAT, read_meta, read_probe, write_meta
 from seglens.probes.lda import LDAProbe
 from seglens.probes.sgd import LinearProbe, pack_gradients, unpack_gradients
 
@@ -195,7 +194,7 @@ class ProbeBank:
         cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu"
     ) -> ProbeBank:
         """Load a bank written by ``save``, ready to predict, its tensors on ``map_location``."""
-        meta = json.loads((Path(directory) / "bank.json").read_text())
+        meta = read_meta(Path(directory) / "bank.json", SOLVERS)
         bank = cls(meta["stages"], meta["n_classes"], solver=meta["solver"])
         bank.probes = {s: load_probe(Path(directory) / s, map_location) for s in meta["stages"]}
         return bank

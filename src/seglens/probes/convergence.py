@@ -3,10 +3,14 @@
 At every check (after every epoch, or every ``probe.eval_every`` training batches, so that one
 pass can converge) the K learning-rate candidates are scored on held-out *training* tokens
 (cross-entropy, mean over valid tokens). Each candidate keeps a copy of its weights at its lowest
-held-out loss; a probe stops once no candidate's own best loss has improved by more than
-``min_delta`` (relative) for ``patience`` checks, and it then counts as converged, at the
-optimiser step of that check. (Judging only the best loss over all candidates would stop a
-probe whose large lr led early and then levelled off while a smaller lr was still improving.)
+held-out loss; a probe stops once no candidate *in contention* has improved its own best loss by
+more than ``min_delta`` (relative) for ``patience`` checks, and it then counts as converged, at
+the optimiser step of that check. A candidate is in contention while, at the rate its best loss
+fell over the last ``patience`` checks, it would reach the lowest loss of any candidate within
+``patience`` more checks; the leader always is. (Judging only the lowest loss would stop a probe
+whose large lr led early and then levelled off while a smaller lr was still improving and about
+to overtake; waiting for every candidate would train on for a small lr that improves slowly far
+behind the leader and cannot catch up.)
 A probe that reaches the epoch limit still improving has not converged: it measures its
 optimiser, not the representation, and the report says so.
 """
@@ -41,7 +45,7 @@ class EarlyStopping:
         self.check_epochs: list[int] = []  # per check: the epoch (0-based) it closed part of
         self.stopped = False
         self.closed = 0  # checks closed by the trainer (recorded or, once stopped, ignored)
-        self.since_best = 0  # checks since any candidate's own best last improved
+        self.since_best = 0  # checks since a candidate in contention last improved
         self.overall_best = math.inf
         self.since_k: Tensor | None = None  # (K,) checks since each candidate last improved
         self.best_k: Tensor | None = None  # (K,) each candidate's best loss (float64)
@@ -114,11 +118,22 @@ class EarlyStopping:
         improved = torch.isinf(self.best_k) | (m64 < self.best_k * (1 - self.min_delta))
         self.since_k = torch.where(improved, 0, self.since_k + 1)
         self.best_k = torch.minimum(self.best_k, m64)
-        self.since_best = int(self.since_k.min())
         self.overall_best = min(self.overall_best, lowest)
+        self.since_best = int(self.since_k[self._in_contention()].min())
         if self.since_best >= self.patience:
             self.stopped = True
             log.debug("%s: stopped at check %d (held-out loss %.5f)", name, check + 1, lowest)
+
+    def _in_contention(self) -> Tensor:
+        """(K,) bool: candidates that, falling at the rate their best loss fell over the last
+        ``patience`` checks, would reach the lowest loss within ``patience`` more checks."""
+        p = min(self.patience, len(self.trace) - 1)
+        if p == 0:
+            return torch.ones_like(self.best_k, dtype=torch.bool)
+        then = torch.tensor(self.trace[:-p], dtype=torch.float64).min(0).values  # best_k p ago
+        rate = (then - self.best_k) / p  # (K,) >= 0
+        gap = self.best_k - self.best_k.min()
+        return gap <= self.patience * rate
 
     def selected(self) -> int:
         """The candidate with the lowest held-out loss (the first on ties)."""

@@ -54,7 +54,7 @@ def read_probe(
             a solver not in ``solvers`` (the message names the file and the fix).
         FileNotFoundError: a file is missing.
     """
-    meta = _read_meta(Path(f"{stem}.json"), solvers)
+    meta = read_meta(Path(f"{stem}.json"), solvers)
     tensors = _read_tensors(Path(f"{stem}.safetensors"))
     return meta, {k: v.to(map_location) for k, v in tensors.items()}
 
@@ -62,7 +62,7 @@ def read_probe(
 _FIX = "rerun the analysis that wrote it (e.g. `seglens probe --overwrite`) or restore it"
 
 
-def _read_meta(path: Path, solvers: Container[str]) -> dict[str, Any]:
+def read_meta(path: Path, solvers: Container[str]) -> dict[str, Any]:
     """A probe's JSON, naming the file when it is missing, truncated or of another format."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the probe is missing; {_FIX}")

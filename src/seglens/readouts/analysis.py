@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from seglens.analyses.registry import Analysis, Block, Command, Feed
-from seglens.readouts.run import LensConfig, LensFeed, lens_feed, run_lens
+from seglens.readouts.options import LensConfig
 from seglens.report.canvas import label_stage_axis, new_figure, order_stages, series_colour
 from seglens.report.evidence import bars, significance
 from seglens.report.figures import plot_series, stage_series
@@ -48,6 +48,7 @@ class SinkResults(Section):
     massive_factor: float
     images: int
     stages: dict[str, Any]
+    keys: dict[str, Any] | None = None
 
 
 # --- run --------------------------------------------------------------------------------------
@@ -56,6 +57,7 @@ def run(
 ) -> dict[str, Any]:
     """``run_lens``: with ``feed``, the scorers the probing evaluation pass fed; otherwise a pass
     of its own over the evaluation split (the run's probes must exist)."""
+    from seglens.readouts.run import run_lens
     from seglens.rundir import RunDir
 
     run = RunDir.of(run, **{f"lens.{k}": v for k, v in overrides.items() if v is not None})
@@ -69,12 +71,13 @@ def feed(config: Any, vlm: Any) -> Feed | None:
     from seglens.distributed import world
     from seglens.experiments.common import build_dataset
     from seglens.experiments.streaming import resolve_stages
+    from seglens.readouts.run import lens_feed
 
     if world() != 1 or config.resume:
         return None
     data = config.data
     names = build_dataset(data, data.eval_split, data.limit_eval, config.seed).class_names
-    state: LensFeed = lens_feed(
+    state = lens_feed(
         vlm,
         names,
         resolve_stages(vlm, config.probe),
@@ -277,7 +280,37 @@ def sinks_block(results: Mapping[str, Any], page: Page) -> str:
         + (massive if rule != "norm" else "")
         + "), per stage, and the patch scores with and without them."
     )
-    return "\n".join([paragraph(intro), page.figure("sinks"), table(header, rows)])
+    parts = [paragraph(intro), page.figure("sinks"), table(header, rows)]
+    return "\n".join(parts + sink_keys_html(section.get("keys")))
+
+
+def sink_keys_html(keys: Mapping[str, Any] | None) -> list[str]:
+    """The sink-keys knockout: the clean probes' mIoU per LLM stage with no knockout, the sink
+    keys blocked and their size-matched random control blocked, and block minus control (paired
+    95% interval); a sentence when nothing was knocked out."""
+    if not keys:
+        return []
+    if keys.get("status") != "tested":
+        why = keys.get("reason") or "no evaluation image has a sink token"
+        return [paragraph(f"Sink keys: not knocked out ({why}).")]
+    diffs = keys["differences"]
+    rows = []
+    for stage in keys["stages"]:
+        cells = [escape(stage)]
+        cells += [num(keys["curves"][c][stage]["miou"]) for c in keys["conditions"]]
+        for name in ("block_sinks_minus_random_sinks", "block_sinks_minus_none"):
+            cells.append(escape(_difference(diffs.get(name, {}).get(stage)).strip() or "-"))
+        rows.append(cells)
+    header = ["stage", "no knockout", "sinks blocked", "random blocked"]
+    header += ["sinks - random", "sinks - none"]
+    intro = (
+        f"Sink keys knocked out: on {keys['images']} of the {keys['images_with_sinks']} "
+        f"evaluation images with a sink, the tokens flagged at any stage "
+        f"({keys['keys_per_image']:.1f} per image) are made unreadable to every query at every "
+        "LLM layer, against as many random other tokens of the same image; the clean probes' "
+        f"patch mIoU on the tokens in neither set, with paired 95% intervals (* excludes 0)."
+    )
+    return [paragraph(intro), table(header, rows)]
 
 
 ANALYSIS = Analysis(

@@ -14,11 +14,10 @@ from itertools import combinations
 
 import torch
 
+from seglens.readouts.options import SUBTOKEN_MODES
+
 log = logging.getLogger(__name__)
 
-#: How a name of several sub-tokens is read: its first sub-token, the best of its sub-tokens, or
-#: their mean (of the unembedding rows: the mean of the logits before soft-capping).
-SUBTOKEN_MODES = ("first", "max", "mean")
 #: Datasets with a shipped synonym file (``seglens/readouts/synonyms/<name>.txt``).
 SYNONYM_DATASETS = ("ade20k", "voc", "cityscapes", "coco-stuff")
 

@@ -14,12 +14,11 @@ import numpy as np
 import torch
 
 from seglens.readouts.classtokens import ClassTokens
+from seglens.readouts.options import READOUTS
 
 #: Stands in for -inf (a class with no token, or absent in ``present`` mode): bilinear
 #: upsampling of -inf gives nan; evaluation uses the same value.
 NEG = -1e30
-READOUTS = ("logit", "embedding")
-MODES = ("all", "present")
 
 
 def lens_stages(stages: Sequence[str]) -> list[str]:

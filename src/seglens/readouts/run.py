@@ -9,57 +9,19 @@ saved per-image counts, and writes the ``lens`` and ``sinks`` sections and ``arr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from seglens.readouts.lens import MODES, READOUTS
-from seglens.readouts.scoring import LensOptions, LensScorer, lens_section
-from seglens.readouts.sinks import SINK_RULES, SinkOptions, SinkScorer
+from seglens.readouts.options import LensConfig
+from seglens.readouts.scoring import LensScorer, lens_section
+from seglens.readouts.sinks import SinkScorer
 
 log = logging.getLogger(__name__)
 
 LENS_ARRAYS = "arrays/lens.npz"
-
-
-def _help(text: str, default: Any):
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass(frozen=True)
-class LensConfig:
-    """The ``lens`` config section (the logit lens, the embedding lens and sink tokens)."""
-
-    enabled: bool = _help("read each stage with the logit and embedding lens, flag sinks", True)
-    readouts: tuple[str, ...] = _help("logit and/or embedding", READOUTS)
-    modes: tuple[str, ...] = _help("all (every class) and/or present (the image's: oracle)", MODES)
-    subtokens: str = _help(
-        "a multi-token class name reads its first, max or mean sub-token", "first"
-    )
-    pixel_level: bool | None = _help(
-        "also score at pixel level; default: as probe.pixel_level", None
-    )
-    sink_rule: str = _help("sink tokens by state norm, massive dimension, or either", "norm")
-    sink_norm_factor: float = _help("a sink's norm exceeds this times the image's median", 5.0)
-    sink_massive_factor: float = _help("a sink's max |value| exceeds this times the median", 50.0)
-
-    def __post_init__(self):
-        self.lens_options()
-        self.sink_options()
-        if self.sink_rule not in SINK_RULES:  # pragma: no cover - sink_options raises first
-            raise ValueError(f"lens.sink_rule {self.sink_rule!r} is not one of {SINK_RULES}")
-
-    def lens_options(self, pixel_level: bool = True) -> LensOptions:
-        """The scorer options; ``pixel_level`` (the probe's) applies when this one is None."""
-        pixel = pixel_level if self.pixel_level is None else self.pixel_level
-        return LensOptions(tuple(self.readouts), tuple(self.modes), self.subtokens, pixel)
-
-    def sink_options(self) -> SinkOptions:
-        return SinkOptions(self.sink_rule, self.sink_norm_factor, self.sink_massive_factor)
 
 
 @dataclass
@@ -233,6 +195,7 @@ def run_lens(
         # The feed was built before the probes existed: score the probe on and off the sinks with
         # one more pass (only when there are sinks to leave out).
         _probe_sink_pass(run, vlm, feed, condition, config, progress)
+    keys = _sink_keys(run, vlm, feed, condition, config, progress) if config.sink_keys else None
     try:
         saved = run.load_arrays(probing_arrays(condition))
     except FileNotFoundError:
@@ -243,6 +206,7 @@ def run_lens(
     )
     lens["condition"] = condition
     lens["arrays"] = LENS_ARRAYS
+    sinks["keys"] = keys
     if rank_world()[0] == 0:
         run.save_arrays(LENS_ARRAYS, **arrays)
         run.put_section("sinks", sinks)
@@ -280,3 +244,40 @@ def _probe_sink_pass(
     run_pass(vlm, extra, feed.stages, evaluation, rc.data, progress=progress)
     feed.sinks.scores_.update(extra.scores_)
     feed.sinks.readers["probe"] = probe
+
+
+def _sink_keys(
+    run, vlm, feed: LensFeed, condition: str, config: LensConfig, progress
+) -> dict[str, Any] | None:
+    """The sink-keys knockout (``sinkkeys.run_sink_keys``) with the run's clean probes; None
+    when there are no probes. A run without sinks runs no forward."""
+    from seglens.distributed import rank_world
+    from seglens.experiments.common import build_dataset, build_model
+    from seglens.probes import ProbeBank
+    from seglens.readouts.sinkkeys import llm_probes, run_sink_keys
+
+    rc = run.config
+    bank_dir = run.file(f"probes/{condition}")
+    if not (bank_dir / "bank.json").is_file():
+        log.warning("lens: no saved probes in %s; the sink keys are not knocked out", bank_dir)
+        return None
+    if rank_world()[1] > 1:
+        # Each rank flagged only its own images; the knockout would see a part of them.
+        log.warning("lens: the sink-keys knockout runs in one process; run `seglens lens` alone")
+        return {"status": "skipped", "reason": "runs in one process (not under torchrun)"}
+    probes = llm_probes(ProbeBank.load(bank_dir).probes, feed.stages)
+    if not probes:
+        return None
+    vlm = build_model(rc.model) if vlm is None and feed.sinks.keys_ else vlm
+    evaluation = build_dataset(rc.data, rc.data.eval_split, rc.data.limit_eval, rc.seed)
+    out = run_sink_keys(
+        vlm,
+        evaluation,
+        feed.sinks.keys_,
+        probes,
+        rc,
+        max_images=config.sink_keys_images,
+        bootstrap=rc.probe.bootstrap,
+        progress=progress,
+    )
+    return {"status": "tested" if out["images"] else "no_sinks", **out}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,39 +27,11 @@ from seglens.metrics import (
     pixel_target,
     score_target,
 )
-from seglens.readouts.classtokens import SUBTOKEN_MODES, class_synonyms, class_tokens
-from seglens.readouts.lens import MODES, NEG, READOUTS, Lens, lens_stages, present_classes, restrict
+from seglens.readouts.classtokens import class_synonyms, class_tokens
+from seglens.readouts.lens import NEG, Lens, lens_stages, present_classes, restrict
+from seglens.readouts.options import LensOptions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LensOptions:
-    """What the lens reads and how.
-
-    Attributes:
-        readouts: ``logit`` (final norm + unembedding rows) and/or ``embedding`` (cosine to the
-            input embeddings).
-        modes: ``all`` (every class: zero-shot) and/or ``present`` (the image's classes: oracle).
-        subtokens: ``first``, ``max`` or ``mean`` over a name's sub-tokens.
-        pixel_level: also score at pixel level (the probe's upsampling through the geometry).
-    """
-
-    readouts: tuple[str, ...] = READOUTS
-    modes: tuple[str, ...] = MODES
-    subtokens: str = "first"
-    pixel_level: bool = True
-
-    def __post_init__(self):
-        for name, values, allowed in (
-            ("readouts", self.readouts, READOUTS),
-            ("modes", self.modes, MODES),
-        ):
-            bad = [v for v in values if v not in allowed]
-            if bad or not values:
-                raise ValueError(f"lens {name} {list(values)}: each must be one of {allowed}")
-        if self.subtokens not in SUBTOKEN_MODES:
-            raise ValueError(f"lens subtokens {self.subtokens!r} is not one of {SUBTOKEN_MODES}")
 
 
 def _stage_results(stages, C, N, band, pixel, bootstrap, seed, device) -> StageResults:

@@ -12,39 +12,15 @@ stage and catches both kinds reported in the literature: a token with a few mass
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from seglens.metrics import ConfusionMatrix
+from seglens.readouts.options import SINK_RULES, SinkOptions
 
-SINK_RULES = ("norm", "massive", "either")
-
-
-@dataclass(frozen=True)
-class SinkOptions:
-    """How sink tokens are flagged.
-
-    Attributes:
-        rule: ``norm``, ``massive`` or ``either`` (``SINK_RULES``).
-        norm_factor: a sink's state norm exceeds this times the image's median token norm.
-        massive_factor: a sink's largest |value| exceeds this times the image's median |value|.
-    """
-
-    rule: str = "norm"
-    norm_factor: float = 5.0
-    massive_factor: float = 50.0
-
-    def __post_init__(self):
-        if self.rule not in SINK_RULES:
-            raise ValueError(f"sinks rule {self.rule!r} is not one of {SINK_RULES}")
-        for name in ("norm_factor", "massive_factor"):
-            if not getattr(self, name) > 1:
-                raise ValueError(
-                    f"sinks {name}={getattr(self, name)} must be > 1 (a multiple of the median)"
-                )
+__all__ = ["SINK_RULES", "SinkOptions", "SinkScorer", "flag_sinks"]
 
 
 def flag_sinks(h: torch.Tensor, options: SinkOptions | None = None) -> torch.Tensor:
@@ -85,6 +61,8 @@ class SinkScorer:
         tokens_: tokens seen (at each stage); images: images seen.
         scores_: (reader, stage, subset) -> ``ConfusionMatrix``; subsets: ``all``, ``without``
             (the sinks ignored) and ``sinks`` (only they are scored).
+        keys_: image name -> (N,) bool, its tokens flagged at any stage (the sink keys that
+            ``seglens.readouts.sinkkeys`` knocks out), for the images with at least one.
     """
 
     def __init__(
@@ -104,14 +82,17 @@ class SinkScorer:
         self.tokens_ = 0
         self.images = 0
         self.scores_: dict[tuple[str, str, str], ConfusionMatrix] = {}
+        self.keys_: dict[str, np.ndarray] = {}
 
     def __call__(self, batch, states: Mapping[str, torch.Tensor]) -> None:
         """Flag and count one batch's sinks from its ``{stage: (B, N, D)}`` states."""
         labels = batch.labels
         C = self.num_classes
+        union = None
         for s in self.stages:
             flags = flag_sinks(states[s], self.options)
             f = flags.cpu().numpy()
+            union = f if union is None else union | f
             self.positions_[s] += f.sum(axis=0)
             if labels is not None:
                 lab = labels.numpy()
@@ -124,6 +105,10 @@ class SinkScorer:
                     self._score(name, s, z.argmax(-1), labels.to(z.device), flags.to(z.device))
         self.tokens_ += int(flags.numel())
         self.images += len(batch)
+        names = batch.names or [str(self.images - len(batch) + i) for i in range(len(batch))]
+        for name, row in zip(names, union if union is not None else [], strict=False):
+            if row.any():
+                self.keys_[name] = row
 
     def _score(self, reader, stage, pred, labels, flags) -> None:
         ignore = torch.full_like(labels, 255)

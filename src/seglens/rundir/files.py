@@ -92,11 +92,16 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         fix = "rerun or restore the run"
-        if path.name == "results.json":
+        if path.name == "results.json" and (path.parent / "sections" / "_header.json").is_file():
             fix = (
-                "it cannot be rebuilt from the run's other files (probes/, arrays/ and "
-                "config.yaml are intact, but the training counts, skipped samples and "
-                "convergence records exist only in results.json). Restore it from a backup, or "
+                "rebuild it from the run's record of every section written (sections/) with "
+                f"`seglens report --run {path.parent} --rebuild`"
+            )
+        elif path.name == "results.json":
+            fix = (
+                "it cannot be rebuilt: the run has no sections/ record (an older seglens), and "
+                "the training counts, skipped samples and convergence records exist only in "
+                "results.json. Restore it from a backup, or "
                 f"run the command that made it again with `--config {path.parent / 'config.yaml'}"
                 " --overwrite` (the damaged run stays until the new one is complete)"
             )

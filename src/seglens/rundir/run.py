@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from seglens.rundir import identity, lock, schema
+from seglens.rundir import identity, journal, lock, schema
 from seglens.rundir.files import (
     atomic_write,
     load_arrays,
@@ -35,7 +35,7 @@ CHECKPOINT = "checkpoint"  # folder of a run's resumable state (seglens.checkpoi
 WARMUP = "train.warmup"  # the sgd warm-up phase of a checkpoint (seglens.experiments.training)
 #: Everything seglens writes inside a run directory (what ``--overwrite`` replaces).
 RUN_OUTPUTS = (RESULTS, CONFIG, identity.IDENTITY, "report.html", CHECKPOINT, "probes")
-RUN_OUTPUTS += ("arrays", "figures")
+RUN_OUTPUTS += ("arrays", "figures", "tables", journal.SECTIONS)
 
 
 def _holds(path: Path) -> bool:
@@ -180,6 +180,7 @@ def put_section(run_dir: str | Path, name: str, section: Any) -> Any:
         node = node.setdefault(part, {})
     node[leaf] = _json(section)
     write_json(path, data)
+    journal.record_section(run_dir, name, node[leaf])
     return section
 
 
@@ -337,6 +338,7 @@ class RunDir:
         data |= {"config": self.config.to_dict()}
         data |= {k: _json(v) for k, v in sections.items()}
         write_json(self.path / RESULTS, data)
+        journal.record_header(self.path, data)
         return data
 
     def results(self) -> dict[str, Any]:

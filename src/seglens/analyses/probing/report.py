@@ -18,6 +18,7 @@ from seglens.report.canvas import (
     class_legend,
     class_name,
     colourise,
+    interval_band,
     label_stage_axis,
     new_figure,
     order_stages,
@@ -62,15 +63,58 @@ def layerwise_figure(results: dict[str, Any], run_dir: str | Path | None = None)
         summary = probing_summary(probing[main], level)
         if summary:
             _annotate_curve(ax, stages, summary)
+        lens = _plot_lens(ax, x, stages, results.get("lens"), level, first=len(conditions))
         ax.set_ylabel(f"{level} mIoU")
         ax.grid(alpha=0.3)
-        if len(conditions) > 1:
-            ax.legend(fontsize=8, loc="lower right")
+        if len(conditions) > 1 or lens:
+            ax.legend(fontsize=7, loc="lower right")
     label_stage_axis(axes[-1], stages)
     model = (results.get("model") or {}).get("name", "model")
     dataset = (results.get("dataset") or {}).get("name", "dataset")
     fig.suptitle(f"Layerwise linear probes: {model} on {dataset}", fontsize=10)
     return fig
+
+
+#: Line style of each lens readout on the layerwise figure (the probe's lines are solid).
+LENS_STYLES = {"logit": "--", "embedding": ":"}
+
+
+def _plot_lens(
+    ax: Any,
+    x: np.ndarray,
+    stages: list[str],
+    section: Mapping[str, Any] | None,
+    level: str,
+    first: int,
+) -> list[str]:
+    """Draw the ``lens`` section's readouts (every readout and mode it holds, 95% CI bands) at
+    ``level`` on the probe's axis, dashed (logit) or dotted (embedding), widening the y range
+    to hold them; returns the readouts drawn (none when the section is absent)."""
+    drawn = []
+    for j, (key, block) in enumerate(((section or {}).get("readouts") or {}).items()):
+        series = stage_series(block, stages, level)
+        if not np.isfinite(series[:, 0]).any():
+            continue
+        colour = series_colour(first + j)
+        style = LENS_STYLES.get(key.split("/")[0], "-.")
+        ax.plot(
+            x,
+            series[:, 0],
+            style,
+            marker="s",
+            markersize=2.5,
+            color=colour,
+            linewidth=1.3,
+            label=f"{key} lens",
+        )
+        interval_band(ax, x, series[:, 1], series[:, 2], colour)
+        drawn.append(key)
+    if drawn:
+        lines = [v for line in ax.get_lines() for v in np.asarray(line.get_ydata(), float)]
+        finite = [v for v in lines if np.isfinite(v)]
+        low, high = ax.get_ylim()
+        ax.set_ylim(max(0.0, min([low, *finite]) - 0.03), max(high, *finite))
+    return drawn
 
 
 def _annotate_curve(ax: Any, stages: list[str], summary: dict[str, Any]) -> None:
@@ -316,8 +360,24 @@ def layerwise_caption(results: dict[str, Any]) -> str:
                 f"Under {condition} the best patch-level stage is {ours['best_stage']} "
                 f"({ours['best_miou']:.2f}, vs {theirs['best_miou']:.2f} for {main})."
             )
+    lens = (results.get("lens") or {}).get("readouts") or {}
+    if lens:
+        sentences.append(
+            "Dashed and dotted: the logit and embedding lens (no training; 'all' scores every "
+            "class, 'present' only the image's, an oracle), read from the same images: "
+            + "; ".join(_lens_best(key, block) for key, block in lens.items())
+            + "."
+        )
     sentences.append("Shaded bands are 95% bootstrap intervals over images.")
     return " ".join(sentences)
+
+
+def _lens_best(key: str, block: Mapping[str, Any]) -> str:
+    summary = block.get("summary") or {}
+    best = summary.get("best_stage")
+    if best is None:
+        return f"{key} not scored"
+    return f"{key} best at {best} ({summary['miou'][best]:.2f} {summary.get('level', 'patch')})"
 
 
 def per_class_caption(probing: dict[str, Any], results: dict[str, Any]) -> str:
