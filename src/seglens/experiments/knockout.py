@@ -489,7 +489,24 @@ def run_knockout(
     section = KnockoutSection.from_dict(section)
     if rank != 0:  # every rank holds the joined counts; one writes
         return section
+    if tested:  # the per-image counts, so a later comparison (the twin) can resample them
+        run.save_arrays(COUNTS_FILE, **count_arrays(tested, llm_stages))
     return run.put_section("knockout", section)
+
+
+#: The knockout's per-image counts in a run directory (``count_arrays``).
+COUNTS_FILE = "arrays/knockout.npz"
+
+
+def count_arrays(tested: Sequence[Mapping[str, Any]], stages: Sequence[str]) -> dict:
+    """Per tested pair k: ``pair<k>__images`` (I,) evaluation image indices and
+    ``pair<k>__<condition>`` (D, I, S, 10) counts; ``stages`` (S,) names the stages."""
+    out: dict[str, np.ndarray] = {"stages": np.array(list(stages))}
+    for k, pair in enumerate(tested):
+        out[f"pair{k}__images"] = np.asarray(pair["images"], dtype=np.int64)
+        for condition, table in pair["counts"].items():
+            out[f"pair{k}__{condition}"] = np.asarray(table)
+    return out
 
 
 def _differences(

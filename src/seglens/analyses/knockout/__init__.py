@@ -192,6 +192,52 @@ def _anchors(knockout: Mapping | None) -> dict:
     return {"holds": all_of(*verdicts), "stage": stage, "pools": pools, "text": text}
 
 
+def paired(results: Mapping[str, Any], arrays: Callable[[str], Any], weights: Any) -> dict:
+    """(c)'s statistics on the image weights ``weights`` (R, n_eval), as in its differences:
+    per control pool, at the summary layer, the mean over pairs of block-correct (incorrect)
+    minus its control's pair-token accuracy. Block correct minus control is directed (below);
+    block incorrect minus control is shown."""
+    import numpy as np
+
+    from seglens.experiments.knockout import COUNTS_FILE
+    from seglens.experiments.knockout_sets import _pair_accuracy, _pair_mean
+
+    knockout = results.get("knockout")
+    table = arrays(COUNTS_FILE)
+    if not knockout or not knockout.get("pairs") or table is None:
+        return {}
+    stages = [str(s) for s in table["stages"]]
+    j = stages.index(knockout["summary_layer"])
+    n_pairs = len({k.split("__")[0] for k in table if k.startswith("pair")})
+    accuracy: dict[str, list] = {}  # condition -> per pair (R, S)
+
+    def pair_accuracy(condition: str) -> list:
+        if condition not in accuracy:
+            accuracy[condition] = [
+                _pair_accuracy(
+                    weights[:, table[f"pair{k}__images"]], table[f"pair{k}__{condition}"]
+                )
+                for k in range(n_pairs)
+            ]
+        return accuracy[condition]
+
+    stats = {}
+    for pool in knockout.get("control_pools") or []:
+        control = {
+            c["matches"]: name
+            for name, c in (knockout.get("controls") or {}).items()
+            if c["pool"] == pool
+        }
+        for side, direction in (("correct", "below"), ("incorrect", None)):
+            treated = pair_accuracy(f"block_{side}")
+            matched = pair_accuracy(control[f"block_{side}"])
+            diffs = [a - b for a, b in zip(treated, matched, strict=True)]
+            values = _pair_mean(diffs, len(stages))[:, j]
+            key = f"{pool}: block {side} - control"
+            stats[key] = {"values": np.asarray(values), "direction": direction}
+    return {"anchors": stats} if stats else {}
+
+
 ANALYSIS = Analysis(
     name="knockout",
     title="block attention to correct / incorrect / random image tokens per class pair",
@@ -204,6 +250,7 @@ ANALYSIS = Analysis(
     report=(Block("knockout", "Attention knockout", report.block),),
     question="Attention knockout asks which image tokens the LLM relies on to refine it.",
     findings=findings,
+    paired=paired,
     finding_names={"anchors": "(c) Semantic anchors"},
     command=Command(
         "knockout",
