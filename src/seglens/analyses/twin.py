@@ -389,7 +389,6 @@ def twin_figure(results: Mapping[str, Any], run_dir: Any = None) -> Any:
     ax.set_xlabel("statistic (mIoU or accuracy difference), paired 95% interval over images")
     ax.legend(fontsize=7, loc="best")
     ax.set_title(f"model vs random twin (seed {section.get('seed')})", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
