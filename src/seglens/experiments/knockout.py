@@ -100,8 +100,9 @@ def predict_stages(
     keys: np.ndarray | None = None,
     *,
     masked: bool = True,
+    confidence_of: str | None = None,
     **spec,
-) -> np.ndarray:
+) -> Any:
     """One forward (optionally with keys knocked out) -> every stage's clean-probe prediction.
 
     The clean pass (``keys=None``) runs inside ``intervene(vlm, [])`` like every knocked-out
@@ -118,10 +119,11 @@ def predict_stages(
         masked: route the clean pass through ``intervene(vlm, [])`` (False: the plain forward,
             for callers that need no comparison with a knockout). Inside an active
             ``intervene`` the clean pass already is on the masked path.
+        confidence_of: also return this stage's probe confidence (max softmax probability).
         **spec: more ``Knockout`` fields, e.g. ``layers=(3, 4)``.
 
     Returns:
-        (S, B, N) int64 predicted classes.
+        (S, B, N) int64 predicted classes; with ``confidence_of``, also (B, N) float32.
     """
     stages = list(probes)
     context = nullcontext()
@@ -138,7 +140,11 @@ def predict_stages(
         preds = [probes[s].predict(features[s]) for s in stages]
         home = preds[0].device
         pred = torch.stack([p.to(home, non_blocking=True) for p in preds])
-    return pred.cpu().numpy()
+        if confidence_of is None:
+            return pred.cpu().numpy()
+        logits = probes[confidence_of].decision_function(features[confidence_of])
+        confidence = logits.float().softmax(-1).amax(-1)
+    return pred.cpu().numpy(), confidence.cpu().numpy()
 
 
 def _scan_labels(
@@ -227,10 +233,12 @@ def _run_pair(
     def add(table: dict, key: tuple, value: np.ndarray) -> None:
         table[key] = table.get(key, 0) + value
 
+    matched_on = reference if any(p == "confidence" for _, p in controls.values()) else None
     for batch, image_ids in batches:
         ids += image_ids
         labels = batch.labels.numpy()
-        clean = predict_stages(vlm, batch, probes)  # (S_all, B, N)
+        clean = predict_stages(vlm, batch, probes, confidence_of=matched_on)  # (S_all, B, N)
+        clean, confidence = clean if matched_on else (clean, None)
         ref_correct = clean[ref_row] == labels
         clean = clean[rows]
         none = pair_counts(clean, labels, ref_correct, pair)  # (S, B, 10)
@@ -245,7 +253,9 @@ def _run_pair(
                 # outside_pair keeps the seeds it always had, so old runs reproduce.
                 extra = [] if pool == "outside_pair" else [pool_index[pool]]
                 rngs = [np.random.default_rng([seed, *pair, draw, k, i, *extra]) for i in image_ids]
-                sets[name, draw] = random_control(sets[matched, 0], pair_tokens, rngs, pool)
+                sets[name, draw] = random_control(
+                    sets[matched, 0], pair_tokens, rngs, pool, confidence=confidence
+                )
         for (cond, draw), named in sets.items():
             keys = blocked_keys(named, settings.mode)
             for w, window in [(None, settings.layers), *enumerate(windows)]:

@@ -44,7 +44,9 @@ class KnockoutConfig:
     max_images: int | None = _help("cap on evaluation images per pair", None)
     control_pool: tuple[str, ...] = _help(
         "pools of the random controls, one control per pool: outside_pair (image tokens outside "
-        "the pair first), pair (the pair's own tokens), image (any image token)",
+        "the pair first), pair (the pair's own tokens), image (any image token), confidence "
+        "(tokens outside the blocked set matched one to one on the clean probe's confidence at "
+        "the reference stage)",
         ("outside_pair", "pair", "image"),
     )
     mode: str = _help(
@@ -58,7 +60,7 @@ class KnockoutConfig:
     )
 
     def __post_init__(self):
-        pools = ("outside_pair", "pair", "image")
+        pools = ("outside_pair", "pair", "image", "confidence")
         if not self.control_pool or any(p not in pools for p in self.control_pool):
             raise ValueError(
                 f"knockout.control_pool={list(self.control_pool)} must be a non-empty list of "
@@ -118,7 +120,7 @@ def _knockout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--control-pool",
         nargs="+",
-        choices=("outside_pair", "pair", "image"),
+        choices=("outside_pair", "pair", "image", "confidence"),
         help="pools the random controls are drawn from (one control per pool)",
     )
     p.add_argument(
