@@ -36,6 +36,7 @@ from seglens.distributed import gather_object, rank_world
 from seglens.experiments.knockout_sets import (
     CONTROL_POOLS,
     COUNT_FIELDS,
+    MATCHED_POOLS,
     blocked_keys,
     control_name,
     key_sets,
@@ -225,7 +226,7 @@ def _run_pair(
     rows = [stages.index(s) for s in llm_stages]
     llm = {s: probes[s] for s in llm_stages}
     _, controls = conditions_of(settings)
-    pool_index = {pool: i for i, pool in enumerate(CONTROL_POOLS)}
+    pool_index = {pool: i for i, pool in enumerate(CONTROL_POOLS + MATCHED_POOLS)}
     ids: list[int] = []
     counts: dict = {}
     sweep: dict = {}

@@ -20,9 +20,13 @@ from seglens.experiments.stats import centred_interval, resample_weights
 
 __all__ = ["CONTROL_POOLS", "COUNT_FIELDS", "MODES", "blocked_keys", "control_name", "key_sets"]
 __all__ += ["knockout_differences", "layer_windows", "pair_counts", "pair_images", "pair_scores"]
-__all__ += ["confidence_matched", "random_control", "select_pairs", "sink_key_sets"]
+__all__ += ["MATCHED_POOLS", "confidence_matched", "random_control", "select_pairs"]
+__all__ += ["sink_key_sets"]
 
-CONTROL_POOLS = ("outside_pair", "pair", "image", "confidence")
+#: Pools of the plain random controls (matched in size only) ...
+CONTROL_POOLS = ("outside_pair", "pair", "image")
+#: ... and of the controls matched in what the clean probe sees (opt-in: they need its scores).
+MATCHED_POOLS = ("confidence",)
 MODES = ("block", "keep_only")
 # Columns of the (..., 10) count tables ``pair_counts`` returns.
 COUNT_FIELDS = (
@@ -188,8 +192,10 @@ def random_control(
     Returns:
         (B, N) bool with ``out[i].sum() == matched[i].sum()`` for every image i.
     """
-    if pool not in CONTROL_POOLS:
-        raise ValueError(f"knockout control pool {pool!r} is not one of {CONTROL_POOLS}")
+    if pool not in CONTROL_POOLS + MATCHED_POOLS:
+        raise ValueError(
+            f"knockout control pool {pool!r} is not one of {CONTROL_POOLS + MATCHED_POOLS}"
+        )
     if pool == "confidence":
         if confidence is None:
             raise ValueError("the confidence control pool needs the tokens' confidence (B, N)")

@@ -60,7 +60,7 @@ class KnockoutConfig:
     )
 
     def __post_init__(self):
-        pools = ("outside_pair", "pair", "image", "confidence")
+        pools = ("outside_pair", "pair", "image", "confidence")  # CONTROL_POOLS + MATCHED_POOLS
         if not self.control_pool or any(p not in pools for p in self.control_pool):
             raise ValueError(
                 f"knockout.control_pool={list(self.control_pool)} must be a non-empty list of "
