@@ -212,6 +212,7 @@ def run(run: Any, *, vlm: Any = None, progress: bool = True, **overrides: Any) -
     Returns:
         The ``twin`` section (see ``compare``).
     """
+    from seglens.distributed import is_main
     from seglens.experiments.pipeline import run as run_pipeline
     from seglens.rundir import RunDir
 
@@ -234,11 +235,12 @@ def run(run: Any, *, vlm: Any = None, progress: bool = True, **overrides: Any) -
     finally:
         del twin
         _free_memory()
-    found = compare(run.path, run.path / TWIN_DIR)
+    main = is_main()  # under torchrun rank 0 compares and writes (the twin's run has ended)
+    found = compare(run.path, run.path / TWIN_DIR) if main else {}
     section = TwinSection(
         seed=config.twin.seed, analyses=covered, run=TWIN_DIR, init=INIT, findings=found
     )
-    return run.put_section("twin", section)
+    return run.put_section("twin", section) if main else section
 
 
 def _free_memory() -> None:
