@@ -1,6 +1,6 @@
 """Knockout controls matched on the clean probe's confidence: a planted case whose answer is known
 (the control has the blocked set's confidence distribution), a random draw that must fail the same
-check, and the pool end to end beside the others, in the same differences section."""
+check. The pool end to end, beside the others and through the twin, is in tests/test_twin.py."""
 
 from __future__ import annotations
 
@@ -59,28 +59,3 @@ def test_the_matched_control_is_seeded_and_fills_from_the_set_when_short():
 def test_the_confidence_pool_needs_the_confidence():
     with pytest.raises(ValueError, match=r"confidence control pool needs the tokens' confidence"):
         random_control(np.ones((1, 4), bool), np.ones((1, 4), bool), [None], "confidence")
-
-
-def test_the_confidence_pool_runs_beside_the_others_with_intervals(make_probe_run, tiny_models):
-    from seglens.experiments.knockout import run_knockout
-    from seglens.experiments.knockout_sets import control_name
-
-    run = make_probe_run("matched")
-    section = run_knockout(
-        run,
-        vlm=tiny_models("clip"),
-        progress=False,
-        top_k=1,
-        min_support=2,
-        random_controls=1,
-        max_images=2,
-        control_pool=("outside_pair", "confidence"),
-        attention=False,
-    )
-    assert section["control_pools"] == ["outside_pair", "confidence"]
-    assert control_name("block_correct", "confidence") in section["conditions"]
-    stage = section["summary_layer"]
-    gap = section["differences"]["pools"]["confidence"][stage]["block_correct_minus_control"]
-    assert gap["estimate"] is not None and gap["n_images"] == section["pairs"][0]["images"]
-    # the same row as every pool (the run's probe.bootstrap is 0: estimates only)
-    assert set(section["differences"]["pools"]) == {"outside_pair", "confidence"}

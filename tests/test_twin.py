@@ -26,7 +26,7 @@ CONFIG = {
     "knockout.min_support": 2,
     "knockout.attention": False,
     "knockout.random_controls": 1,
-    "knockout.control_pool": ("outside_pair",),
+    "knockout.control_pool": ("outside_pair", "confidence"),
     "umap.enabled": False,
     "twin.enabled": True,
 }
@@ -73,6 +73,18 @@ def test_a_model_given_itself_as_twin_differs_by_exactly_zero(self_twin):
         assert (diff["estimate"], diff["low"], diff["high"]) == (0.0, 0.0, 0.0), (finding, key)
     # zero difference: nothing holds beyond the architecture
     assert all(entry["beyond_twin"] is not True for entry in section["findings"].values())
+
+
+def test_the_confidence_matched_pool_runs_beside_the_others(self_twin):
+    _, results, _, _ = self_twin
+    knockout = results["knockout"]
+    assert knockout["control_pools"] == ["outside_pair", "confidence"]
+    stage = knockout["summary_layer"]
+    gap = knockout["differences"]["pools"]["confidence"][stage]["block_correct_minus_control"]
+    assert gap["low"] <= gap["estimate"] <= gap["high"]  # with its interval
+    assert set(results["findings"]["anchors"]["pools"]) == {"outside_pair", "confidence"}
+    twin = results["twin"]["findings"]["anchors"]["statistics"]
+    assert twin["confidence: block correct - control"]["direction"] == "below"
 
 
 def test_the_model_side_is_the_findings_own_interval(self_twin):
