@@ -229,9 +229,8 @@ def run(run: Any, *, vlm: Any = None, progress: bool = True, **overrides: Any) -
         log.debug("twin: the shared model is not used (the twin loads its own)")
     twin = build_twin(config.model, config.twin.seed)
     try:
-        run_pipeline(
-            twin_config(config, run.path, covered), vlm=twin, progress=progress, report=False
-        )
+        settings = twin_config(config, run.path, covered)
+        run_pipeline(settings, vlm=twin, progress=progress, report=False, only=covered)
     finally:
         del twin
         _free_memory()

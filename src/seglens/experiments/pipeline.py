@@ -36,6 +36,7 @@ def run(
     progress: bool = True,
     vlm: Any = None,
     report: bool = True,
+    only: list[str] | None = None,
     **overrides,
 ) -> Path:
     """Run every enabled analysis into one ``RunDir`` and write the report.
@@ -45,6 +46,7 @@ def run(
         progress: show progress bars.
         vlm: the model to analyse instead of the one ``config.model`` names (the random twin).
         report: draw the figures and ``report.html`` (the findings are always written).
+        only: run only these of the enabled analyses (the twin's choice, ``twin.analyses``).
         overrides: dotted config overrides (``{"probe.solver": "lda"}``).
 
     Returns:
@@ -60,6 +62,7 @@ def run(
         config = config.replace(**overrides)
     # A ``last`` analysis (the twin, which reruns the others) comes after every other one.
     chosen = sorted((a for a in ordered() if a.is_enabled(config)), key=lambda a: a.last)
+    chosen = [a for a in chosen if only is None or a.name in only]
     names = {a.name for a in chosen}
     for analysis in chosen:
         off = [n for n in analysis.needs if n not in names]
