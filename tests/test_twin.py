@@ -121,7 +121,8 @@ def test_the_run_holds_the_twin_run_plan_figure_and_block(self_twin):
     html = twin_module.block(results, page)
     assert "holds beyond the architecture" in html and 'id="fig-twin_findings"' in html
     assert html.count("<tr") == 1 + len(list(_intervals(results["twin"])))
-    assert twin_module.block({}, page) == ""  # not run: the page says so
+    off = twin_module.block({}, page)  # off by default: how to switch it on
+    assert "--twin" in off and "Not run" not in off
 
 
 def test_reinitialise_redraws_every_weight_from_the_seed(tiny_models):

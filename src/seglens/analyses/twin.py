@@ -426,8 +426,13 @@ def block(results: Mapping[str, Any], page: Any) -> str:
     from seglens.report.page import escape, paragraph, table
 
     section = results.get("twin")
-    if not section:
-        return ""
+    if not section:  # off by default: say how to switch it on, not "not run"
+        return (
+            '<p class="muted">The random twin is off. <code>seglens run --twin</code> '
+            "(<code>twin.enabled</code>) reruns the analyses on the same architecture "
+            "re-initialised and reports every finding as model, twin and model minus twin "
+            "(it doubles the passes of what it covers).</p>"
+        )
     rows, classes = [], []
     for finding, entry in (section.get("findings") or {}).items():
         for key, stat in (entry.get("statistics") or {}).items():
@@ -465,8 +470,6 @@ ANALYSIS = Analysis(
     sections={"twin": TwinSection},
     figures={"twin_findings": twin_figure},
     report=(Block("twin", "Random twin: what the architecture alone does", block),),
-    question="A random twin (the same architecture, re-initialised) run on the same images "
-    "says how much of each finding the architecture alone produces.",
     last=True,
     plan=plan,
 )
