@@ -6,8 +6,11 @@ finding the mean and spread over seeds (and whether it holds on every seed).
 
 Each seed: ``seglens organism train`` (the default recipe), then ``seglens run`` with the settings
 of ``seglens.organism.ANALYSIS`` (UMAP off), then the four findings of
-``seglens.experiments.findings``. A random-weight organism of the same shape is analysed too, as
-the column every finding must fail on. Not part of ``make bench`` (it trains models).
+``seglens.experiments.findings``. The first seed's run is ``seglens run --twin``: its random twin
+(the same architecture re-initialised by HF ``_init_weights``, ``twin.seed`` 0) is the "random"
+column, and every seed is compared with that twin on the same images (``seglens.analyses.twin.
+compare``: model minus twin, paired over images; the twin does not depend on the trained weights,
+so one twin serves every seed). Not part of ``make bench`` (it trains models).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from pathlib import Path
 
 
-def analyse(model: str, out: Path) -> dict:
+def analyse(model: str, out: Path, twin: bool = False) -> dict:
     from seglens.config import load_config
     from seglens.experiments.pipeline import run
     from seglens.organism import ANALYSIS
@@ -28,6 +31,7 @@ def analyse(model: str, out: Path) -> dict:
 
     overrides = {**ANALYSIS, "model.name": model, "out": str(out), "overwrite": True}
     overrides |= {"umap.enabled": False, "probe.cache_dir": str(out) + "-cache"}
+    overrides |= {"twin.enabled": twin}
     run(load_config(**overrides), progress=False)
     return read_json(out / "results.json")
 
@@ -66,6 +70,20 @@ def numbers(results: dict) -> dict[str, float | None]:
     return out
 
 
+def beyond(versus: dict) -> dict[str, float | bool | None]:
+    """Model minus twin per directed statistic (estimate and bounds) and the verdict per finding,
+    from ``seglens.analyses.twin.compare``."""
+    out: dict[str, float | bool | None] = {}
+    for finding, entry in versus.items():
+        for key, stat in entry["statistics"].items():
+            if stat["direction"] is None:
+                continue
+            for part in ("estimate", "low", "high"):
+                out[f"{finding} {key} - twin {part}"] = (stat["model_minus_twin"] or {}).get(part)
+        out[f"beyond twin: {finding}"] = entry["beyond_twin"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/organism-seeds", help="folder for models and runs")
@@ -73,32 +91,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="reuse trained seed folders")
     args = parser.parse_args(argv)
 
+    from seglens.analyses.twin import TWIN_DIR, compare
     from seglens.organism import train_organism
-    from seglens.organism.build import build_organism
+    from seglens.rundir.files import read_json
 
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     table: dict[str, dict] = {}
-    for seed in args.seeds:
+    twin_dir = root / f"run{args.seeds[0]}" / TWIN_DIR
+    for i, seed in enumerate(args.seeds):
         folder = root / f"seed{seed}"
         start = time.perf_counter()
         if not (args.reuse and (folder / "config.json").is_file()):
             train_organism(folder, seed=seed, overwrite=True, progress=False)
         trained = time.perf_counter() - start
-        table[f"seed {seed}"] = numbers(analyse(str(folder), root / f"run{seed}"))
+        run = root / f"run{seed}"
+        results = analyse(str(folder), run, twin=i == 0)
+        table[f"seed {seed}"] = numbers(results) | beyond(compare(run, twin_dir))
         print(f"seed {seed}: trained in {trained:.0f} s", flush=True)
-    random_folder = root / "random"
-    model, processor = build_organism(seed=0)
-    model.save_pretrained(random_folder)
-    processor.save_pretrained(random_folder)
-    table["random"] = numbers(analyse(str(random_folder), root / "run-random"))
+    twin = numbers(read_json(twin_dir / "results.json"))
+    table["random twin"] = twin | dict.fromkeys(set(table[f"seed {args.seeds[0]}"]) - set(twin))
 
     seeds = [k for k in table if k.startswith("seed")]
     print(f"\n{'quantity':36s} " + " ".join(f"{k:>9s}" for k in table) + "      mean    spread")
     for row in table[seeds[0]]:
-        values = [table[k][row] for k in table]
+        values = [table[k].get(row) for k in table]
         cells = " ".join(f"{_cell(v):>9s}" for v in values)
-        trained = [table[k][row] for k in seeds]
+        trained = [table[k].get(row) for k in seeds]
         if all(isinstance(v, float) for v in trained):
             summary = f"{statistics.mean(trained):+9.3f} {max(trained) - min(trained):9.3f}"
         elif all(isinstance(v, bool) for v in trained):

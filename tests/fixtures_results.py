@@ -324,6 +324,7 @@ def make_run(
     knockout: bool = True,
     bidirectional: bool = True,
     umap: bool = True,
+    twin: bool | None = None,
     num_classes: int = 5,
     layers: int = 4,
     grid: int = 4,
@@ -389,4 +390,27 @@ def make_run(
         run.put_section("order", _order(run.path, layers, grid, rng))
     if heads:
         run.put_section("heads", _heads(layers, [(0, 1)], rng))
+    if knockout and bidirectional and umap if twin is None else twin:  # a full run has one
+        run.put_section("twin", _twin(rng))
     return run.path
+
+
+def _twin(rng) -> dict:
+    """A ``twin`` section: one directed statistic per finding, model / twin / model - twin."""
+
+    def interval(centre: float) -> dict:
+        half = float(rng.uniform(0.005, 0.02))
+        return {"estimate": centre, "low": centre - half, "high": centre + half, "n_images": 8}
+
+    findings = {}
+    for finding, key, direction, model, twin in (
+        ("recovery", "best_llm_minus_adapter", "above", 0.12, 0.01),
+        ("anchors", "outside_pair: block correct - control", "below", -0.2, -0.05),
+    ):
+        stat = {"direction": direction, "model": interval(model), "twin": interval(twin)}
+        stat["model_minus_twin"] = interval(model - twin)
+        findings[finding] = {"model_holds": True, "twin_holds": False, "beyond_twin": True}
+        findings[finding] |= {"statistics": {key: stat}, "text": key}
+    return {"seed": 0, "analyses": ["probing", "knockout"], "run": "twin", "init": "HF"} | {
+        "findings": findings
+    }

@@ -98,20 +98,37 @@ def findings(results: Mapping[str, Any], arrays: Callable[[str], Any]) -> dict[s
     return {"early_positions": _early_positions(results, arrays, clean_condition(results))}
 
 
-def _early_positions(
-    results: Mapping, arrays: Callable[[str], Mapping[str, np.ndarray] | None], clean: str
-) -> dict:
+def paired(results: Mapping[str, Any], arrays: Callable[[str], Any], weights: Any) -> dict:
+    """(d)'s statistics on the image weights ``weights`` (R, n_eval), as in ``findings``: the
+    causal early-minus-late gain and bidirectional minus causal on the early rows."""
+    from seglens.experiments.stats import resampled_metric
+    from seglens.rundir.schema import probing_arrays
+
+    sides = _band_sides(results, lambda condition: arrays(probing_arrays(condition)))
+    if sides is None:
+        return {}
+    acc = [resampled_metric(s, "accuracy", weights) for s in sides]
+    gap = acc[0] - acc[1] - acc[2] + acc[3]
+    return {
+        "early_positions": {
+            "causal_early_minus_late_gain": {"values": gap, "direction": "below"},
+            "bidirectional_minus_causal_early": {"values": acc[4] - acc[0], "direction": "above"},
+        }
+    }
+
+
+def _band_sides(results: Mapping, arrays: Callable[[str], Any]) -> list | None:
+    """Band accuracy counts: causal early at the layer, early at the adapter, late at the layer,
+    late at the adapter, bidirectional early at the layer (None when absent)."""
     from seglens.experiments.differences import counts_from_arrays
-    from seglens.experiments.stats import bootstrap_contrast, paired_bootstrap
 
     bidir = results.get("bidirectional")
-    none = {"holds": None, "text": "the bidirectional analysis did not run"}
     if not bidir:
-        return none
+        return None
     stage = bidir["layer"]
     causal, full = arrays("causal"), arrays("bidirectional_image")
     if causal is None or full is None:
-        return none
+        return None
 
     def band(table, s, which):
         return counts_from_arrays(table, s, which, "accuracy")
@@ -119,8 +136,19 @@ def _early_positions(
     sides = [band(causal, stage, "early"), band(causal, "adapter", "early")]
     sides += [band(causal, stage, "late"), band(causal, "adapter", "late")]
     sides += [band(full, stage, "early")]
-    if any(s is None for s in sides):
+    return None if any(s is None for s in sides) else sides
+
+
+def _early_positions(
+    results: Mapping, arrays: Callable[[str], Mapping[str, np.ndarray] | None], clean: str
+) -> dict:
+    from seglens.experiments.stats import bootstrap_contrast, paired_bootstrap
+
+    none = {"holds": None, "text": "the bidirectional analysis did not run"}
+    sides = _band_sides(results, arrays)
+    if sides is None:
         return none
+    stage = results["bidirectional"]["layer"]
     options = dict(n_resamples=1000, seed=int(results.get("seed", 0)))
     share = (results.get("config") or {}).get("probe", {}).get("position_band", 0.25)
     causal_gap = bootstrap_contrast(
@@ -366,6 +394,7 @@ ANALYSIS = Analysis(
     question="Bidirectional image attention asks whether the causal mask starves early image "
     "tokens.",
     findings=findings,
+    paired=paired,
     finding_names={"early_positions": "(d) Causal attention starves early image tokens"},
     command=Command(
         "bidir",

@@ -35,6 +35,7 @@ BUILTIN = (
     "seglens.readouts.analysis",
     "seglens.analyses.order",
     "seglens.analyses.heads",
+    "seglens.analyses.twin",
 )
 
 #: ``figure(results, run_dir) -> matplotlib Figure | None`` (None: nothing to draw).
@@ -42,6 +43,11 @@ FigureFn = Callable[[Mapping[str, Any], Any], Any]
 #: ``findings(results, arrays) -> {finding: {"holds": bool | None, "text": str, ...}}`` where
 #: ``arrays(condition)`` returns that probing condition's saved arrays or None.
 FindingsFn = Callable[[Mapping[str, Any], Callable[[str], Any]], dict[str, dict]]
+#: ``paired(results, arrays, weights) -> {finding: {key: {"values": (R,), "direction"}}}``: each
+#: finding's statistics on the image weights ``weights`` (R, n_eval) (row r: how often each
+#: evaluation image, in dataset order, is drawn), ``direction`` ``below``/``above`` (None: shown,
+#: not a verdict); ``arrays(relative_path)`` loads a saved ``.npz`` of the run (None if absent).
+PairedFn = Callable[[Mapping[str, Any], Callable[[str], Any], Any], dict[str, dict]]
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,12 @@ class Analysis:
         finding_names: finding key -> the heading the report gives it.
         command: its CLI subcommand (None: only part of ``seglens run``).
         feed: ``feed(run_config, vlm) -> Feed | None``: share another analysis's pass.
+        paired: ``paired(results, arrays, weights)``: its findings' statistics on given image
+            resamples, so that two runs on the same images (a model and its random twin) can
+            be compared on the same resample (None: not comparable).
+        last: run after every other analysis, without the shared model (the twin reruns them
+            with its own).
+        plan: ``plan(run_config) -> str``: its line in the plan ``seglens run`` logs first.
     """
 
     name: str
@@ -118,6 +130,9 @@ class Analysis:
     finding_names: Mapping[str, str] = field(default_factory=dict)
     command: Command | None = None
     feed: Callable[[Any, Any], Feed | None] | None = None
+    paired: PairedFn | None = None
+    last: bool = False
+    plan: Callable[[Any], str] | None = None
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "a").isalnum() or not self.name[0].isalpha():

@@ -28,9 +28,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     _run_args
 )
 def _run(args: argparse.Namespace) -> int:
-    from seglens.experiments.pipeline import run
+    from seglens.experiments.pipeline import plan, run
 
-    report = run(resolve_config(args))
+    config = resolve_config(args)
+    print(f"plan: {plan(config)}", flush=True)
+    report = run(config)
     print(f"report: {report}")
     return 0
 

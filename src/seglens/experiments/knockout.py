@@ -36,6 +36,7 @@ from seglens.distributed import gather_object, rank_world
 from seglens.experiments.knockout_sets import (
     CONTROL_POOLS,
     COUNT_FIELDS,
+    MATCHED_POOLS,
     blocked_keys,
     control_name,
     key_sets,
@@ -101,8 +102,9 @@ def predict_stages(
     keys: np.ndarray | None = None,
     *,
     masked: bool = True,
+    confidence_of: str | None = None,
     **spec,
-) -> np.ndarray:
+) -> Any:
     """One forward (optionally with keys knocked out) -> every stage's clean-probe prediction.
 
     The clean pass (``keys=None``) runs inside ``intervene(vlm, [])`` like every knocked-out
@@ -119,10 +121,11 @@ def predict_stages(
         masked: route the clean pass through ``intervene(vlm, [])`` (False: the plain forward,
             for callers that need no comparison with a knockout). Inside an active
             ``intervene`` the clean pass already is on the masked path.
+        confidence_of: also return this stage's probe confidence (max softmax probability).
         **spec: more ``Knockout`` fields, e.g. ``layers=(3, 4)``.
 
     Returns:
-        (S, B, N) int64 predicted classes.
+        (S, B, N) int64 predicted classes; with ``confidence_of``, also (B, N) float32.
     """
     stages = list(probes)
     context = nullcontext()
@@ -139,7 +142,11 @@ def predict_stages(
         preds = [probes[s].predict(features[s]) for s in stages]
         home = preds[0].device
         pred = torch.stack([p.to(home, non_blocking=True) for p in preds])
-    return pred.cpu().numpy()
+        if confidence_of is None:
+            return pred.cpu().numpy()
+        logits = probes[confidence_of].decision_function(features[confidence_of])
+        confidence = logits.float().softmax(-1).amax(-1)
+    return pred.cpu().numpy(), confidence.cpu().numpy()
 
 
 def _scan_labels(
@@ -220,7 +227,7 @@ def _run_pair(
     rows = [stages.index(s) for s in llm_stages]
     llm = {s: probes[s] for s in llm_stages}
     _, controls = conditions_of(settings)
-    pool_index = {pool: i for i, pool in enumerate(CONTROL_POOLS)}
+    pool_index = {pool: i for i, pool in enumerate(CONTROL_POOLS + MATCHED_POOLS)}
     ids: list[int] = []
     counts: dict = {}
     sweep: dict = {}
@@ -228,10 +235,12 @@ def _run_pair(
     def add(table: dict, key: tuple, value: np.ndarray) -> None:
         table[key] = table.get(key, 0) + value
 
+    matched_on = reference if any(p == "confidence" for _, p in controls.values()) else None
     for batch, image_ids in batches:
         ids += image_ids
         labels = batch.labels.numpy()
-        clean = predict_stages(vlm, batch, probes)  # (S_all, B, N)
+        clean = predict_stages(vlm, batch, probes, confidence_of=matched_on)  # (S_all, B, N)
+        clean, confidence = clean if matched_on else (clean, None)
         ref_correct = clean[ref_row] == labels
         clean = clean[rows]
         none = pair_counts(clean, labels, ref_correct, pair)  # (S, B, 10)
@@ -246,7 +255,9 @@ def _run_pair(
                 # outside_pair keeps the seeds it always had, so old runs reproduce.
                 extra = [] if pool == "outside_pair" else [pool_index[pool]]
                 rngs = [np.random.default_rng([seed, *pair, draw, k, i, *extra]) for i in image_ids]
-                sets[name, draw] = random_control(sets[matched, 0], pair_tokens, rngs, pool)
+                sets[name, draw] = random_control(
+                    sets[matched, 0], pair_tokens, rngs, pool, confidence=confidence
+                )
         for (cond, draw), named in sets.items():
             keys = blocked_keys(named, settings.mode)
             for w, window in [(None, settings.layers), *enumerate(windows)]:
@@ -500,7 +511,24 @@ def run_knockout(
     section = KnockoutSection.from_dict(section)
     if rank != 0:  # every rank holds the joined counts; one writes
         return section
+    if tested:  # the per-image counts, so a later comparison (the twin) can resample them
+        run.save_arrays(COUNTS_FILE, **count_arrays(tested, llm_stages))
     return run.put_section("knockout", section)
+
+
+#: The knockout's per-image counts in a run directory (``count_arrays``).
+COUNTS_FILE = "arrays/knockout.npz"
+
+
+def count_arrays(tested: Sequence[Mapping[str, Any]], stages: Sequence[str]) -> dict:
+    """Per tested pair k: ``pair<k>__images`` (I,) evaluation image indices and
+    ``pair<k>__<condition>`` (D, I, S, 10) counts; ``stages`` (S,) names the stages."""
+    out: dict[str, np.ndarray] = {"stages": np.array(list(stages))}
+    for k, pair in enumerate(tested):
+        out[f"pair{k}__images"] = np.asarray(pair["images"], dtype=np.int64)
+        for condition, table in pair["counts"].items():
+            out[f"pair{k}__{condition}"] = np.asarray(table)
+    return out
 
 
 def _differences(

@@ -20,9 +20,13 @@ from seglens.experiments.stats import centred_interval, resample_weights
 
 __all__ = ["CONTROL_POOLS", "COUNT_FIELDS", "MODES", "blocked_keys", "control_name", "key_sets"]
 __all__ += ["knockout_differences", "layer_windows", "pair_counts", "pair_images", "pair_scores"]
-__all__ += ["random_control", "select_pairs", "sink_key_sets"]
+__all__ += ["MATCHED_POOLS", "confidence_matched", "random_control", "select_pairs"]
+__all__ += ["sink_key_sets"]
 
+#: Pools of the plain random controls (matched in size only) ...
 CONTROL_POOLS = ("outside_pair", "pair", "image")
+#: ... and of the controls matched in what the clean probe sees (opt-in: they need its scores).
+MATCHED_POOLS = ("confidence",)
 MODES = ("block", "keep_only")
 # Columns of the (..., 10) count tables ``pair_counts`` returns.
 COUNT_FIELDS = (
@@ -164,6 +168,7 @@ def random_control(
     pair_tokens: np.ndarray,
     rngs: Sequence[np.random.Generator],
     pool: str = "outside_pair",
+    confidence: np.ndarray | None = None,
 ) -> np.ndarray:
     """Seeded random image tokens, exactly as many per image as ``matched`` holds.
 
@@ -181,11 +186,21 @@ def random_control(
         rngs: one generator per image.
         pool: one of ``CONTROL_POOLS``.
 
+        ``confidence``: tokens outside ``matched`` matched one to one on ``confidence`` (see
+        ``confidence_matched``).
+
     Returns:
         (B, N) bool with ``out[i].sum() == matched[i].sum()`` for every image i.
     """
-    if pool not in CONTROL_POOLS:
-        raise ValueError(f"knockout control pool {pool!r} is not one of {CONTROL_POOLS}")
+    if pool not in CONTROL_POOLS + MATCHED_POOLS:
+        raise ValueError(
+            f"knockout control pool {pool!r} is not one of {CONTROL_POOLS + MATCHED_POOLS}"
+        )
+    if pool == "confidence":
+        if confidence is None:
+            raise ValueError("the confidence control pool needs the tokens' confidence (B, N)")
+        rows = [confidence_matched(matched[i], confidence[i], rng) for i, rng in enumerate(rngs)]
+        return np.stack(rows) if rows else np.zeros_like(matched, dtype=bool)
     out = np.zeros_like(matched, dtype=bool)
     for i, rng in enumerate(rngs):
         need = int(matched[i].sum())
@@ -202,6 +217,45 @@ def random_control(
             take = rng.choice(idx, size=min(need, len(idx)), replace=False)
             out[i, take] = True
             need -= len(take)
+    return out
+
+
+def confidence_matched(
+    matched: np.ndarray, confidence: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """A control of one image matched to ``matched`` in the clean probe's confidence.
+
+    The confound it removes: the reference-correct tokens are the ones the clean probe reads most
+    confidently (the clearest, most class-typical patches), so blocking them removes the most
+    readable context whatever their class; a random control of equal size removes less of it.
+    Here each token of ``matched`` (in random order) takes the not yet taken token outside
+    ``matched`` whose confidence is nearest its own (ties broken at random), so the control has
+    the blocked set's confidence distribution as far as the image's other tokens allow; what
+    blocking the correct tokens does beyond it is what their being correct adds. Only when the
+    image has too few other tokens does the rest come from ``matched`` itself.
+
+    Args:
+        matched: (N,) bool, the set to match (e.g. the pair's reference-correct tokens).
+        confidence: (N,) the clean probe's confidence per token at the reference stage (max
+            softmax probability).
+        rng: the image's generator.
+
+    Returns:
+        (N,) bool, disjoint from ``matched`` where possible, with ``matched.sum()`` tokens.
+    """
+    matched = np.asarray(matched, dtype=bool)
+    confidence = np.asarray(confidence, dtype=np.float64)
+    out = np.zeros_like(matched)
+    free = rng.permutation(np.flatnonzero(~matched))  # random order breaks ties at random
+    for token in rng.permutation(np.flatnonzero(matched)):
+        if not free.size:
+            break
+        j = int(np.argmin(np.abs(confidence[free] - confidence[token])))
+        out[free[j]] = True
+        free = np.delete(free, j)
+    short = int(matched.sum()) - int(out.sum())
+    if short:
+        out[rng.choice(np.flatnonzero(matched), size=short, replace=False)] = True
     return out
 
 

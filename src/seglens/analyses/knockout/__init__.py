@@ -44,7 +44,9 @@ class KnockoutConfig:
     max_images: int | None = _help("cap on evaluation images per pair", None)
     control_pool: tuple[str, ...] = _help(
         "pools of the random controls, one control per pool: outside_pair (image tokens outside "
-        "the pair first), pair (the pair's own tokens), image (any image token)",
+        "the pair first), pair (the pair's own tokens), image (any image token), confidence "
+        "(tokens outside the blocked set matched one to one on the clean probe's confidence at "
+        "the reference stage)",
         ("outside_pair", "pair", "image"),
     )
     mode: str = _help(
@@ -58,7 +60,7 @@ class KnockoutConfig:
     )
 
     def __post_init__(self):
-        pools = ("outside_pair", "pair", "image")
+        pools = ("outside_pair", "pair", "image", "confidence")  # CONTROL_POOLS + MATCHED_POOLS
         if not self.control_pool or any(p not in pools for p in self.control_pool):
             raise ValueError(
                 f"knockout.control_pool={list(self.control_pool)} must be a non-empty list of "
@@ -118,7 +120,7 @@ def _knockout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--control-pool",
         nargs="+",
-        choices=("outside_pair", "pair", "image"),
+        choices=("outside_pair", "pair", "image", "confidence"),
         help="pools the random controls are drawn from (one control per pool)",
     )
     p.add_argument(
@@ -192,6 +194,52 @@ def _anchors(knockout: Mapping | None) -> dict:
     return {"holds": all_of(*verdicts), "stage": stage, "pools": pools, "text": text}
 
 
+def paired(results: Mapping[str, Any], arrays: Callable[[str], Any], weights: Any) -> dict:
+    """(c)'s statistics on the image weights ``weights`` (R, n_eval), as in its differences:
+    per control pool, at the summary layer, the mean over pairs of block-correct (incorrect)
+    minus its control's pair-token accuracy. Block correct minus control is directed (below);
+    block incorrect minus control is shown."""
+    import numpy as np
+
+    from seglens.experiments.knockout import COUNTS_FILE
+    from seglens.experiments.knockout_sets import _pair_accuracy, _pair_mean
+
+    knockout = results.get("knockout")
+    table = arrays(COUNTS_FILE)
+    if not knockout or not knockout.get("pairs") or table is None:
+        return {}
+    stages = [str(s) for s in table["stages"]]
+    j = stages.index(knockout["summary_layer"])
+    n_pairs = len({k.split("__")[0] for k in table if k.startswith("pair")})
+    accuracy: dict[str, list] = {}  # condition -> per pair (R, S)
+
+    def pair_accuracy(condition: str) -> list:
+        if condition not in accuracy:
+            accuracy[condition] = [
+                _pair_accuracy(
+                    weights[:, table[f"pair{k}__images"]], table[f"pair{k}__{condition}"]
+                )
+                for k in range(n_pairs)
+            ]
+        return accuracy[condition]
+
+    stats = {}
+    for pool in knockout.get("control_pools") or []:
+        control = {
+            c["matches"]: name
+            for name, c in (knockout.get("controls") or {}).items()
+            if c["pool"] == pool
+        }
+        for side, direction in (("correct", "below"), ("incorrect", None)):
+            treated = pair_accuracy(f"block_{side}")
+            matched = pair_accuracy(control[f"block_{side}"])
+            diffs = [a - b for a, b in zip(treated, matched, strict=True)]
+            values = _pair_mean(diffs, len(stages))[:, j]
+            key = f"{pool}: block {side} - control"
+            stats[key] = {"values": np.asarray(values), "direction": direction}
+    return {"anchors": stats} if stats else {}
+
+
 ANALYSIS = Analysis(
     name="knockout",
     title="block attention to correct / incorrect / random image tokens per class pair",
@@ -204,6 +252,7 @@ ANALYSIS = Analysis(
     report=(Block("knockout", "Attention knockout", report.block),),
     question="Attention knockout asks which image tokens the LLM relies on to refine it.",
     findings=findings,
+    paired=paired,
     finding_names={"anchors": "(c) Semantic anchors"},
     command=Command(
         "knockout",

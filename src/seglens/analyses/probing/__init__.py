@@ -170,6 +170,37 @@ def _per_class(metrics: Mapping, best: str, names: list[str]) -> dict[str, dict]
     }
 
 
+def paired(results: Mapping[str, Any], arrays: Callable[[str], Any], weights: Any) -> dict:
+    """(a) and (b)'s statistics on the image weights ``weights`` (R, n_eval): adapter minus
+    encoder patch mIoU, and the best LLM layer (re-chosen per row) minus the adapter, as in
+    ``findings`` (see ``Analysis.paired``)."""
+    import numpy as np
+
+    from seglens.experiments.differences import counts_from_arrays
+    from seglens.experiments.stats import resampled_metric
+    from seglens.results import clean_condition
+    from seglens.rundir.schema import probing_arrays
+    from seglens.stages import llm_layer
+
+    clean = clean_condition(results)
+    table = arrays(probing_arrays(clean)) or {}
+    stages = results["probing"][clean]["stages"]
+    counts = {s: c for s in stages if (c := counts_from_arrays(table, s, "patch", "miou"))}
+    miou = {s: resampled_metric(c, "miou", weights) for s, c in counts.items()}  # (R,) each
+    out: dict[str, dict] = {}
+    if "adapter" in miou and "encoder" in miou:
+        values = miou["adapter"] - miou["encoder"]
+        out["drop"] = {"adapter_minus_encoder": {"values": values, "direction": "below"}}
+    llm = [s for s in stages if llm_layer(s) is not None and s in miou]
+    if "adapter" in miou and llm:
+        per_layer = np.stack([miou[s] for s in llm])  # (L, R)
+        with np.errstate(all="ignore"):
+            best = np.nanmax(np.where(np.isnan(per_layer), -np.inf, per_layer), axis=0)
+        values = np.where(np.isfinite(best), best, np.nan) - miou["adapter"]
+        out["recovery"] = {"best_llm_minus_adapter": {"values": values, "direction": "above"}}
+    return out
+
+
 ANALYSIS = Analysis(
     name="probing",
     title="train a linear probe per stage and score segmentation (mIoU) per stage",
@@ -188,6 +219,7 @@ ANALYSIS = Analysis(
     "each image token; its segmentation quality (mIoU) traces how much of that information "
     "each stage carries.",
     findings=findings,
+    paired=paired,
     finding_names={
         "drop": "(a) Drop at the adapter",
         "recovery": "(b) Recovery in the LLM",
