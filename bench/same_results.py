@@ -3,7 +3,8 @@
     python bench/same_results.py RUN_BEFORE RUN_AFTER
 
 Walks both files and compares every value (numbers exactly, no tolerance) except provenance
-(``created``, ``git_hash``, ``versions``) and the list of drawn ``figures``. Prints each
+(``created``, ``git_hash``, ``versions``), the list of drawn ``figures`` and the two runs' own
+folders (``config.out``, ``config.probe.cache_dir``). Prints each
 difference with its path and how many values were compared; exits 1 when any differs.
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 SKIPPED = ("created", "git_hash", "versions", "figures")
+#: Where each run was written (two runs compared are never in the same folder).
+PATHS = ("config.out", "config.probe.cache_dir")
 
 
 def differences(before: Any, after: Any, path: str = "") -> tuple[list[str], int]:
@@ -24,7 +27,7 @@ def differences(before: Any, after: Any, path: str = "") -> tuple[list[str], int
         found, count = [], 0
         for key in sorted(set(before) | set(after)):
             where = f"{path}.{key}" if path else key
-            if not path and key in SKIPPED:
+            if (not path and key in SKIPPED) or where in PATHS:
                 continue
             if key not in before or key not in after:
                 found.append(f"{where}: only in {'after' if key in after else 'before'}")
