@@ -14,15 +14,17 @@ the finding holds *beyond the architecture* (every directed model-minus-twin int
 zero in the finding's direction). Each must hold for the organism and fail for the twin compared
 with itself (every difference is then exactly zero).
 
-Measured on the shipped checkpoint (this CPU, torch 2.13, seed 0; docs/evidence.md has the table):
-(a) adapter - encoder -0.012 [-0.017, -0.007] (margin 0.007); encoder [0.680, 0.692] against the
-    twin's [0.321, 0.344].
-(b) model - twin of best LLM layer - adapter +0.106 [+0.091, +0.120] (margin 0.091).
-(c) model - twin of block correct - control, pools outside_pair / pair / image: -0.205 / -0.152 /
-    -0.185 (highs -0.182 / -0.136 / -0.167); the organism's block incorrect - control lows
-    +0.018 / +0.022 / +0.014 (>= 0).
-(d) model - twin of the causal early - late gain -0.034 [-0.058, -0.011] (margin 0.011), of
-    bidirectional - causal on the first rows +0.039 [+0.022, +0.058] (margin 0.022).
+Measured on the shipped checkpoint (this CPU, torch 2.13, seed 0, 2026-12-03; the README table):
+(a) adapter - encoder -0.021 [-0.028, -0.016] (margin 0.016); encoder [0.684, 0.696] against the
+    twin's [0.320, 0.344].
+(b) model - twin of best LLM layer - adapter +0.102 [+0.088, +0.114] (margin 0.088).
+(c) model - twin of block correct - control, pools outside_pair / pair / image: -0.187 / -0.139 /
+    -0.171 (highs -0.168 / -0.123 / -0.155); the organism's block incorrect - control lows
+    +0.021 / +0.018 / +0.011 (>= 0).
+(d) model - twin of the causal early - late gain -0.036 [-0.058, -0.015] (margin 0.015), of
+    bidirectional - causal on the first rows +0.038 [+0.020, +0.055] (margin 0.020).
+The fixture took 1,036 s on this box at load ~6 (other jobs running); the suite runs it on one
+pytest-xdist worker while the other runs the rest.
 """
 
 from __future__ import annotations
