@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# One pytest-xdist worker per core; a test file stays on one worker (its module fixtures, such as
+# the golden organism runs, are built once).
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 demo: install
 	$(BIN)/seglens demo

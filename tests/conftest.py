@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the
+# cores, so that workers do not oversubscribe them; a plain `pytest` keeps two threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, (os.cpu_count() or 2) // _WORKERS) if _WORKERS > 1 else 2)
 
 
 @pytest.fixture(scope="session")

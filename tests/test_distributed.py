@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not i
 
 def torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [str(TORCHRUN), "--nproc-per-node", "2", "-m", "seglens", *args]
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "seglens", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
