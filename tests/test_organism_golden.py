@@ -29,7 +29,10 @@ pytest-xdist worker while the other runs the rest.
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from seglens.organism import ANALYSIS
 
@@ -51,7 +54,13 @@ def golden(tmp_path_factory):
     overrides |= {"lens.enabled": False}
     overrides |= {"probe.cache_dir": str(out.parent / "cache")}
     overrides |= {"probe.pixel_level": False, "probe.qualitative": 0}
-    run(load_config(**overrides), progress=False, report=False)
+    # The suite's longest fixture: every core, since the other xdist workers finish first.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or threads)
+    try:
+        run(load_config(**overrides), progress=False, report=False)
+    finally:
+        torch.set_num_threads(threads)
     model, twin = read_json(out / "results.json"), read_json(out / "twin" / "results.json")
     return {
         "organism": (model, twin, model["twin"]["findings"]),
