@@ -24,9 +24,9 @@ import torch
 import transformers
 
 from _rounds import interleaved, ratio_table, ratios, spread
+from seglens.analyses.probing.measure import train_probes
 from seglens.config import DataConfig, ProbeConfig
 from seglens.data import SyntheticDataset, iterate_samples
-from seglens.experiments.probing import train_probes
 from seglens.metrics import ConfusionMatrix
 from seglens.models import tiny_llava
 from seglens.probes import ProbeBank

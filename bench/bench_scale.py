@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 from _rounds import check_rounds, interleaved, ratios, spread
+from seglens.analyses.probing.measure import evaluate_probes, train_probes
 from seglens.config import DataConfig, ProbeConfig
 from seglens.data import SyntheticDataset
-from seglens.experiments.probing import evaluate_probes, train_probes
 from seglens.experiments.streaming import stream_batches
 from seglens.models import tiny_llava
 

@@ -337,7 +337,7 @@ class Bench:
     def attention(self, _) -> None:
         """``seglens attention``'s measured forward with every image token a query (its worst
         case: query chunks of ``SCORE_CHUNK_BYTES`` scores; the keys once per layer)."""
-        from seglens.experiments.attention import measure_attention, query_plan
+        from seglens.analyses.attention.measure import measure_attention, query_plan
 
         layers = self.vlm.family.decoder_layers()
         for b in self.batches():

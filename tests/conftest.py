@@ -60,8 +60,8 @@ def results_of(run) -> dict:
 @pytest.fixture(scope="session")
 def make_probe_run(tmp_path_factory, tiny_models):
     """A factory of small lda probing runs on tiny-clip (a fresh directory per call)."""
+    from seglens.analyses.probing.measure import run_probing
     from seglens.config import load_config
-    from seglens.experiments.probing import run_probing
 
     def make(name: str):
         run = tmp_path_factory.mktemp(name) / "run"

@@ -235,7 +235,7 @@ def _umap(run: Path, stages: list[str], num_classes: int, rng: np.random.Generat
 def _order(run: Path, layers: int, grid: int, rng: np.random.Generator):
     """An ``order`` section measured by the real statistics on random per-image arrays."""
     from seglens.analyses.order import OrderSection
-    from seglens.experiments.order import (
+    from seglens.analyses.order.measure import (
         MEANING,
         order_differences,
         order_tables,
@@ -275,7 +275,7 @@ def _order(run: Path, layers: int, grid: int, rng: np.random.Generator):
 def _heads(layers: int, pairs: list, rng: np.random.Generator):
     """A ``heads`` section: the real ranking on random shares, knockout intervals made up."""
     from seglens.analyses.heads import HeadsSection
-    from seglens.experiments.heads import rank_heads, statement
+    from seglens.analyses.heads.measure import rank_heads, statement
 
     H, n = 2, 5
     queries = rng.integers(3, 9, n).astype(float)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import results_of
-from seglens.experiments.attention import (
+from seglens.analyses.attention.measure import (
     CATEGORIES,
     category_mass,
     key_category,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import results_of
+from seglens.analyses.bidirectional.measure import default_layer, run_bidirectional
 from seglens.cli import main
-from seglens.experiments.bidirectional import default_layer, run_bidirectional
 from seglens.probes import ProbeBank
 from seglens.results import load_arrays
 

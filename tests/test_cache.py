@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from seglens.analyses.probing.measure import train_probes
 from seglens.cache import CachedFeatures, FeatureCache, iterate_cache, write_cache
 from seglens.config import DataConfig, ProbeConfig
 from seglens.data import SyntheticDataset, iterate_samples
-from seglens.experiments.probing import train_probes
 
 C = 6
 DATA = DataConfig(batch_size=4)

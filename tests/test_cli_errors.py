@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from seglens.analyses.probing import measure as probing
 from seglens.cli import main
-from seglens.experiments import probing
 from seglens.probes.bank import ProbeBank, load_probe
 from seglens.rundir import put_section
 from seglens.rundir.files import load_arrays, save_arrays

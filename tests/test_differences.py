@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import results_of
+from seglens.analyses.bidirectional.measure import run_bidirectional
+from seglens.analyses.probing.measure import run_probing
 from seglens.config import load_config
-from seglens.experiments.bidirectional import run_bidirectional
 from seglens.experiments.differences import counts_from_arrays, probing_differences
-from seglens.experiments.probing import run_probing
 from seglens.experiments.stats import bootstrap_contrast, paired_bootstrap
 from seglens.metrics import PerImageCounts
 from seglens.results import load_arrays

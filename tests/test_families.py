@@ -137,6 +137,40 @@ def test_empty_spec_changes_nothing(vlm, batch):
             assert torch.equal(got[stage], ref[stage]), (specs, stage)
 
 
+def test_a_shared_prefix_is_exact(vlm, batch):
+    """Inside ``SharedPrefix`` the image features run once and a layer window resumes from the
+    clean pass's decoder outputs: every LLM stage equals the unshared forward bit for bit."""
+    from seglens.prefix import SharedPrefix
+
+    layers = vlm.num_llm_layers
+    llm = [f"llm.{i}" for i in range(1, layers + 1)]
+    start = layers  # the window is the last layer: every layer before it is resumed
+    spec = Knockout(keys=TokenSet.from_slots(range(vlm.num_image_tokens // 2)), layers=(start,))
+    with intervene(vlm, []):
+        clean = vlm.capture(batch, ["adapter", *llm])
+    with intervene(vlm, [spec]):
+        knocked = vlm.capture(batch, llm)
+    prefix = SharedPrefix(vlm, layers=start - 1)
+    try:
+        with intervene(vlm, []):
+            shared_clean = vlm.capture(batch, ["adapter", *llm])
+        with prefix.resume(start), intervene(vlm, [spec]):
+            shared = vlm.capture(batch, llm)
+        with intervene(vlm, []), pytest.raises(RuntimeError, match="adapter were not computed"):
+            vlm.capture(batch, ["adapter"])
+    finally:
+        prefix.close()
+    assert (prefix.image_calls, prefix.image_reused) == (1, 2)
+    assert prefix.layers_skipped == start - 1
+    for stage in clean:
+        assert torch.equal(shared_clean[stage], clean[stage]), stage
+    for stage in llm:
+        assert torch.equal(shared[stage], knocked[stage]), stage
+    assert not torch.equal(knocked[llm[-1]], clean[llm[-1]])  # the window did act
+    # closed: the model runs in full again (the adapter stage is computed)
+    assert torch.equal(vlm.capture(batch, ["adapter"])["adapter"], clean["adapter"])
+
+
 def test_knockout_keeps_the_native_image_block(vlm, batch):
     """A knockout of the last image slot leaves a bidirectional family bidirectional."""
     if vlm.family.native_image_attention == "causal":

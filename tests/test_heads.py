@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from seglens.experiments.heads import draw_random_heads, head_knockout, num_heads, rank_heads
+from seglens.analyses.heads.measure import draw_random_heads, head_knockout, num_heads, rank_heads
 from seglens.interventions import Knockout, TokenSet, intervene
 
 

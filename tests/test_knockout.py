@@ -12,10 +12,7 @@ import pytest
 import torch
 
 from conftest import results_of
-from seglens.cli import main
-from seglens.config import load_config
-from seglens.experiments.common import build_dataset
-from seglens.experiments.knockout import (
+from seglens.analyses.knockout.measure import (
     CONDITIONS,
     COUNT_FIELDS,
     key_sets,
@@ -28,7 +25,10 @@ from seglens.experiments.knockout import (
     run_knockout,
     select_pairs,
 )
-from seglens.experiments.knockout_sets import CONTROL_POOLS, blocked_keys, knockout_differences
+from seglens.analyses.knockout.sets import CONTROL_POOLS, blocked_keys, knockout_differences
+from seglens.cli import main
+from seglens.config import load_config
+from seglens.experiments.common import build_dataset
 from seglens.interventions import intervene
 from seglens.probes import ProbeBank, load_probe
 
@@ -145,6 +145,36 @@ def test_a_layer_window_cannot_act_before_its_first_layer(window_run):
                 assert scores[cond][stage] == scores["none"][stage], (cond, stage)
             moved |= any(scores[cond][s] != scores["none"][s] for s in ("llm.3", "llm.4"))
     assert moved  # the knockout did act inside its window
+
+
+def test_the_shared_prefix_changes_no_count(window_run, probe_run, tiny_models):
+    """knockout.shared_prefix (the default) reuses the clean pass's image features and its states
+    before each window; recomputing them instead gives every count and interval bit for bit."""
+    run, shared = window_run
+    unshared_run = copy_run(probe_run, "unshared")
+    vlm = tiny_models("clip")
+    unshared = run_knockout(
+        unshared_run,
+        vlm=vlm,
+        progress=False,
+        layers=(3, 4),
+        window_sweep=2,
+        shared_prefix=False,
+        **SMALL,
+    )
+    assert shared.settings["shared_prefix"] and not unshared.settings["shared_prefix"]
+    a, b = results_of(run)["knockout"], results_of(unshared_run)["knockout"]
+    assert a["differences"] and a["window_sweep"]
+    assert {k: v for k, v in a.items() if k != "settings"} == {
+        k: v for k, v in b.items() if k != "settings"
+    }
+    with (
+        np.load(run / "arrays/knockout.npz") as a,
+        np.load(unshared_run / "arrays/knockout.npz") as b,
+    ):
+        assert sorted(a) == sorted(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_window_sweep_rows(window_run):

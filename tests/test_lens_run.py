@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from family_checks import cached_model
+from seglens.analyses.probing.measure import run_probing
 from seglens.config import load_config
-from seglens.experiments.probing import run_probing
 from seglens.experiments.streaming import resolve_stages
 from seglens.readouts.run import LENS_ARRAYS, LensConfig, lens_feed, run_lens
 

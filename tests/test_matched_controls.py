@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from seglens.experiments.knockout_sets import confidence_matched, random_control
+from seglens.analyses.knockout.sets import confidence_matched, random_control
 
 TOLERANCE = 0.03  # largest gap between the sorted confidences of blocked set and control
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from family_checks import cached_model, edit_llm_input
-from seglens.experiments.order import (
+from seglens.analyses.order.measure import (
     condition_names,
     follows_sequence,
     order_differences,

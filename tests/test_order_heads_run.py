@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from seglens.analyses.heads.measure import run_heads
+from seglens.analyses.order.measure import follows_sequence, order_differences, order_tables
 from seglens.cli import main
 from seglens.commands import draw
-from seglens.experiments.heads import run_heads
-from seglens.experiments.order import follows_sequence, order_differences, order_tables
 from seglens.rundir import RunDir
 from seglens.rundir.schema import load_results
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from fixtures_results import make_run
+from seglens.analyses.knockout.report import PREFERRED_POOL
 from seglens.report.canvas import moving_average
-from seglens.report.overview import PREFERRED_POOL, overview_figure
+from seglens.report.overview import overview_figure
 from seglens.results import read_json
 from seglens.rundir.schema import probing_summary
 

@@ -41,7 +41,7 @@ def run_dir(tmp_path_factory) -> Path:
         raise AssertionError("seglens run must take UMAP tokens from the probing pass")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("seglens.experiments.umap.sample_tokens", no_second_pass)
+        patch.setattr("seglens.analyses.umap.measure.sample_tokens", no_second_pass)
         assert main(["run", "--config", str(config)]) == 0
     return root / "run"
 

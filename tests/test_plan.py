@@ -8,14 +8,10 @@ import json
 import pytest
 
 from family_checks import cached_model
+from seglens.analyses.knockout import knockout_forwards_per_image
 from seglens.config import load_config
 from seglens.experiments.common import build_dataset
-from seglens.experiments.plan import (
-    RunPlan,
-    knockout_forwards_per_image,
-    plan_run,
-    remaining_hours,
-)
+from seglens.experiments.plan import RunPlan, plan_run, remaining_hours
 from seglens.experiments.training import train_probes
 
 
@@ -66,14 +62,14 @@ def test_knockout_forwards_per_image_and_the_hours_left():
     assert knockout_forwards_per_image(load_config().knockout, 32) == 1 + 8
     assert knockout_forwards_per_image(config.knockout, 32) == 1 + 8 * 5
     plan = plan_run(
-        config, ["probing", "knockout", "mine"], train=100, evaluation=10, num_layers=32
+        config, ["probing", "knockout", "twin"], train=100, evaluation=10, num_layers=32
     )
     assert plan["knockout"] == {
         "forwards": 10 * 10 * 41,
         "bound": True,
         "detail": "<= 10 pairs x <= 10 images x 41 per image",
     }
-    assert plan["mine"]["forwards"] is None  # an analysis without a planner
+    assert plan["twin"]["forwards"] is None  # an analysis without a planner
     assert remaining_hours(plan, ["probing"], 0.36) == pytest.approx(4100 * 0.36 / 3600)
 
 

@@ -4,6 +4,7 @@ its own subcommand; and the same analysis arrives through the `seglens.analyses`
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from seglens.analyses import Analysis, Block, Command, get, ordered, register_analysis
+from seglens.analyses import Analysis, Block, Command, Panel, Table, get, ordered, register_analysis
 from seglens.analyses import registry as analysis_registry
 from seglens.cli import main
 from seglens.config import config_help, load_config
@@ -76,6 +77,24 @@ def toy_findings(results: dict, arrays: Any) -> dict:
     return {"toy_positive": {"holds": holds, "text": f"{len(section['scaled'])} stages scaled"}}
 
 
+def toy_rows(results: dict, run_dir: Path) -> Any:
+    for stage, value in ((results.get("toy") or {}).get("scaled") or {}).items():
+        yield {"stage": stage, "scaled_miou": value}
+
+
+def toy_panel(ax: Any, results: dict, run_dir: Any, label: str) -> str | None:
+    section = results.get("toy")
+    if not section:
+        return "Toy analysis not run."
+    ax.plot(list(section["scaled"].values()), "o-")
+    ax.set_title(f"{label} scaled mIoU", loc="left")
+    return None
+
+
+def toy_forwards(config: Any, train: int, evaluation: int, layers: int) -> dict:
+    return {"forwards": 0, "bound": False, "detail": f"reads probing ({evaluation} eval images)"}
+
+
 def toy_args(parser: Any) -> None:
     parser.add_argument("--run", required=True)
     parser.add_argument("--scale", type=float)
@@ -101,6 +120,9 @@ def make_toy(name: str = "toy", config_key: str = "toy") -> Analysis:
         findings=toy_findings,
         finding_names={"toy_positive": "(toy) Every scaled mIoU is positive"},
         command=Command(name, "the toy analysis on a probed run", toy_args, toy_main),
+        forwards=toy_forwards,
+        tables=(Table(f"{name}_scaled", ("stage", "scaled_miou"), toy_rows),),
+        overview=Panel("scaled mIoU", toy_panel, "Scaled mIoU of the toy analysis per stage."),
     )
 
 
@@ -145,6 +167,16 @@ def test_toy_analysis_runs_validates_and_is_drawn(toy, tmp_path, capsys):
     assert '<section id="toy">' in page and "<h2>Toy analysis</h2>" in page
     assert 'id="fig-toy_bars"' in page and "Scaled mIoU is highest at" in page
     assert "(toy) Every scaled mIoU is positive: holds." in page
+    # its tidy table, its panel of the first figure (lettered after the built-in three), its plan
+    with open(run / "tables" / "toy_scaled.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["stage"]: float(r["scaled_miou"]) for r in rows} == pytest.approx(expected)
+    assert "(d) Scaled mIoU of the toy analysis per stage." in page
+    from seglens.report.overview import overview_figure
+
+    fig = overview_figure(results, run)
+    assert [ax.get_title(loc="left") for ax in fig.axes][-1] == "(d) scaled mIoU"
+    assert results["plan"]["planned"]["toy"] == toy_forwards(None, 12, 6, 0)
     # its own subcommand, with an override of its config section
     assert main(["toy", "--run", str(run), "--scale", "0.5"]) == 0
     assert "toy: scale 0.5" in capsys.readouterr().out
@@ -214,6 +246,10 @@ def test_registration_errors_say_what_to_change(toy):
         Analysis(name="z", title="t", run=toy_run, config_key="z", config=ToySection)
     with pytest.raises(ValueError, match=r"no analysis named 'tyo' \(did you mean 'toy'"):
         get("tyo")
+    # a table another analysis writes may be joined only with the same columns
+    shared = Table("differences", ("estimate",), toy_rows)
+    with pytest.raises(ValueError, match="table \\(with other columns\\) 'differences' is already"):
+        register_analysis(Analysis(name="w", title="t", run=toy_run, tables=(shared,)))
 
 
 ENTRY_MODULE = """

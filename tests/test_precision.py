@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from seglens.analyses.probing.measure import run_probing
 from seglens.config import load_config
-from seglens.experiments.probing import run_probing
 from seglens.models import tiny_llava
 
 SMALL = {"data.limit_train": 12, "data.limit_eval": 6, "data.batch_size": 6}

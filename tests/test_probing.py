@@ -11,15 +11,15 @@ import pytest
 import torch
 import yaml
 
-from seglens.cli import main
-from seglens.config import DataConfig, ProbeConfig, RunConfig, load_config
-from seglens.data import SyntheticDataset, iterate_samples
-from seglens.experiments.probing import (
+from seglens.analyses.probing.measure import (
     evaluate_probes,
     resolve_stages,
     split_holdout,
     train_probes,
 )
+from seglens.cli import main
+from seglens.config import DataConfig, ProbeConfig, RunConfig, load_config
+from seglens.data import SyntheticDataset, iterate_samples
 from seglens.interventions import BidirectionalImage, intervene
 from seglens.probes import ProbeBank, load_probe
 from seglens.results import load_arrays

@@ -16,10 +16,10 @@ from unittest import mock
 import numpy as np
 import pytest
 
+from seglens.analyses.probing.measure import run_probing
 from seglens.checkpoint import Checkpointer, config_differences
 from seglens.cli import main
 from seglens.config import load_config
-from seglens.experiments.probing import run_probing
 from seglens.results import load_arrays
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -280,8 +280,8 @@ def test_an_overwrite_that_fails_leaves_the_old_run_intact_and_one_that_succeeds
     """--overwrite builds the new run in a hidden sibling: a new run that fails (here: a stage
     that does not exist, after the model is loaded) leaves the old run byte-identical; the next
     one that succeeds replaces it, keeping the user's own files."""
+    from seglens.analyses.probing.measure import run_probing
     from seglens.config import load_config
-    from seglens.experiments.probing import run_probing
     from seglens.rundir import lock
 
     run = tmp_path / "run"

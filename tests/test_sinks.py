@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from family_checks import cached_model
-from seglens.experiments.knockout_sets import sink_key_sets
+from seglens.analyses.knockout.sets import sink_key_sets
 from seglens.readouts.sinks import SinkOptions, SinkScorer, flag_sinks
 
 SLOT = 5  # the planted token's image slot
@@ -128,7 +128,7 @@ def test_sink_keys_knockout_blocks_the_planted_token_and_a_random_model_none(vlm
     token per image); the clean condition equals the probes read off the plain capture of the
     flagging pass on the tokens in neither set; a plain random model has no sink keys and runs no
     forward."""
-    import seglens.experiments.knockout as knockout
+    import seglens.analyses.knockout.measure as knockout
     from seglens.config import load_config
     from seglens.experiments.common import build_dataset
     from seglens.metrics import ConfusionMatrix

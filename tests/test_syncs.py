@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from seglens.analyses.attention import measure as attention
 from seglens.config import DataConfig, ProbeConfig
 from seglens.data import SyntheticDataset
-from seglens.experiments import attention
 from seglens.experiments.evaluation import evaluate_probes
 from seglens.experiments.streaming import stream_batches
 from seglens.probes import ProbeBank

@@ -12,7 +12,9 @@ import pytest
 from fixtures_results import make_run
 from seglens.report.figures import compare_figure, compare_runs
 from seglens.results import read_json
-from seglens.tables import TABLES, open_run, write_tables
+from seglens.tables import open_run, table_columns, write_tables
+
+TABLES = table_columns()
 
 
 @pytest.fixture(scope="module")

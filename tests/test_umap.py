@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from seglens.config import load_config
-from seglens.data import IGNORE_INDEX, SyntheticDataset
-from seglens.experiments.umap import (
+from seglens.analyses.umap.measure import (
     cluster_scores,
     embed,
     run_umap,
@@ -20,6 +18,8 @@ from seglens.experiments.umap import (
     shown_classes,
     umap_stages,
 )
+from seglens.config import load_config
+from seglens.data import IGNORE_INDEX, SyntheticDataset
 from seglens.results import SCHEMA_VERSION, load_arrays, read_json, write_json
 
 C, PER_CLASS, D = 5, 60, 32  # 300 points: small enough for a quick UMAP

@@ -109,4 +109,11 @@ def capture_stages(
                 family.forward(input_ids, pixel_values, attention_mask)
         except _StopForward:
             pass
+    missing = [stage for stage in ordered if stage not in out]
+    if missing:
+        raise RuntimeError(
+            f"stage(s) {', '.join(missing)} were not computed in this forward: their modules did "
+            "not run (inside seglens.prefix.SharedPrefix the image features and the layers "
+            "before a window are reused, not recomputed); capture them outside it"
+        )
     return {stage: out[stage] for stage in ordered}

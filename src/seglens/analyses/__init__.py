@@ -12,6 +12,8 @@ from seglens.analyses.registry import (
     Block,
     Command,
     Feed,
+    Panel,
+    Table,
     analyses,
     by_config_key,
     get,
@@ -20,5 +22,6 @@ from seglens.analyses.registry import (
     unregister_analysis,
 )
 
-__all__ = ["ENTRY_POINT_GROUP", "Analysis", "Block", "Command", "Feed", "analyses"]
-__all__ += ["by_config_key", "get", "ordered", "register_analysis", "unregister_analysis"]
+__all__ = ["ENTRY_POINT_GROUP", "Analysis", "Block", "Command", "Feed", "Panel", "Table"]
+__all__ += ["analyses", "by_config_key", "get", "ordered", "register_analysis"]
+__all__ += ["unregister_analysis"]

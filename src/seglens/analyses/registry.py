@@ -17,8 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ENTRY_POINT_GROUP", "Analysis", "Block", "Command", "Feed", "analyses"]
-__all__ += ["by_config_key", "get", "ordered", "register_analysis", "unregister_analysis"]
+__all__ = ["ENTRY_POINT_GROUP", "Analysis", "Block", "Command", "Feed", "Panel", "Table"]
+__all__ += ["analyses", "by_config_key", "get", "ordered", "register_analysis"]
+__all__ += ["unregister_analysis"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ FindingsFn = Callable[[Mapping[str, Any], Callable[[str], Any]], dict[str, dict]
 #: evaluation image, in dataset order, is drawn), ``direction`` ``below``/``above`` (None: shown,
 #: not a verdict); ``arrays(relative_path)`` loads a saved ``.npz`` of the run (None if absent).
 PairedFn = Callable[[Mapping[str, Any], Callable[[str], Any], Any], dict[str, dict]]
+#: ``forwards(run_config, train, evaluation, layers) -> {"forwards": int, "bound": bool,
+#: "detail": str}``: the image forwards it plans for splits of ``train`` and ``evaluation``
+#: images on a model of ``layers`` LLM layers (``bound``: an upper bound, decided at run time).
+ForwardsFn = Callable[[Any, int, int, int], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,35 @@ class Block:
     id: str
     title: str
     render: Callable[[Mapping[str, Any], Any], str | None]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One panel of the report's first figure, the run at a glance.
+
+    ``draw(ax, results, run_dir, label)`` draws on the matplotlib axes ``ax``, with a title that
+    starts with ``label`` (e.g. "(b)"), and returns None; or it draws nothing and returns the
+    text the panel shows instead (e.g. "Attention knockout not run ..."). ``caption`` is its
+    sentence of the figure's caption; ``width`` its width relative to the other panels.
+    """
+
+    title: str
+    draw: Callable[[Any, Mapping[str, Any], Any, str], str | None]
+    caption: str
+    width: float = 1.0
+
+
+@dataclass(frozen=True)
+class Table:
+    """One tidy CSV of ``RUN/tables/`` (one row per observation, one column per variable).
+
+    ``rows(results, run_dir)`` yields dicts whose keys are among ``columns`` (a missing key is an
+    empty field). Two analyses may add rows to one table when they give it the same columns.
+    """
+
+    name: str
+    columns: tuple[str, ...]
+    rows: Callable[[Mapping[str, Any], Any], Any]
 
 
 @dataclass(frozen=True)
@@ -113,6 +147,10 @@ class Analysis:
         last: run after every other analysis, without the shared model (the twin reruns them
             with its own).
         plan: ``plan(run_config) -> str``: its line in the plan ``seglens run`` logs first.
+        forwards: ``forwards(run_config, train, evaluation, layers)``: the image forwards it
+            plans (None: listed as "not planned").
+        tables: its tidy CSV tables (``seglens.tables``, ``open_run``).
+        overview: its panel of the report's first figure (None: none).
     """
 
     name: str
@@ -133,6 +171,9 @@ class Analysis:
     paired: PairedFn | None = None
     last: bool = False
     plan: Callable[[Any], str] | None = None
+    forwards: ForwardsFn | None = None
+    tables: tuple[Table, ...] = ()
+    overview: Panel | None = None
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "a").isalnum() or not self.name[0].isalpha():
@@ -211,6 +252,12 @@ def register_analysis(analysis: Analysis, *, replace: bool = False) -> Analysis:
                 ),
             )
             for key in mine & theirs
+        ]
+        taken += [
+            ("table (with other columns)", table.name)
+            for table in analysis.tables
+            for theirs in other.tables
+            if table.name == theirs.name and table.columns != theirs.columns
         ]
         if taken:
             kind, key = taken[0]

@@ -20,9 +20,12 @@ Interval = dict[str, Any]
 
 
 def fmt_interval(interval: Interval | None) -> str:
-    """'+0.031 [+0.012, +0.050]', or 'n/a' without an interval."""
-    if not interval or interval.get("low") is None:
+    """'+0.031 [+0.012, +0.050]'; '+0.031' for an estimate without bounds (no resamples); 'n/a'
+    without an estimate."""
+    if not interval or interval.get("estimate") is None:
         return "n/a"
+    if interval.get("low") is None:
+        return f"{interval['estimate']:+.3f}"
     return f"{interval['estimate']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
 
 

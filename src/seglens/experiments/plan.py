@@ -11,110 +11,12 @@ rate (the probing pass's rate is the first one known).
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["PLANNERS", "RunPlan", "knockout_forwards_per_image", "log_plan", "plan_run"]
-__all__ += ["remaining_hours"]
+__all__ = ["RunPlan", "log_plan", "plan_run", "remaining_hours"]
 
 log = logging.getLogger(__name__)
-
-
-def _probing(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
-    """Training (warm-up, epochs, held-out checks; or lda's one pass) and the evaluation pass."""
-    probe, batch = config.probe, config.data.batch_size
-    if probe.solver == "lda":
-        return {"forwards": train + evaluation, "bound": False, "detail": "1 train + 1 eval pass"}
-    hold = 0 if probe.holdout_fraction <= 0 else max(1, round(probe.holdout_fraction * train))
-    fit = train - hold
-    early = probe.early_stopping and hold > 0
-    checks = (
-        1 if not early or probe.eval_every is None else math.ceil(fit / (probe.eval_every * batch))
-    )
-    held = hold * checks * (probe.epochs if early else 1) if hold else 0
-    if probe.cache_dir is not None:  # one pass fills the cache; the held-out checks stay live
-        training = fit
-        detail = f"cache fill ({fit}) + held-out checks ({held}) + eval ({evaluation})"
-    else:
-        warmup = min(probe.warmup_batches, math.ceil(fit / batch)) * batch
-        training = min(warmup, fit) + probe.epochs * fit
-        detail = (
-            f"warm-up + {probe.epochs} epochs ({training}) + held-out checks ({held}) "
-            f"+ eval ({evaluation})"
-        )
-    return {"forwards": training + held + evaluation, "bound": early, "detail": detail}
-
-
-def knockout_forwards_per_image(settings: Any, num_layers: int) -> int:
-    """Forwards per pair image: the clean one, then each knocked-out key set (two treatments and
-    their random controls, per pool and draw) once over all layers (or ``knockout.layers``) and
-    once per sweep window."""
-    from seglens.experiments.knockout_sets import layer_windows
-
-    windows = len(layer_windows(num_layers, settings.window_sweep)) if settings.window_sweep else 0
-    controls = 2 * len(settings.control_pool) * settings.random_controls
-    return 1 + (2 + controls) * (1 + windows)
-
-
-def _knockout(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
-    """Pairs and their images are chosen at run time: at most ``top_k`` pairs, each on at most
-    ``max_images`` (or every) evaluation image."""
-    settings = config.knockout
-    per_pair = evaluation if settings.max_images is None else min(settings.max_images, evaluation)
-    per_image = knockout_forwards_per_image(settings, layers)
-    return {
-        "forwards": settings.top_k * per_pair * per_image,
-        "bound": True,
-        "detail": f"<= {settings.top_k} pairs x <= {per_pair} images x {per_image} per image",
-    }
-
-
-def _attention(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
-    settings = config.knockout
-    per_pair = evaluation if settings.max_images is None else min(settings.max_images, evaluation)
-    return {
-        "forwards": settings.top_k * per_pair * 2,
-        "bound": True,
-        "detail": f"<= {settings.top_k} pairs x <= {per_pair} images x 2 (reference, measured)",
-    }
-
-
-def _bidirectional(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
-    """The bidirectional condition's probes train and evaluate as the clean ones did."""
-    planned = _probing(config, train, evaluation, layers)
-    return {**planned, "detail": "the probing passes again, under bidirectional image attention"}
-
-
-def _umap(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
-    return {"forwards": 0, "bound": False, "detail": "tokens from the probing evaluation pass"}
-
-
-def _lens(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
-    """No forward of its own (it reads the probing evaluation pass); with sinks, one pass for the
-    probe on and off them and 3 forwards per knocked-out image with sinks."""
-    lens = config.lens
-    keys = 0
-    if lens.sink_keys:
-        cap = evaluation if lens.sink_keys_images is None else lens.sink_keys_images
-        keys = 3 * min(cap, evaluation)
-    return {
-        "forwards": evaluation + keys,
-        "bound": True,
-        "detail": f"0 without sinks; with sinks <= {evaluation} + sink keys <= {keys}",
-    }
-
-
-#: analysis name -> ``planner(config, train images, eval images, LLM layers) -> {forwards,
-#: bound, detail}``. An analysis without one is listed as "not planned".
-PLANNERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "probing": _probing,
-    "knockout": _knockout,
-    "attention": _attention,
-    "bidirectional": _bidirectional,
-    "umap": _umap,
-    "lens": _lens,
-}
 
 
 def plan_run(
@@ -131,9 +33,11 @@ def plan_run(
     Returns:
         ``{name: {"forwards": int | None, "bound": bool, "detail": str}}`` (None: not planned).
     """
+    from seglens.analyses import get
+
     out = {}
     for name in names:
-        planner = PLANNERS.get(name)
+        planner = get(name).forwards
         if planner is None:
             out[name] = {"forwards": None, "bound": False, "detail": "not planned"}
         else:

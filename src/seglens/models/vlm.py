@@ -103,7 +103,7 @@ class VLM:
         self._prompt_cache: dict[str, list[int]] = {}
         # Set by seglens.intervene(): maps a batch to the 4D mask every layer should see.
         self.attention_mask_override: Callable[[Batch], torch.Tensor] | None = None
-        # Set by seglens.experiments.order.reorder(): maps a batch to the (B, N) sequence
+        # Set by seglens.analyses.order.measure.reorder(): maps a batch to the (B, N) sequence
         # positions of its grid tokens in raster order once the image tokens are reordered.
         self.token_positions: Callable[[Batch], torch.Tensor] | None = None
 

@@ -313,6 +313,21 @@ def sink_keys_html(keys: Mapping[str, Any] | None) -> list[str]:
     return [paragraph(intro), table(header, rows)]
 
 
+def _forwards(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
+    """No forward of its own (it reads the probing evaluation pass); with sinks, one pass for the
+    probe on and off them and 3 forwards per knocked-out image with sinks."""
+    lens = config.lens
+    keys = 0
+    if lens.sink_keys:
+        cap = evaluation if lens.sink_keys_images is None else lens.sink_keys_images
+        keys = 3 * min(cap, evaluation)
+    return {
+        "forwards": evaluation + keys,
+        "bound": True,
+        "detail": f"0 without sinks; with sinks <= {evaluation} + sink keys <= {keys}",
+    }
+
+
 ANALYSIS = Analysis(
     name="lens",
     title="read each stage with the logit and embedding lens beside the probe; flag sink tokens",
@@ -334,4 +349,5 @@ ANALYSIS = Analysis(
         _lens,
     ),
     feed=feed,
+    forwards=_forwards,
 )

@@ -63,8 +63,8 @@ def run_sink_keys(
         {estimate, low, high, n_images, significant}}}}``; ``images`` 0 (no forward) when no
         image has a sink.
     """
-    from seglens.experiments.knockout import predict_stages, stream_batches
-    from seglens.experiments.knockout_sets import sink_key_sets
+    from seglens.analyses.knockout.measure import predict_stages, stream_batches
+    from seglens.analyses.knockout.sets import sink_key_sets
     from seglens.experiments.stats import paired_bootstrap, significant
 
     stages = list(probes)

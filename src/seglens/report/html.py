@@ -15,6 +15,7 @@ from typing import Any
 
 from seglens.analyses import ordered
 from seglens.report.figures import draw_all
+from seglens.report.overview import overview_caption
 from seglens.report.page import Page as _Page
 from seglens.report.page import escape as _e
 from seglens.report.page import not_run as _not_run
@@ -74,15 +75,6 @@ td, th, li, p, code { overflow-wrap: anywhere; }
 """No sideways scroll at 1200 px: long values (paths, hashes) wrap, a wide table scrolls inside
 itself, figures shrink to the page (tests/test_first_screen.py)."""
 
-OVERVIEW_CAPTION = (
-    "The run at a glance. (a) Probe mIoU per stage with its 95% interval: the change at the "
-    "adapter (red) and the gain across the LLM to its best layer (green); the star marks the "
-    "best stage. (b) Pair-token accuracy when the tokens the reference probe classifies "
-    "correctly (or incorrectly) are blocked, minus a size-matched random control, per LLM "
-    "layer, with 95% paired intervals. (c) Per-position pixel accuracy under causal and "
-    "bidirectional image attention. The findings below test each of these."
-)
-
 
 def write_report(run_dir: str | Path, *, redraw: bool = False) -> Path:
     """Write ``RUN/report.html`` from the run's results and figures.
@@ -121,7 +113,7 @@ def render(results: dict[str, Any], run_dir: str | Path) -> str:
     question = " ".join([QUESTION, *(a.question for a in analyses if a.question)])
     body = [
         f"<h1>{_e(title)}</h1>",
-        page.figure("overview", OVERVIEW_CAPTION),  # the first screen: the run at a glance
+        page.figure("overview", overview_caption()),  # the first screen: the run at a glance
         _section("findings", _findings(results, analyses)),
         _section("question", f"<p>{_e(question)}</p>"),
         _section("facts", _facts(results)),

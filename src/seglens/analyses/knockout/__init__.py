@@ -2,8 +2,9 @@
 image tokens and score the clean probes again at every LLM layer.
 
 This module is the analysis as seglens sees it (config section, results section, CLI subcommand,
-finding (c) and the registry entry); the measurement is ``seglens.experiments.knockout``, and the
-figures, captions and report block are in ``seglens.analyses.knockout.report``.
+finding (c) and the registry entry); the measurement is ``seglens.analyses.knockout.measure`` (its
+key sets in ``.sets``), the figures, captions, report block and first-screen panel are in
+``.report`` and its tidy tables in ``.tables``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from seglens.analyses.knockout import report
-from seglens.analyses.registry import Analysis, Block, Command
+from seglens.analyses.knockout.tables import TABLES
+from seglens.analyses.registry import Analysis, Block, Command, Panel
 from seglens.config import _check_choice, _help
 from seglens.experiments.findings import all_of, below, fmt_interval
 from seglens.rundir.schema import Section
@@ -58,6 +60,11 @@ class KnockoutConfig:
         "seglens run also measures the attention of the pairs' tokens to same-class anchors",
         True,
     )
+    shared_prefix: bool = _help(
+        "run the vision tower and adapter once per batch for all its conditions, and resume a "
+        "layer window from the clean pass's states (exact; false recomputes them per condition)",
+        True,
+    )
 
     def __post_init__(self):
         pools = ("outside_pair", "pair", "image", "confidence")  # CONTROL_POOLS + MATCHED_POOLS
@@ -99,8 +106,8 @@ class Knockout(Section):
 
 # --- run --------------------------------------------------------------------------------------
 def run(run: Any, *, vlm: Any = None, progress: bool = True, **overrides: Any) -> Knockout:
-    """Run the knockout on a probed run (``seglens.experiments.knockout.run_knockout``)."""
-    from seglens.experiments.knockout import run_knockout
+    """Run the knockout on a probed run (``seglens.analyses.knockout.measure.run_knockout``)."""
+    from seglens.analyses.knockout.measure import run_knockout
 
     return run_knockout(run, vlm=vlm, progress=progress, **overrides)
 
@@ -129,8 +136,8 @@ def _knockout_args(p: argparse.ArgumentParser) -> None:
 
 
 def _knockout(args: argparse.Namespace) -> int:
+    from seglens.analyses.knockout.measure import run_knockout
     from seglens.commands import draw
-    from seglens.experiments.knockout import run_knockout
 
     section = run_knockout(
         args.run,
@@ -201,8 +208,8 @@ def paired(results: Mapping[str, Any], arrays: Callable[[str], Any], weights: An
     block incorrect minus control is shown."""
     import numpy as np
 
-    from seglens.experiments.knockout import COUNTS_FILE
-    from seglens.experiments.knockout_sets import _pair_accuracy, _pair_mean
+    from seglens.analyses.knockout.measure import COUNTS_FILE
+    from seglens.analyses.knockout.sets import _pair_accuracy, _pair_mean
 
     knockout = results.get("knockout")
     table = arrays(COUNTS_FILE)
@@ -240,6 +247,31 @@ def paired(results: Mapping[str, Any], arrays: Callable[[str], Any], weights: An
     return {"anchors": stats} if stats else {}
 
 
+# --- planned forwards -------------------------------------------------------------------------
+def knockout_forwards_per_image(settings: Any, num_layers: int) -> int:
+    """Forwards per pair image: the clean one, then each knocked-out key set (two treatments and
+    their random controls, per pool and draw) once over all layers (or ``knockout.layers``) and
+    once per sweep window."""
+    from seglens.analyses.knockout.sets import layer_windows
+
+    windows = len(layer_windows(num_layers, settings.window_sweep)) if settings.window_sweep else 0
+    controls = 2 * len(settings.control_pool) * settings.random_controls
+    return 1 + (2 + controls) * (1 + windows)
+
+
+def knockout_forwards(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
+    """Pairs and their images are chosen at run time: at most ``top_k`` pairs, each on at most
+    ``max_images`` (or every) evaluation image."""
+    settings = config.knockout
+    per_pair = evaluation if settings.max_images is None else min(settings.max_images, evaluation)
+    per_image = knockout_forwards_per_image(settings, layers)
+    return {
+        "forwards": settings.top_k * per_pair * per_image,
+        "bound": True,
+        "detail": f"<= {settings.top_k} pairs x <= {per_pair} images x {per_image} per image",
+    }
+
+
 ANALYSIS = Analysis(
     name="knockout",
     title="block attention to correct / incorrect / random image tokens per class pair",
@@ -259,5 +291,14 @@ ANALYSIS = Analysis(
         "block attention to correct / incorrect / random image tokens per class pair",
         _knockout_args,
         _knockout,
+    ),
+    forwards=knockout_forwards,
+    tables=TABLES,
+    overview=Panel(
+        "knockout gap",
+        report.overview_panel,
+        "Pair-token accuracy when the tokens the reference probe classifies correctly (or "
+        "incorrectly) are blocked, minus a size-matched random control, per LLM layer, with 95% "
+        "paired intervals.",
     ),
 )

@@ -13,6 +13,7 @@ import numpy as np
 
 from seglens.report.canvas import (
     as_float,
+    interval_bars,
     label_stage_axis,
     llm_layer,
     new_figure,
@@ -330,3 +331,40 @@ FIGURES = {
     "knockout_window_sweep": window_sweep_figure,
     "knockout_gaps": knockout_gaps_figure,
 }
+
+
+# --- the first screen's panel: the knockout gap per LLM layer -------------------------------------
+PREFERRED_POOL = "outside_pair"  # the paper's control; others are shown in the knockout section
+
+
+def overview_panel(ax: Any, results: dict[str, Any], run_dir: Any, label: str) -> str | None:
+    """The knockout gap (blocking the correct, and the incorrect, tokens minus the control) per
+    LLM layer with its paired intervals (``Panel.draw``)."""
+    knockout = results.get("knockout")
+    if not knockout:
+        return "Attention knockout not run\n(seglens knockout --run RUN)."
+    if knockout.get("status") == "nothing_to_test":
+        return f"Knockout: nothing to test.\n{knockout.get('reason', '')}"
+    pools = (knockout.get("differences") or {}).get("pools") or {}
+    if not pools:
+        return "This knockout has no paired intervals\n(rerun seglens knockout)."
+    pool = PREFERRED_POOL if PREFERRED_POOL in pools else next(iter(pools))
+    per_stage = pools[pool]
+    stages = sorted((s for s in per_stage if llm_layer(s) is not None), key=llm_layer)
+    x = np.arange(len(stages), dtype=np.float64)
+    for j, (name, treatment) in enumerate(
+        (
+            ("block_correct_minus_control", "block correct"),
+            ("block_incorrect_minus_control", "block incorrect"),
+        )
+    ):
+        cells = [(per_stage.get(s) or {}).get(name) or {} for s in stages]
+        est, low, high = ([c.get(k) for c in cells] for k in ("estimate", "low", "high"))
+        interval_bars(ax, x + 0.14 * (j - 0.5), est, low, high, series_colour(3 * j), treatment)
+    ax.axhline(0, color="k", linewidth=0.8)
+    label_stage_axis(ax, stages, fontsize=6.5)
+    ax.set_ylabel("pair-token accuracy, minus control", fontsize=8)
+    ax.set_title(f"{label} knockout gap vs random control ({pool} pool)", fontsize=9, loc="left")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+    return None

@@ -5,18 +5,20 @@ evaluation pass feeds UMAP, its section ``probing.<condition>`` holds the curve 
 with. The config section is ``seglens.config.ProbeConfig`` (shared with the probe trainers and
 the feature cache), the results types ``Condition`` and ``Summary`` live in
 ``seglens.rundir.schema`` (every analysis reads them); the measurement is
-``seglens.experiments.probing``; figures, captions and report blocks are in ``.report``.
+``seglens.analyses.probing.measure``; figures, captions and report blocks are in ``.report``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from seglens.analyses.probing import report
-from seglens.analyses.registry import Analysis, Block, Command
+from seglens.analyses.probing.tables import TABLES
+from seglens.analyses.registry import Analysis, Block, Command, Panel
 from seglens.cli import FLAG, add_run_options, resolve_config
 from seglens.config import ProbeConfig
 from seglens.experiments.findings import above, below, fmt_interval
@@ -43,10 +45,10 @@ def run(
     on_eval_batch: Callable[[Any, Mapping[str, Any]], None] | None = None,
     **overrides: Any,
 ) -> Condition:
-    """Train and score the probes (``seglens.experiments.probing.run_probing``); ``run`` is a
+    """Train and score the probes (``seglens.analyses.probing.measure.run_probing``); ``run`` is a
     ``RunDir`` or a ``RunConfig``, and ``on_eval_batch(batch, states)`` sees every evaluation
     batch (the taps of other analyses)."""
-    from seglens.experiments.probing import run_probing
+    from seglens.analyses.probing.measure import run_probing
 
     return run_probing(run, vlm=vlm, progress=progress, on_eval_batch=on_eval_batch, **overrides)
 
@@ -81,8 +83,8 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _probe(args: argparse.Namespace) -> int:
+    from seglens.analyses.probing.measure import run_probing
     from seglens.commands import draw
-    from seglens.experiments.probing import run_probing
 
     config = resolve_config(args)
     section = run_probing(config)
@@ -201,6 +203,32 @@ def paired(results: Mapping[str, Any], arrays: Callable[[str], Any], weights: An
     return out
 
 
+# --- planned forwards -------------------------------------------------------------------------
+def probing_forwards(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
+    """Training (warm-up, epochs, held-out checks; or lda's one pass) and the evaluation pass."""
+    probe, batch = config.probe, config.data.batch_size
+    if probe.solver == "lda":
+        return {"forwards": train + evaluation, "bound": False, "detail": "1 train + 1 eval pass"}
+    hold = 0 if probe.holdout_fraction <= 0 else max(1, round(probe.holdout_fraction * train))
+    fit = train - hold
+    early = probe.early_stopping and hold > 0
+    checks = (
+        1 if not early or probe.eval_every is None else math.ceil(fit / (probe.eval_every * batch))
+    )
+    held = hold * checks * (probe.epochs if early else 1) if hold else 0
+    if probe.cache_dir is not None:  # one pass fills the cache; the held-out checks stay live
+        training = fit
+        detail = f"cache fill ({fit}) + held-out checks ({held}) + eval ({evaluation})"
+    else:
+        warmup = min(probe.warmup_batches, math.ceil(fit / batch)) * batch
+        training = min(warmup, fit) + probe.epochs * fit
+        detail = (
+            f"warm-up + {probe.epochs} epochs ({training}) + held-out checks ({held}) "
+            f"+ eval ({evaluation})"
+        )
+    return {"forwards": training + held + evaluation, "bound": early, "detail": detail}
+
+
 ANALYSIS = Analysis(
     name="probing",
     title="train a linear probe per stage and score segmentation (mIoU) per stage",
@@ -229,5 +257,14 @@ ANALYSIS = Analysis(
         "train a linear probe per stage and score segmentation (mIoU) per stage",
         _probe_args,
         _probe,
+    ),
+    forwards=probing_forwards,
+    tables=TABLES,
+    overview=Panel(
+        "probe mIoU per stage",
+        report.overview_panel,
+        "Probe mIoU per stage with its 95% interval: the change at the adapter (red) and the "
+        "gain across the LLM to its best layer (green); the star marks the best stage.",
+        width=1.25,
     ),
 )

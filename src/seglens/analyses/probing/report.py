@@ -30,6 +30,7 @@ from seglens.report.evidence import bars, interval_text, significance
 from seglens.report.figures import levels_present, plot_series, stage_series
 from seglens.report.page import Page, escape, interval, not_run, num, paragraph, table
 from seglens.rundir.schema import level_values, main_condition, probing_summary
+from seglens.stages import llm_layer
 
 __all__ = ["FIGURES", "block", "layerwise_figure", "qualitative_block"]
 
@@ -487,3 +488,75 @@ FIGURES = {
     "qualitative": qualitative_figure,
     "differences": differences_figure,
 }
+
+
+# --- the first screen's panel: the layerwise curve, with the drop and the recovery marked ---------
+DROP, RECOVERY = "crimson", "seagreen"
+
+
+def overview_panel(ax: Any, results: dict[str, Any], run_dir: Any, label: str) -> str | None:
+    """The layerwise probe curve with the drop at the adapter and the recovery across the LLM
+    marked (``Panel.draw``)."""
+    block = results["probing"][main_condition(results)]
+    level = (block.get("summary") or {}).get("level") or "patch"
+    summary = probing_summary(block, level) or probing_summary(block, "patch")
+    if summary is None:
+        return "No stage has a probe score."
+    level = summary["level"]
+    metrics = level_values(block, level)
+    stages = list(metrics)
+    x = np.arange(len(stages), dtype=np.float64)
+    miou = [metrics[s].get("miou") for s in stages]
+    ci = [(metrics[s].get("ci") or {}).get("miou") or [None, None] for s in stages]
+    interval_band(ax, x, [c[0] for c in ci], [c[1] for c in ci], series_colour(0))
+    values = np.array([np.nan if v is None else v for v in miou], dtype=np.float64)
+    ax.plot(x, values, "o-", color=series_colour(0), markersize=3, linewidth=1.5)
+    at = {s: i for i, s in enumerate(stages)}
+    if summary["adapter_change"] is not None:
+        _arrow(
+            ax,
+            at["encoder"],
+            summary["encoder_miou"],
+            at["adapter"],
+            summary["adapter_miou"],
+            DROP,
+            f"adapter {summary['adapter_change']:+.2f}",
+        )
+    peak = summary["llm_peak_stage"]
+    if summary["llm_gain"] is not None:
+        _arrow(
+            ax,
+            at["adapter"],
+            summary["adapter_miou"],
+            at[peak],
+            summary["llm_peak_miou"],
+            RECOVERY,
+            f"LLM {summary['llm_gain']:+.2f} (to {peak})",
+        )
+    best = summary["best_stage"]
+    ax.plot(at[best], summary["best_miou"], "*", color="goldenrod", markersize=13, zorder=5)
+    ticks = [s for s in stages if llm_layer(s) is None or s == peak or s == stages[-1]]
+    label_stage_axis(ax, stages, fontsize=6.5)
+    ax.set_xticks([at[s] for s in ticks], ticks, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(f"{level} mIoU (95% interval)", fontsize=8)
+    ax.set_title(f"{label} probe mIoU per stage: drop and recovery", fontsize=9, loc="left")
+    ax.grid(alpha=0.3)
+    return None
+
+
+def _arrow(ax: Any, x0: float, y0: float, x1: float, y1: float, colour: str, text: str) -> None:
+    ax.annotate(
+        "",
+        xy=(x1, y1),
+        xytext=(x0, y0),
+        arrowprops={"arrowstyle": "->", "color": colour, "linewidth": 1.8},
+    )
+    ax.annotate(
+        text,
+        xy=((x0 + x1) / 2, (y0 + y1) / 2),
+        xytext=(4, -12 if y1 < y0 else 6),
+        textcoords="offset points",
+        color=colour,
+        fontsize=8,
+        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.75, "pad": 1},
+    )

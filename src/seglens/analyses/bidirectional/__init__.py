@@ -1,7 +1,7 @@
 """The bidirectional-attention analysis: probes trained and scored with the image-token block
 causal and bidirectional, per stage and per token position.
 
-The measurement is ``seglens.experiments.bidirectional``; this module holds the rest of the
+The measurement is ``seglens.analyses.bidirectional.measure``; this module holds the rest of the
 analysis (config and results sections, CLI subcommand, figures, captions, report block, finding
 (d) and the registry entry).
 """
@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from seglens.analyses.registry import Analysis, Block, Command
+from seglens.analyses.registry import Analysis, Block, Command, Panel, Table
 from seglens.config import _help
 from seglens.experiments.findings import above, all_of, below, fmt_interval
 from seglens.report.canvas import (
@@ -33,6 +33,7 @@ from seglens.report.canvas import (
 from seglens.report.evidence import bars, interval_text, significance
 from seglens.report.page import Page, not_run, paragraph
 from seglens.rundir.schema import Section
+from seglens.tables import DIFFERENCE_COLUMNS, interval_columns
 
 __all__ = ["ANALYSIS", "BidirConfig", "Bidirectional", "position_accuracy", "run"]
 
@@ -60,8 +61,8 @@ class Bidirectional(Section):
 # --- run --------------------------------------------------------------------------------------
 def run(run: Any, *, vlm: Any = None, progress: bool = True, **overrides: Any) -> Bidirectional:
     """Train and score probes under the other image attention
-    (``seglens.experiments.bidirectional.run_bidirectional``)."""
-    from seglens.experiments.bidirectional import run_bidirectional
+    (``seglens.analyses.bidirectional.measure.run_bidirectional``)."""
+    from seglens.analyses.bidirectional.measure import run_bidirectional
 
     return run_bidirectional(run, vlm=vlm, progress=progress, **overrides)
 
@@ -73,8 +74,8 @@ def _bidir_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bidir(args: argparse.Namespace) -> int:
+    from seglens.analyses.bidirectional.measure import run_bidirectional
     from seglens.commands import draw
-    from seglens.experiments.bidirectional import run_bidirectional
 
     section = run_bidirectional(args.run, layer=args.layer)
     draw(args.run)
@@ -376,6 +377,55 @@ def block(results: Mapping[str, Any], page: Page) -> str:
     return "\n".join(p for p in parts if p)
 
 
+# --- table rows, planned forwards -------------------------------------------------------------
+def _difference_rows(results: Mapping[str, Any], run_dir: Path) -> Any:
+    diff = (results.get("bidirectional") or {}).get("differences") or {}
+    base = {"analysis": "bidirectional", "condition": "bidirectional_image"}
+    base["level"] = diff.get("level")
+    for stage, cell in (diff.get("bidirectional_minus_causal") or {}).items():
+        contrast = {"contrast": "bidirectional_minus_causal", "stage": stage}
+        yield base | contrast | interval_columns(cell)
+    if diff.get("early_minus_late_gain"):
+        cell = diff["early_minus_late_gain"]
+        contrast = {"contrast": "early_minus_late_gain", "stage": cell.get("stage")}
+        yield base | contrast | interval_columns(cell)
+
+
+def _forwards(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
+    """The bidirectional condition's probes train and evaluate as the clean ones did."""
+    from seglens.analyses.probing import probing_forwards
+
+    planned = probing_forwards(config, train, evaluation, layers)
+    return {**planned, "detail": "the probing passes again, under bidirectional image attention"}
+
+
+# --- the first screen's panel: per-position accuracy, causal vs bidirectional ---------------------
+def overview_panel(ax: Any, results: dict[str, Any], run_dir: Any, label: str) -> str | None:
+    """Per-position accuracy under causal and bidirectional image attention (``Panel.draw``)."""
+    section = results.get("bidirectional")
+    if not section or not section.get("position_accuracy_file") or run_dir is None:
+        return "Bidirectional image attention not run\n(seglens bidir --run RUN)."
+    arrays = run_arrays(run_dir, section["position_accuracy_file"])
+    conditions = section.get("conditions") or ["causal", "bidirectional_image"]
+    missing = [c for c in conditions if c not in arrays]
+    if missing:
+        return f"{section['position_accuracy_file']} lacks {', '.join(missing)}."
+    count = len(arrays[conditions[0]])
+    grid = (results.get("model") or {}).get("grid") or []
+    window = int(grid[1]) if len(grid) == 2 and int(grid[0]) * int(grid[1]) == count else 1
+    window = window if window > 1 else max(1, count // 24)
+    positions = np.arange(count)
+    for i, condition in enumerate(conditions):
+        smooth = moving_average(np.asarray(arrays[condition], dtype=np.float64), window)
+        ax.plot(positions, smooth, color=series_colour(i), label=condition.replace("_", " "))
+    ax.set_xlabel(f"image token position (raster; mean over {window})", fontsize=8)
+    ax.set_ylabel(f"pixel accuracy at {section.get('layer', '?')}", fontsize=8)
+    ax.set_title(f"{label} per-position accuracy: causal vs bidirectional", fontsize=9, loc="left")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return None
+
+
 ANALYSIS = Analysis(
     name="bidirectional",
     title="train and score probes under bidirectional image attention vs causal",
@@ -401,5 +451,12 @@ ANALYSIS = Analysis(
         "train and score probes under bidirectional image attention vs causal",
         _bidir_args,
         _bidir,
+    ),
+    forwards=_forwards,
+    tables=(Table("differences", DIFFERENCE_COLUMNS, _difference_rows),),
+    overview=Panel(
+        "per-position accuracy",
+        overview_panel,
+        "Per-position pixel accuracy under causal and bidirectional image attention.",
     ),
 )

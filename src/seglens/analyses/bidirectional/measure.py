@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from seglens.analyses.probing.measure import evaluate_probes, train_probes, write_condition
 from seglens.distributed import is_main
 from seglens.experiments.differences import bidirectional_differences, count_arrays
-from seglens.experiments.probing import evaluate_probes, train_probes, write_condition
 from seglens.interventions import BidirectionalImage, CausalImage, intervene
 from seglens.models import VLM
 from seglens.rundir import RunDir

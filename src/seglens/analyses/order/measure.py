@@ -306,7 +306,7 @@ def order_tables(
 
 # --- the run ------------------------------------------------------------------------------------
 def _stream(vlm, dataset, config, desc, progress):
-    from seglens.experiments.knockout import stream_batches
+    from seglens.analyses.knockout.measure import stream_batches
 
     rank, world = rank_world()
     return stream_batches(

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from seglens.analyses.knockout.measure import _scan_labels, predict_stages, stream_batches
+from seglens.analyses.knockout.sets import pair_images, select_pairs
 from seglens.distributed import gather_object, rank_world
-from seglens.experiments.knockout import _scan_labels, predict_stages, stream_batches
-from seglens.experiments.knockout_sets import pair_images, select_pairs
 from seglens.experiments.stats import centred_interval, resample_weights
 from seglens.models import VLM, Batch
 from seglens.probes import load_probe

@@ -2,7 +2,7 @@
 heads ranked by it, and knockouts of the pair tokens' attention to their anchors in the top-k
 heads vs k random heads of the same layers vs all heads.
 
-The measurement is ``seglens.experiments.heads``; this module holds the rest of the analysis
+The measurement is ``seglens.analyses.heads.measure``; this module holds the rest of the analysis
 (config and results sections, CLI subcommand, figures, report block and the registry entry).
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from seglens.analyses.registry import Analysis, Block, Command
 from seglens.config import _help
+from seglens.experiments.findings import fmt_interval
 from seglens.report.canvas import new_figure, series_colour
 from seglens.report.evidence import bars
 from seglens.report.page import Page, escape, not_run, paragraph, table
@@ -68,8 +69,8 @@ class HeadsSection(Section):
 
 # --- run --------------------------------------------------------------------------------------
 def run(run: Any, *, vlm: Any = None, progress: bool = True, **overrides: Any) -> HeadsSection:
-    """Rank heads and knock out the top-k (``seglens.experiments.heads.run_heads``)."""
-    from seglens.experiments.heads import run_heads
+    """Rank heads and knock out the top-k (``seglens.analyses.heads.measure.run_heads``)."""
+    from seglens.analyses.heads.measure import run_heads
 
     return run_heads(run, vlm=vlm, progress=progress, **overrides)
 
@@ -136,14 +137,6 @@ def heads_knockout_figure(results: dict[str, Any], run_dir: str | Path | None = 
 
 
 # --- report block -----------------------------------------------------------------------------
-def _cell(interval: Mapping[str, Any] | None) -> str:
-    if not interval or interval.get("estimate") is None:
-        return "n/a"
-    if interval.get("low") is None:
-        return f"{interval['estimate']:+.3f}"
-    return f"{interval['estimate']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
-
-
 def block(results: Mapping[str, Any], page: Page) -> str:
     """The per-head anchors section of ``report.html``."""
     section = results.get("heads")
@@ -154,7 +147,7 @@ def block(results: Mapping[str, Any], page: Page) -> str:
             escape(str(i + 1)),
             escape(f"llm.{r['layer']} / {r['head']}"),
             escape(f"{r['share']:.3f}"),
-            escape(_cell({"estimate": r["ratio"], "low": r["low"], "high": r["high"]})),
+            escape(fmt_interval({"estimate": r["ratio"], "low": r["low"], "high": r["high"]})),
         ]
         for i, r in enumerate(section["ranking"][:8])
     ]
@@ -165,7 +158,7 @@ def block(results: Mapping[str, Any], page: Page) -> str:
         [
             escape(c),
             escape("n/a" if acc[c][stage] is None else f"{acc[c][stage]:.3f}"),
-            escape(_cell(cells.get(f"{c} - none"))),
+            escape(fmt_interval(cells.get(f"{c} - none"))),
         ]
         for c in section["conditions"]
     ]

@@ -1,7 +1,7 @@
 """The UMAP analysis: 2-D projections of image-token features per stage, with cluster scores
 (silhouette, k-NN accuracy).
 
-The measurement is ``seglens.experiments.umap``; this module holds the rest of the analysis
+The measurement is ``seglens.analyses.umap.measure``; this module holds the rest of the analysis
 (config and results sections, CLI subcommand, figure, caption, report block, registry entry).
 Under ``seglens run`` it takes its tokens from the probing evaluation pass (a ``Feed``) instead of
 running a pass of its own.
@@ -64,9 +64,9 @@ class Umap(Section):
 def run(
     run: Any, *, vlm: Any = None, progress: bool = True, feed: Feed | None = None, **overrides: Any
 ) -> Umap:
-    """Project and score a run's tokens (``seglens.experiments.umap.run_umap``); with ``feed``,
+    """Project and score a run's tokens (``seglens.analyses.umap.measure.run_umap``); with ``feed``,
     the tokens the probing pass offered it."""
-    from seglens.experiments.umap import run_umap
+    from seglens.analyses.umap.measure import run_umap
 
     sampler = feed.state if feed is not None else None
     return run_umap(run, vlm=vlm, progress=progress, sampler=sampler, **overrides)
@@ -76,9 +76,9 @@ def feed(config: Any, vlm: Any) -> Feed | None:
     """Sample the UMAP tokens from the probing evaluation pass (same split, order and causal
     model) when that pass holds every UMAP stage; None (a pass of its own) otherwise, and under
     torch.distributed or a resumed run, whose probing pass may not see every image."""
+    from seglens.analyses.umap.measure import umap_sampler
     from seglens.distributed import world
     from seglens.experiments.streaming import resolve_stages
-    from seglens.experiments.umap import umap_sampler
 
     if world() != 1 or config.resume:
         return None
@@ -101,8 +101,8 @@ def _umap_args(p: argparse.ArgumentParser) -> None:
 def _umap(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from seglens.analyses.umap.measure import run_umap
     from seglens.commands import draw
-    from seglens.experiments.umap import run_umap
 
     section = run_umap(args.run, stages=args.stages, tokens=args.tokens, neighbors=args.neighbors)
     draw(args.run)
@@ -175,6 +175,10 @@ def block(results: Mapping[str, Any], page: Page) -> str:
     return page.figure("umap", caption(results["umap"]))
 
 
+def _forwards(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
+    return {"forwards": 0, "bound": False, "detail": "tokens from the probing evaluation pass"}
+
+
 ANALYSIS = Analysis(
     name="umap",
     title="project a run's tokens per stage with UMAP and score their clustering",
@@ -192,4 +196,5 @@ ANALYSIS = Analysis(
         _umap,
     ),
     feed=feed,
+    forwards=_forwards,
 )

@@ -1,7 +1,7 @@
 """The token-order analysis: the image tokens fed in raster, reversed, column-major or shuffled
 order, with position ids that follow the sequence or the token, probes trained per condition.
 
-The measurement is ``seglens.experiments.order``; this module holds the rest of the analysis
+The measurement is ``seglens.analyses.order.measure``; this module holds the rest of the analysis
 (config and results sections, CLI subcommand, figure, report block and the registry entry).
 """
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from seglens.analyses.registry import Analysis, Block, Command
 from seglens.config import _help
+from seglens.experiments.findings import fmt_interval
 from seglens.report.canvas import new_figure, run_arrays, series_colour
 from seglens.report.page import Page, escape, not_run, paragraph, table
 from seglens.rundir.schema import Section
@@ -75,8 +76,8 @@ class OrderSection(Section):
 
 # --- run --------------------------------------------------------------------------------------
 def run(run: Any, *, vlm: Any = None, progress: bool = True, **overrides: Any) -> OrderSection:
-    """Train and score probes per token order (``seglens.experiments.order.run_order``)."""
-    from seglens.experiments.order import run_order
+    """Train and score probes per token order (``seglens.analyses.order.measure.run_order``)."""
+    from seglens.analyses.order.measure import run_order
 
     return run_order(run, vlm=vlm, progress=progress, **overrides)
 
@@ -133,14 +134,6 @@ def order_figure(results: dict[str, Any], run_dir: str | Path) -> Any:
 
 
 # --- report block -----------------------------------------------------------------------------
-def _cell(interval: Mapping[str, Any] | None) -> str:
-    if not interval or interval.get("estimate") is None:
-        return "n/a"
-    if interval.get("low") is None:
-        return f"{interval['estimate']:+.3f}"
-    return f"{interval['estimate']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
-
-
 def block(results: Mapping[str, Any], page: Page) -> str:
     """The token-order section of ``report.html``."""
     section = results.get("order")
@@ -157,7 +150,7 @@ def block(results: Mapping[str, Any], page: Page) -> str:
                 escape(_num(section["accuracy"].get(name))),
                 escape(_num(bands["by_row"]["first"])),
                 escape(_num(bands["by_row"]["last"])),
-                *(escape(_cell(diff.get(k))) for k in _DIFF_KEYS),
+                *(escape(fmt_interval(diff.get(k))) for k in _DIFF_KEYS),
             ]
         )
     header = [

@@ -2,7 +2,7 @@
 
 For the knockout's class pairs, the attention share each head of each LLM layer gives the pair's
 tokens' same-class anchors (the image tokens of their class the reference probe gets right) is
-measured on the fly as in ``seglens.experiments.attention``, on the training split by default
+measured on the fly as in ``seglens.analyses.attention.measure``, on the training split by default
 (so the heads are not chosen on the images that test them), and the heads are ranked by it. On
 the evaluation images the pair tokens' edges to their anchors are then removed in the top-k
 heads only (``head_knockout``: a (B, H, T, T) mask on those layers, every other head's mask
@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from seglens.distributed import is_main, rank_world
-from seglens.experiments.attention import (
+from seglens.analyses.attention.measure import (
     SCORE_CHUNK_BYTES,
     attention_keys,
     attention_rows,
@@ -32,6 +31,7 @@ from seglens.experiments.attention import (
     query_plan,
     readable_keys,
 )
+from seglens.distributed import is_main, rank_world
 from seglens.experiments.stats import centred_interval, resample_weights
 from seglens.interventions import (
     BidirectionalImage,
@@ -288,7 +288,7 @@ def _pair_condition_counts(
     head_sets: Mapping[str, list[list[tuple[int, int]]]],
 ) -> tuple[list[int], dict[str, np.ndarray]]:
     """Per image of the pair, ``pair_counts`` of every condition: (D, I, S, 10) each."""
-    from seglens.experiments.knockout_sets import pair_counts
+    from seglens.analyses.knockout.sets import pair_counts
 
     stages = list(probes)
     ref_row = stages.index(reference)
@@ -325,7 +325,7 @@ def _pair_condition_counts(
 
 
 def _measure_pair_heads(vlm, batches, probe, reference, pair) -> dict[str, np.ndarray]:
-    from seglens.experiments.knockout import predict_stages
+    from seglens.analyses.knockout.measure import predict_stages
 
     layers = vlm.family.decoder_layers()
     mass, uniform, queries = [], [], []
@@ -371,11 +371,11 @@ def run_heads(
     Returns:
         The ``heads`` section.
     """
+    from seglens.analyses.attention.measure import _rotary
     from seglens.analyses.heads import HeadsSection
-    from seglens.experiments.attention import _rotary
+    from seglens.analyses.knockout.measure import _scan_labels, stream_batches
+    from seglens.analyses.knockout.sets import knockout_differences, pair_images, select_pairs
     from seglens.experiments.common import build_dataset, build_model
-    from seglens.experiments.knockout import _scan_labels, stream_batches
-    from seglens.experiments.knockout_sets import knockout_differences, pair_images, select_pairs
     from seglens.probes import load_probe
     from seglens.rundir import RunDir
     from seglens.rundir.schema import confusion_key

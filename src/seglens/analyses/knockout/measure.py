@@ -30,10 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from seglens.config import KnockoutConfig, RunConfig
-from seglens.data import SegDataset, iterate_samples
-from seglens.distributed import gather_object, rank_world
-from seglens.experiments.knockout_sets import (
+from seglens.analyses.knockout.sets import (
     CONTROL_POOLS,
     COUNT_FIELDS,
     MATCHED_POOLS,
@@ -48,9 +45,12 @@ from seglens.experiments.knockout_sets import (
     random_control,
     select_pairs,
 )
-from seglens.experiments.plan import knockout_forwards_per_image
+from seglens.config import KnockoutConfig, RunConfig
+from seglens.data import SegDataset, iterate_samples
+from seglens.distributed import gather_object, rank_world
 from seglens.interventions import Knockout, TokenSet, intervene
 from seglens.models import VLM, Batch
+from seglens.prefix import shared_prefix
 from seglens.probes import load_probe
 from seglens.rundir import RunDir
 from seglens.rundir.schema import Knockout as KnockoutSection
@@ -216,6 +216,8 @@ def _run_pair(
 
     Per batch: one clean forward (reference stage and LLM stages), then one forward per knocked
     out key set (skipped when no image of the batch has a key to block) and per sweep window.
+    With ``knockout.shared_prefix`` these reuse the clean forward's image features and, for a
+    layer window, its decoder-layer outputs before the window (``seglens.prefix``; exact).
 
     Returns:
         ``(image ids (I,), {(condition, draw): (S, I, 10)}, {(window, condition, draw): (10,)})``
@@ -236,47 +238,57 @@ def _run_pair(
         table[key] = table.get(key, 0) + value
 
     matched_on = reference if any(p == "confidence" for _, p in controls.values()) else None
+    spans = [_span(window) for window in [settings.layers, *windows] if window is not None]
+    record = max((span[0] - 1 for span in spans), default=0)  # layers a window resumes after
     for batch, image_ids in batches:
         ids += image_ids
         labels = batch.labels.numpy()
-        clean = predict_stages(vlm, batch, probes, confidence_of=matched_on)  # (S_all, B, N)
-        clean, confidence = clean if matched_on else (clean, None)
-        ref_correct = clean[ref_row] == labels
-        clean = clean[rows]
-        none = pair_counts(clean, labels, ref_correct, pair)  # (S, B, 10)
-        counts.setdefault(("none", 0), []).append(none)
-        for w in range(len(windows)):
-            add(sweep, (w, "none", 0), none[-1].sum(0))
-        sets = {(c, 0): m for c, m in key_sets(labels, ref_correct, pair).items()}
-        pair_tokens = np.isin(labels, pair)
-        for draw in range(settings.random_controls):
-            for name, (matched, pool) in controls.items():
-                k = TREATMENTS.index(matched)
-                # outside_pair keeps the seeds it always had, so old runs reproduce.
-                extra = [] if pool == "outside_pair" else [pool_index[pool]]
-                rngs = [np.random.default_rng([seed, *pair, draw, k, i, *extra]) for i in image_ids]
-                sets[name, draw] = random_control(
-                    sets[matched, 0], pair_tokens, rngs, pool, confidence=confidence
-                )
-        for (cond, draw), named in sets.items():
-            keys = blocked_keys(named, settings.mode)
-            for w, window in [(None, settings.layers), *enumerate(windows)]:
-                if keys.any():  # an empty set blocks nothing: the clean predictions stand
-                    pred = predict_stages(
-                        vlm,
-                        batch,
-                        llm,
-                        keys,
-                        layers=_span(window),
-                        later_only=settings.queries == "after",
+        with shared_prefix(vlm, record, enabled=settings.shared_prefix) as prefix:
+            clean = predict_stages(vlm, batch, probes, confidence_of=matched_on)  # (S_all, B, N)
+            clean, confidence = clean if matched_on else (clean, None)
+            ref_correct = clean[ref_row] == labels
+            clean = clean[rows]
+            none = pair_counts(clean, labels, ref_correct, pair)  # (S, B, 10)
+            counts.setdefault(("none", 0), []).append(none)
+            for w in range(len(windows)):
+                add(sweep, (w, "none", 0), none[-1].sum(0))
+            sets = {(c, 0): m for c, m in key_sets(labels, ref_correct, pair).items()}
+            pair_tokens = np.isin(labels, pair)
+            for draw in range(settings.random_controls):
+                for name, (matched, pool) in controls.items():
+                    k = TREATMENTS.index(matched)
+                    # outside_pair keeps the seeds it always had, so old runs reproduce.
+                    extra = [] if pool == "outside_pair" else [pool_index[pool]]
+                    rngs = [
+                        np.random.default_rng([seed, *pair, draw, k, i, *extra]) for i in image_ids
+                    ]
+                    sets[name, draw] = random_control(
+                        sets[matched, 0], pair_tokens, rngs, pool, confidence=confidence
                     )
-                else:
-                    pred = clean
-                found = pair_counts(pred, labels, ref_correct, pair)
-                if w is None:
-                    counts.setdefault((cond, draw), []).append(found)
-                else:
-                    add(sweep, (w, cond, draw), found[-1].sum(0))
+            for (cond, draw), named in sets.items():
+                keys = blocked_keys(named, settings.mode)
+                for w, window in [(None, settings.layers), *enumerate(windows)]:
+                    if keys.any():  # an empty set blocks nothing: the clean predictions stand
+                        span = _span(window)
+                        resumed = (
+                            nullcontext() if prefix is None else prefix.resume(span and span[0])
+                        )
+                        with resumed:
+                            pred = predict_stages(
+                                vlm,
+                                batch,
+                                llm,
+                                keys,
+                                layers=span,
+                                later_only=settings.queries == "after",
+                            )
+                    else:
+                        pred = clean
+                    found = pair_counts(pred, labels, ref_correct, pair)
+                    if w is None:
+                        counts.setdefault((cond, draw), []).append(found)
+                    else:
+                        add(sweep, (w, cond, draw), found[-1].sum(0))
     n_stages = len(llm_stages)
     per_image = {
         key: np.concatenate(parts, axis=1) if parts else np.zeros((n_stages, 0, 10), np.int64)
@@ -424,6 +436,8 @@ def run_knockout(
     )
     conditions, controls = conditions_of(settings)
     draws = {c: settings.random_controls if c in controls else 1 for c in conditions}
+    from seglens.analyses.knockout import knockout_forwards_per_image
+
     per_image = knockout_forwards_per_image(settings, vlm.num_llm_layers)
     n_images = sum(len(pair_images(labels, c["classes"], settings.max_images)) for c in candidates)
     log.info(

@@ -1,8 +1,8 @@
 """The attention-to-anchors analysis: how much a class pair's tokens attend to same-class anchors
 (the tokens the reference probe gets right), other image tokens and text, per LLM layer.
 
-The measurement is ``seglens.experiments.attention``; this module holds the rest of the analysis
-(CLI subcommand, figure, caption, report block, registry entry). It is switched on by the
+The measurement is ``seglens.analyses.attention.measure``; this module holds the rest of the
+analysis (CLI subcommand, figure, caption, report block, registry entry). It is switched on by the
 knockout section's ``attention`` option and uses the knockout's pair selection.
 """
 
@@ -25,8 +25,8 @@ __all__ = ["ANALYSIS", "attention_figure", "attention_text", "run"]
 
 def run(run: Any, *, vlm: Any = None, progress: bool = True, **overrides: Any) -> dict[str, Any]:
     """Measure attention to anchors on a probed run
-    (``seglens.experiments.attention.run_attention``)."""
-    from seglens.experiments.attention import run_attention
+    (``seglens.analyses.attention.measure.run_attention``)."""
+    from seglens.analyses.attention.measure import run_attention
 
     return run_attention(run, vlm=vlm, progress=progress, **overrides)
 
@@ -42,8 +42,8 @@ def _attention_args(p: argparse.ArgumentParser) -> None:
 
 
 def _attention(args: argparse.Namespace) -> int:
+    from seglens.analyses.attention.measure import run_attention
     from seglens.commands import draw
-    from seglens.experiments.attention import run_attention
 
     section = run_attention(args.run)
     draw(args.run)
@@ -113,6 +113,16 @@ def block(results: Mapping[str, Any], page: Page) -> str:
     return page.figure("attention_anchors", attention_text(section))
 
 
+def _forwards(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
+    settings = config.knockout
+    per_pair = evaluation if settings.max_images is None else min(settings.max_images, evaluation)
+    return {
+        "forwards": settings.top_k * per_pair * 2,
+        "bound": True,
+        "detail": f"<= {settings.top_k} pairs x <= {per_pair} images x 2 (reference, measured)",
+    }
+
+
 ANALYSIS = Analysis(
     name="attention",
     title="measure the attention of incorrect tokens to same-class anchors",
@@ -128,4 +138,5 @@ ANALYSIS = Analysis(
         _attention_args,
         _attention,
     ),
+    forwards=_forwards,
 )
