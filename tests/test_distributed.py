@@ -174,6 +174,7 @@ def test_full_run_under_torchrun_equals_one_process(tmp_path):
             "probe": {"solver": "lda", "exact": True, "bootstrap": 0, "qualitative": 0},
             "knockout": {"top_k": 2, "min_support": 2},
             "umap": {"tokens": 100, "neighbors": 5},
+            "lens": {"enabled": False},
         }
         path = out.with_suffix(".yaml")
         path.write_text(yaml.safe_dump(data))

@@ -10,6 +10,14 @@ from seglens.cli import FLAG, add_run_options, command, resolve_config
 def _run_args(p: argparse.ArgumentParser) -> None:
     add_run_options(p)
     p.add_argument("--solver", dest="probe.solver", choices=["sgd", "lda"])
+    p.add_argument(
+        "--report",
+        dest="draw_report",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="draw the figures, report.html and the tables at the end (--no-report: only "
+        "results.json and the findings; draw them later with `seglens report --run RUN`)",
+    )
     from dataclasses import fields
 
     from seglens.analyses import by_config_key
@@ -32,8 +40,8 @@ def _run(args: argparse.Namespace) -> int:
 
     config = resolve_config(args)
     print(f"plan: {plan(config)}", flush=True)
-    report = run(config)
-    print(f"report: {report}")
+    report = run(config, report=args.draw_report)
+    print(f"report: {report}" if args.draw_report else f"results: {config.out}/results.json")
     return 0
 
 
