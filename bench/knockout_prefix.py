@@ -29,29 +29,28 @@ import torch
 import transformers
 
 from _rounds import interleaved, ratio_table
-from seglens.analyses.knockout import knockout_forwards_per_image
+from seglens.analyses.knockout import (
+    knockout_forwards_per_image,
+    knockout_layer_forwards_per_image,
+)
 from seglens.analyses.knockout.measure import run_knockout
-from seglens.analyses.knockout.sets import layer_windows
 from seglens.config import load_config
 from seglens.experiments.common import build_model
 from seglens.rundir import RunDir
 
 
 def work_per_image(settings: Any, layers: int) -> dict[str, int]:
-    """Vision-tower passes and decoder-layer forwards per pair image, recomputed vs shared, under
-    the knockout settings ``settings``: the clean forward, then every key set (2 treatments and
-    their random controls per pool and draw), each over all layers and once per window (the
-    window ``s..e`` runs layers ``s..L``; the shared prefix skips ``1..s-1``)."""
-    windows = layer_windows(layers, settings.window_sweep) if settings.window_sweep else []
-    sets = 2 + 2 * len(settings.control_pool) * settings.random_controls
+    """Vision-tower passes and decoder-layer forwards per pair image, recomputed vs shared
+    (``seglens.analyses.knockout.knockout_layer_forwards_per_image``)."""
     forwards = knockout_forwards_per_image(settings, layers)
-    shared_layers = layers + sets * (layers + sum(layers - s + 1 for s, _ in windows))
     return {
         "forwards": forwards,
         "vision recomputed": forwards,
         "vision shared": 1,
         "layers recomputed": forwards * layers,
-        "layers shared": shared_layers,
+        "layers shared": knockout_layer_forwards_per_image(
+            replace(settings, shared_prefix=True), layers
+        ),
     }
 
 

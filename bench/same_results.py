@@ -3,8 +3,9 @@
     python bench/same_results.py RUN_BEFORE RUN_AFTER
 
 Walks both files and compares every value (numbers exactly, no tolerance) except provenance
-(``created``, ``git_hash``, ``versions``), the list of drawn ``figures`` and the two runs' own
-folders (``config.out``, ``config.probe.cache_dir``). Prints each
+(``created``, ``git_hash``, ``versions``), the list of drawn ``figures``, the two runs' own
+folders (``config.out``, ``config.probe.cache_dir``) and the measured timings of the plan
+(``plan.measured.*.seconds`` / ``images_per_s``). Prints each
 difference with its path and how many values were compared; exits 1 when any differs.
 """
 
@@ -19,6 +20,8 @@ from typing import Any
 SKIPPED = ("created", "git_hash", "versions", "figures")
 #: Where each run was written (two runs compared are never in the same folder).
 PATHS = ("config.out", "config.probe.cache_dir")
+#: Timings (``plan.measured.<analysis>.seconds`` / ``.images_per_s``): never equal twice.
+TIMINGS = ("seconds", "images_per_s")
 
 
 def differences(before: Any, after: Any, path: str = "") -> tuple[list[str], int]:
@@ -28,6 +31,8 @@ def differences(before: Any, after: Any, path: str = "") -> tuple[list[str], int
         for key in sorted(set(before) | set(after)):
             where = f"{path}.{key}" if path else key
             if (not path and key in SKIPPED) or where in PATHS:
+                continue
+            if path.startswith("plan.measured.") and key in TIMINGS:
                 continue
             if key not in before or key not in after:
                 found.append(f"{where}: only in {'after' if key in after else 'before'}")

@@ -8,7 +8,10 @@ import json
 import pytest
 
 from family_checks import cached_model
-from seglens.analyses.knockout import knockout_forwards_per_image
+from seglens.analyses.knockout import (
+    knockout_forwards_per_image,
+    knockout_layer_forwards_per_image,
+)
 from seglens.config import load_config
 from seglens.experiments.common import build_dataset
 from seglens.experiments.plan import RunPlan, plan_run, remaining_hours
@@ -67,8 +70,15 @@ def test_knockout_forwards_per_image_and_the_hours_left():
     assert plan["knockout"] == {
         "forwards": 10 * 10 * 41,
         "bound": True,
-        "detail": "<= 10 pairs x <= 10 images x 41 per image",
+        "detail": "<= 10 pairs x <= 10 images x 41 per image; shared prefix: tower once, 29.0 "
+        "full-depth LLM forwards per image",
     }
+    # by hand: the clean 32 layers, then 8 key sets x (32 + windows from layers 1, 9, 17, 25)
+    assert knockout_layer_forwards_per_image(config.knockout, 32) == 32 + 8 * (
+        32 + 32 + 24 + 16 + 8
+    )
+    unshared = config.replace(**{"knockout.shared_prefix": False}).knockout
+    assert knockout_layer_forwards_per_image(unshared, 32) == 41 * 32
     assert plan["twin"]["forwards"] is None  # an analysis without a planner
     assert remaining_hours(plan, ["probing"], 0.36) == pytest.approx(4100 * 0.36 / 3600)
 

@@ -259,17 +259,33 @@ def knockout_forwards_per_image(settings: Any, num_layers: int) -> int:
     return 1 + (2 + controls) * (1 + windows)
 
 
+def knockout_layer_forwards_per_image(settings: Any, num_layers: int) -> int:
+    """Decoder-layer forwards per pair image. Recomputed: every forward runs every layer. With
+    ``shared_prefix``: the clean forward runs every layer, a knocked-out set over all layers (or
+    over ``knockout.layers`` = ``s..e``) runs layers ``s..L`` and one over a sweep window
+    ``s..e`` likewise; layers ``1..s-1`` come from the clean pass."""
+    from seglens.analyses.knockout.sets import layer_windows
+
+    if not settings.shared_prefix:
+        return knockout_forwards_per_image(settings, num_layers) * num_layers
+    windows = layer_windows(num_layers, settings.window_sweep) if settings.window_sweep else []
+    sets = 2 + 2 * len(settings.control_pool) * settings.random_controls
+    first = 1 if settings.layers is None else settings.layers[0]
+    runs = [num_layers - first + 1] + [num_layers - s + 1 for s, _ in windows]
+    return num_layers + sets * sum(runs)
+
+
 def knockout_forwards(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
     """Pairs and their images are chosen at run time: at most ``top_k`` pairs, each on at most
     ``max_images`` (or every) evaluation image."""
     settings = config.knockout
     per_pair = evaluation if settings.max_images is None else min(settings.max_images, evaluation)
     per_image = knockout_forwards_per_image(settings, layers)
-    return {
-        "forwards": settings.top_k * per_pair * per_image,
-        "bound": True,
-        "detail": f"<= {settings.top_k} pairs x <= {per_pair} images x {per_image} per image",
-    }
+    detail = f"<= {settings.top_k} pairs x <= {per_pair} images x {per_image} per image"
+    if settings.shared_prefix:
+        full = knockout_layer_forwards_per_image(settings, layers) / layers
+        detail += f"; shared prefix: tower once, {full:.1f} full-depth LLM forwards per image"
+    return {"forwards": settings.top_k * per_pair * per_image, "bound": True, "detail": detail}
 
 
 ANALYSIS = Analysis(
