@@ -1,8 +1,9 @@
 """Paired intervals on the differences a probing run is read for.
 
 The claims are differences between stages or conditions measured on the same evaluation images:
-the change at the adapter, the gain across LLM layers, bidirectional minus causal attention, and
-whether bidirectional attention helps early token positions more than late ones. Each gets a paired
+the change at the adapter and the gain across LLM layers here (the core probing condition); the
+analyses pair their own conditions with it the same way (bidirectional minus causal attention:
+``seglens.analyses.bidirectional.measure``). Each gets a paired
 bootstrap interval over images (``seglens.experiments.stats``, centred on its estimate) from the
 per-image counts that the evaluation keeps; those counts are saved in the run's arrays
 (``image_counts__<stage>__<level>``) so that a later analysis (``seglens bidir``) can pair its
@@ -17,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from seglens.experiments.stats import (
-    bootstrap_contrast,
     centred_interval,
     metric_of,
     paired_bootstrap,
@@ -27,8 +27,7 @@ from seglens.experiments.stats import (
 from seglens.metrics import PerImageCounts
 from seglens.stages import llm_layer
 
-__all__ = ["COUNT_LEVELS", "bidirectional_differences", "count_arrays", "counts_from_arrays"]
-__all__ += ["probing_differences"]
+__all__ = ["COUNT_LEVELS", "count_arrays", "counts_from_arrays", "probing_differences"]
 
 # patch / pixel: mIoU per image counts; early / late: the first / last band of token positions.
 COUNT_LEVELS = ("patch", "pixel", "early", "late")
@@ -134,58 +133,4 @@ def probing_differences(
             best_gain["estimate"], gain, confidence
         )
     out["best_llm_minus_adapter"] = best_gain
-    return out
-
-
-def bidirectional_differences(
-    bidirectional: Mapping[str, np.ndarray],
-    causal: Mapping[str, np.ndarray],
-    stages: Sequence[str],
-    *,
-    level: str,
-    position_stage: str,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Paired intervals on bidirectional minus causal: mIoU per stage, and the early-minus-late
-    band difference of the per-position accuracy gain at ``position_stage``.
-
-    Args:
-        bidirectional, causal: the two conditions' saved arrays (``count_arrays`` keys), rows
-            the same evaluation images.
-        stages: stages of both conditions.
-        level: ``patch`` or ``pixel`` for the per-stage mIoU.
-        position_stage: the ``llm.k`` of the per-position accuracy.
-        n_resamples, confidence, seed: of the bootstrap.
-
-    Returns:
-        ``{"level", "metric", "confidence", "n_resamples", "seed", "interval",
-        "bidirectional_minus_causal":
-        {stage: I}, "early_minus_late_gain": {"stage", **I} or None, "missing": [...]}`` with I =
-        ``{estimate, low, high, n_images}``. The band gain is ``(acc_b(early) - acc_c(early)) -
-        (acc_b(late) - acc_c(late))``, band accuracy pooled over the band's tokens; ``missing``
-        names the counts a run did not save (older runs).
-    """
-    options = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
-    out: dict[str, Any] = {"level": level, "metric": "miou", **options, "interval": "centred"}
-    out |= {"bidirectional_minus_causal": {}, "early_minus_late_gain": None, "missing": []}
-    for s in stages:
-        b, c = (counts_from_arrays(x, s, level, "miou") for x in (bidirectional, causal))
-        if b is None or c is None:
-            out["missing"].append(f"{s} {level}")
-            continue
-        out["bidirectional_minus_causal"][s] = paired_bootstrap(b, c, "miou", **options)
-    bands = {
-        (name, band): counts_from_arrays(x, position_stage, band, "accuracy")
-        for name, x in (("b", bidirectional), ("c", causal))
-        for band in ("early", "late")
-    }
-    if any(v is None for v in bands.values()):
-        out["missing"].append(f"{position_stage} early/late")
-        return out
-    contrast = [(1.0, bands["b", "early"]), (-1.0, bands["c", "early"])]
-    contrast += [(-1.0, bands["b", "late"]), (1.0, bands["c", "late"])]
-    interval = bootstrap_contrast(contrast, "accuracy", **options)
-    out["early_minus_late_gain"] = {"stage": position_stage, **interval}
     return out

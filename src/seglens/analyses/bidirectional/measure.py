@@ -9,6 +9,7 @@ which are reused as they are. ``run_bidirectional`` is the public API behind ``s
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ import torch
 
 from seglens.analyses.probing.measure import evaluate_probes, train_probes, write_condition
 from seglens.distributed import is_main
-from seglens.experiments.differences import bidirectional_differences, count_arrays
+from seglens.experiments.differences import count_arrays, counts_from_arrays
+from seglens.experiments.stats import bootstrap_contrast, paired_bootstrap
 from seglens.interventions import BidirectionalImage, CausalImage, intervene
 from seglens.models import VLM
 from seglens.rundir import RunDir
@@ -156,3 +158,57 @@ def run_bidirectional(
     if not is_main():  # under torchrun every rank holds the totals; one writes
         return section
     return run.put_section("bidirectional", section)
+
+
+def bidirectional_differences(
+    bidirectional: Mapping[str, np.ndarray],
+    causal: Mapping[str, np.ndarray],
+    stages: Sequence[str],
+    *,
+    level: str,
+    position_stage: str,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired intervals on bidirectional minus causal: mIoU per stage, and the early-minus-late
+    band difference of the per-position accuracy gain at ``position_stage``.
+
+    Args:
+        bidirectional, causal: the two conditions' saved arrays (``count_arrays`` keys), rows
+            the same evaluation images.
+        stages: stages of both conditions.
+        level: ``patch`` or ``pixel`` for the per-stage mIoU.
+        position_stage: the ``llm.k`` of the per-position accuracy.
+        n_resamples, confidence, seed: of the bootstrap.
+
+    Returns:
+        ``{"level", "metric", "confidence", "n_resamples", "seed", "interval",
+        "bidirectional_minus_causal":
+        {stage: I}, "early_minus_late_gain": {"stage", **I} or None, "missing": [...]}`` with I =
+        ``{estimate, low, high, n_images}``. The band gain is ``(acc_b(early) - acc_c(early)) -
+        (acc_b(late) - acc_c(late))``, band accuracy pooled over the band's tokens; ``missing``
+        names the counts a run did not save (older runs).
+    """
+    options = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
+    out: dict[str, Any] = {"level": level, "metric": "miou", **options, "interval": "centred"}
+    out |= {"bidirectional_minus_causal": {}, "early_minus_late_gain": None, "missing": []}
+    for s in stages:
+        b, c = (counts_from_arrays(x, s, level, "miou") for x in (bidirectional, causal))
+        if b is None or c is None:
+            out["missing"].append(f"{s} {level}")
+            continue
+        out["bidirectional_minus_causal"][s] = paired_bootstrap(b, c, "miou", **options)
+    bands = {
+        (name, band): counts_from_arrays(x, position_stage, band, "accuracy")
+        for name, x in (("b", bidirectional), ("c", causal))
+        for band in ("early", "late")
+    }
+    if any(v is None for v in bands.values()):
+        out["missing"].append(f"{position_stage} early/late")
+        return out
+    contrast = [(1.0, bands["b", "early"]), (-1.0, bands["c", "early"])]
+    contrast += [(-1.0, bands["b", "late"]), (1.0, bands["c", "late"])]
+    interval = bootstrap_contrast(contrast, "accuracy", **options)
+    out["early_minus_late_gain"] = {"stage": position_stage, **interval}
+    return out
