@@ -9,9 +9,10 @@ float32, and with ``--bf16`` also bfloat16 GEMMs): per-stage patch mIoU of each 
 exact one, and whether every finding's verdict (``holds``) is the same.
 
 ``realwidth``: the LLaVA-1.5-7B architecture of ``realsize.py`` (random weights, 2 LLM layers,
-bf16) on its synthetic ADE20K-sized images (150 classes); the features of every stage are
-captured once, then sgd (3 lrs, a few epochs, lr picked on a holdout) and lda probes are trained
-on them per path and scored at patch level on separate images.
+``--dtype``, float32 by default) on its synthetic ADE20K-sized images (150 classes); the
+features of every stage are captured once, then sgd (3 lrs, a few epochs, lr picked on a
+holdout) and lda probes are trained on them per path and scored at patch level on separate
+images.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def realwidth(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    vlm = build_llava_7b(2, args.vision_layers, torch.bfloat16, "cpu")
+    vlm = build_llava_7b(2, args.vision_layers, getattr(torch, args.dtype), "cpu")
     stages = vlm.default_stages
     data = DataConfig(batch_size=2)
 
@@ -145,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--eval", type=int, default=8, help="evaluation images")
     r.add_argument("--epochs", type=int, default=5, help="sgd passes")
     r.add_argument("--vision-layers", type=int, default=24)
+    r.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the model's dtype (bfloat16 where the CPU or GPU has a bf16 unit)",
+    )
     r.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     return organism(args) if args.what == "organism" else realwidth(args)

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16 on a GPU"
     )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=36, help="scenes (a third for evaluation)")
     parser.add_argument("--classes", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=2, help="knockout.top_k")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "overwrite": True,
         "model.name": str(model_dir),
         "model.dtype": args.dtype,
-        "model.device": "cpu",
+        "model.device": args.device,
         "data.dataset": "folder",
         "data.root": str(data_dir),
         "data.folder_val_fraction": 1 / 3,
