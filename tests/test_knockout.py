@@ -177,6 +177,38 @@ def test_the_shared_prefix_changes_no_count(window_run, probe_run, tiny_models):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def test_the_shared_prefix_puts_back_instance_level_forwards(tiny_models, random_images):
+    """accelerate's device_map wraps a module's forward on the instance: after a resumed forward
+    the wrapper is back (and the model's own get_image_features too)."""
+    from seglens.prefix import SharedPrefix
+
+    vlm = tiny_models("clip")
+    layer = vlm.family.decoder_layers()[0]
+    original, calls = layer.forward, []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layer.forward = wrapped
+    try:
+        batch = vlm.prepare(random_images(1))
+        prefix = SharedPrefix(vlm, layers=1)
+        try:
+            with intervene(vlm, []):
+                clean = vlm.capture(batch, ["llm.2"])
+            with prefix.resume(2), intervene(vlm, []):
+                resumed = vlm.capture(batch, ["llm.2"])
+        finally:
+            prefix.close()
+        assert torch.equal(clean["llm.2"], resumed["llm.2"])
+        assert layer.forward is wrapped and len(calls) == 1  # the resumed pass skipped it
+        assert "get_image_features" not in vlm.family._inner.__dict__
+        assert prefix.layers_skipped == 1 and prefix.image_reused == 1
+    finally:
+        del layer.forward
+
+
 def test_window_sweep_rows(window_run):
     run, section = window_run
     sweep = section["window_sweep"]

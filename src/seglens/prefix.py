@@ -82,6 +82,8 @@ class SharedPrefix:
         """Inside: decoder layers ``1..start-1`` return their recorded outputs without running
         (``start`` None or 1: every layer runs). Layers not recorded run as usual."""
         skipped = [i for i in range(max(0, (start or 1) - 1)) if i in self._recorded]
+        # An instance-level forward (accelerate's device_map wrapper) is put back on exit.
+        own = {i: self._decoder[i].__dict__.get("forward") for i in skipped}
         for index in skipped:
             self._decoder[index].forward = self._replay(index)
         try:
@@ -89,6 +91,8 @@ class SharedPrefix:
         finally:
             for index in skipped:
                 del self._decoder[index].forward
+                if own[index] is not None:
+                    self._decoder[index].forward = own[index]
 
     def _replay(self, index: int) -> Any:
         def forward(*_args: Any, **_kwargs: Any) -> Any:
