@@ -27,6 +27,7 @@ from seglens.distributed import interleave
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 COMMON = ["--model", "tiny-clip", "--dataset", "synthetic", "--limit", "16", "--limit-eval", "8"]
 COMMON += ["--warmup-batches", "1", "--bootstrap", "200", "--seed", "3"]
+COMMON += ["--epochs", "3"]  # sgd: 3 epochs make the comparison; the suite's time asks no more
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
 
 

@@ -51,7 +51,7 @@ def golden(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("golden") / "organism"
     overrides = {**ANALYSIS, "out": str(out), "umap.enabled": False, "twin.enabled": True}
-    overrides |= {"lens.enabled": False}
+    overrides |= {"lens.enabled": False, "knockout.attention": False}  # no criterion reads them
     overrides |= {"probe.cache_dir": str(out.parent / "cache")}
     overrides |= {"probe.pixel_level": False, "probe.qualitative": 0}
     # The suite's longest fixture: every core, since the other xdist workers finish first.

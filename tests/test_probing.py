@@ -152,7 +152,8 @@ def test_cli_beats_yaml_explicit_false_included(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"probe": {"solver": "lda", "pixel_level": True}}))
     run = tmp_path / "run"
-    assert run_cli(run, *SMALL, "--config", str(cfg), "--solver", "sgd", "--no-pixel-level") == 0
+    argv = (*SMALL, "--config", str(cfg), "--solver", "sgd", "--epochs", "1", "--no-pixel-level")
+    assert run_cli(run, *argv) == 0
     res = results_of(run)
     causal = res["probing"]["causal"]
     assert causal["solver"] == "sgd" and res["config"]["probe"]["pixel_level"] is False
