@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,17 @@ def interval(value: float | None, ci: Sequence[float | None] | None) -> str:
 
 def not_run(key: str) -> str:
     return f'<p class="muted">Not run: results.json has no <code>{escape(key)}</code> section.</p>'
+
+
+def switched_off(results: Mapping[str, Any], key: str, command: str) -> str:
+    """A note for a run whose config switched the analysis of config section ``key`` off, with
+    the subcommand that adds it (``''`` when it was on)."""
+    if ((results.get("config") or {}).get(key) or {}).get("enabled", True):
+        return ""
+    return paragraph(
+        f"Off in this run ({key}.enabled: false); `seglens {command} --run RUN` adds it to this "
+        "run."
+    )
 
 
 def table(header: Iterable[str], rows: Iterable[Sequence[str]], classes: Sequence[str] = ()) -> str:

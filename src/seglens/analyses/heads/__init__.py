@@ -21,7 +21,7 @@ from seglens.config import _help
 from seglens.experiments.findings import fmt_interval
 from seglens.report.canvas import new_figure, series_colour
 from seglens.report.evidence import bars
-from seglens.report.page import Page, escape, not_run, paragraph, table
+from seglens.report.page import Page, escape, not_run, paragraph, switched_off, table
 from seglens.rundir.schema import Section
 
 __all__ = ["ANALYSIS", "HeadsConfig", "HeadsSection", "heads_figure", "run"]
@@ -141,7 +141,7 @@ def block(results: Mapping[str, Any], page: Page) -> str:
     """The per-head anchors section of ``report.html``."""
     section = results.get("heads")
     if not section:
-        return _off(results) or not_run("heads")
+        return switched_off(results, "heads", "heads") or not_run("heads")
     top = [
         [
             escape(str(i + 1)),
@@ -178,15 +178,6 @@ def block(results: Mapping[str, Any], page: Page) -> str:
         paragraph(cost),
     ]
     return "\n".join(p for p in parts if p)
-
-
-def _off(results: Mapping[str, Any]) -> str:
-    """A note for a run whose config switched the analysis off ('' when it was on)."""
-    if ((results.get("config") or {}).get("heads") or {}).get("enabled", True):
-        return ""
-    return paragraph(
-        "Off in this run (heads.enabled: false); `seglens heads --run RUN` adds it to this run."
-    )
 
 
 ANALYSIS = Analysis(

@@ -19,7 +19,7 @@ from seglens.analyses.registry import Analysis, Block, Command
 from seglens.config import _help
 from seglens.experiments.findings import fmt_interval
 from seglens.report.canvas import new_figure, run_arrays, series_colour
-from seglens.report.page import Page, escape, not_run, paragraph, table
+from seglens.report.page import Page, escape, not_run, paragraph, switched_off, table
 from seglens.rundir.schema import Section
 
 __all__ = ["ANALYSIS", "OrderConfig", "OrderSection", "order_figure", "run"]
@@ -138,7 +138,7 @@ def block(results: Mapping[str, Any], page: Page) -> str:
     """The token-order section of ``report.html``."""
     section = results.get("order")
     if not section:
-        return _off(results) or not_run("order")
+        return switched_off(results, "order", "order") or not_run("order")
     rows = []
     for name in section["conditions"]:
         diff = (section.get("differences") or {}).get(name) or {}
@@ -184,15 +184,6 @@ _DIFF_KEYS = ("by_row.first", "by_row.last", "by_sequence.first", "by_sequence.l
 
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def _off(results: Mapping[str, Any]) -> str:
-    """A note for a run whose config switched the analysis off ('' when it was on)."""
-    if ((results.get("config") or {}).get("order") or {}).get("enabled", True):
-        return ""
-    return paragraph(
-        "Off in this run (order.enabled: false); `seglens order --run RUN` adds it to this run."
-    )
 
 
 ANALYSIS = Analysis(
