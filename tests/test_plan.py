@@ -116,3 +116,25 @@ def test_a_resumed_run_prices_its_plan_and_each_analysis_records_its_rate(tmp_pa
     measured = json.loads((tmp_path / "results.json").read_text())["plan"]["measured"]
     assert measured["probing"] == {"seconds": 3.0, "forwards": 15, "images_per_s": 5.0}
     assert "the rest (umap) should take ~0.00 h" in caplog.text
+
+
+def test_the_order_analysis_runs_its_planned_forwards(make_probe_run, tiny_models):
+    """lda: each condition (raster and reversed/token) one training and one evaluation pass."""
+    from seglens.analyses.order.measure import run_order
+
+    vlm = tiny_models("clip")
+    run = make_probe_run("order_plan")
+    overrides = {"order.orders": ("reversed",), "order.position_ids": ("token",)}
+    config = load_config(**{"probe.solver": "lda", **overrides})
+    plan = plan_run(config, ["order"], train=16, evaluation=8, num_layers=vlm.num_llm_layers)
+    counter = _Counter(vlm)
+    try:
+        run_order(run, vlm=vlm, progress=False, orders=("reversed",), position_ids=("token",))
+    finally:
+        counter.handle.remove()
+    assert plan["order"] == {
+        "forwards": 2 * (16 + 8),
+        "bound": False,
+        "detail": "2 conditions x the probing passes (24)",
+    }
+    assert counter.images == plan["order"]["forwards"]

@@ -186,6 +186,22 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+# --- planned forwards -------------------------------------------------------------------------
+def _forwards(config: Any, train: int, evaluation: int, layers: int) -> dict[str, Any]:
+    """Each condition (raster and every order x position ids) trains its probe and scores it as
+    the probing analysis does."""
+    from seglens.analyses.order.measure import condition_names
+    from seglens.analyses.probing import probing_forwards
+
+    conditions = len(condition_names(config.order.orders, config.order.position_ids))
+    per = probing_forwards(config, train, evaluation, layers)
+    return {
+        "forwards": conditions * per["forwards"],
+        "bound": per["bound"],
+        "detail": f"{conditions} conditions x the probing passes ({per['forwards']})",
+    }
+
+
 ANALYSIS = Analysis(
     name="order",
     title="train and score probes with the image tokens in another order (sequence vs content)",
@@ -204,4 +220,5 @@ ANALYSIS = Analysis(
         _order_args,
         _order,
     ),
+    forwards=_forwards,
 )
